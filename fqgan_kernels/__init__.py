@@ -1,0 +1,30 @@
+"""fqgan-kernels: fused kernels for factorized visual tokenization and generation (FQGAN + FAR).
+
+Public API (see README.md and DESIGN.md section 4)::
+
+    import fqgan_kernels as fk
+    fk.backends()
+    codes, idx = fk.nearest_code(z, codebooks, l2_normalize=True)
+    q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=16384, codebook_dim=8)
+    quantized, indices, loss = q(z)
+"""
+
+from . import reference
+from ._backend import BACKENDS, BackendInfo, backends, resolve_backend
+from .nearest_code import NearestCode, nearest_code
+from .quantizer import FactorizedQuantizer, LossBreakdown, QuantizerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendInfo",
+    "FactorizedQuantizer",
+    "LossBreakdown",
+    "NearestCode",
+    "QuantizerOutput",
+    "backends",
+    "nearest_code",
+    "reference",
+    "resolve_backend",
+]

@@ -1,0 +1,245 @@
+"""``FactorizedQuantizer``: FQGAN's k sub-codebook vector quantizer as one module.
+
+Equals k LlamaGen/FQGAN ``VectorQuantizer``s applied to the k channel groups of z, plus FQGAN's
+disentanglement loss, with the nearest-code search in the fused kernels of this package.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _validate, reference
+from .nearest_code import nearest_code
+
+
+class LossBreakdown(NamedTuple):
+    """Every term of the quantizer loss, weighted as it enters ``loss``, per sub-codebook (k,)."""
+
+    codebook: Tensor  # codebook_weight * mean((zq - sg[z])^2)
+    commitment: Tensor  # commitment_weight * mean((sg[zq] - z)^2)
+    entropy: Tensor  # entropy_weight * (mean H(p_n) - H(mean p_n)); zeros when off or in eval
+    disentangle: Tensor  # () disentangle_weight * mean over pairs of mean (q_a . q_b)^2
+    perplexity: Tensor  # (k,) exp(entropy of this step's code histogram), no grad
+    usage: Tensor  # (k,) fraction of codes used within the last `usage_window` training steps
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: Tensor  # like z: straight-through output, value = chosen (normalised) codes
+    indices: Tensor  # [B, k, H, W] for channel-first input, [..., k] for channel-last
+    loss: Tensor  # () sum of all weighted terms
+
+
+class QuantizerOutputWithBreakdown(NamedTuple):
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    breakdown: LossBreakdown
+
+
+def _number(name: str, value: object, minimum: float = 0.0, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class FactorizedQuantizer(nn.Module):
+    """k independent sub-codebooks (FQGAN-Dual k=2, Triple k=3), each ``[K, D]``.
+
+    ``z`` of ``k*D`` channels is split into k groups of D; group i is quantised against codebook i
+    (L2-normalised, nearest code, straight-through); the loss is, as in FQGAN's training,
+    ``sum_i (codebook_i + commitment_i + entropy_i) + disentangle``.
+
+    :param num_codebooks: k
+    :param codebook_size: K codes per sub-codebook
+    :param codebook_dim: D
+    :param l2_normalize: normalise z and codes (FQGAN/LlamaGen ``codebook_l2_norm=True``)
+    :param commitment_weight: beta (0.25)
+    :param codebook_weight: weight of ``mean((zq - sg[z])^2)`` (1.0)
+    :param entropy_weight: FQGAN ``entropy_loss_ratio`` (0.03 in its training; 0 disables)
+    :param entropy_temperature: T of the entropy loss (0.01)
+    :param disentangle_weight: FQGAN ``disentanglement_ratio`` (0.1 in its training; 0 disables)
+    :param usage_window: training steps over which ``breakdown.usage`` counts a code as used
+    :param channel_first: ``True``: z is ``[B, k*D, *spatial]``; ``False``: ``[..., k*D]``;
+        ``None`` (default): channel-first for 4-D input, channel-last otherwise
+    :param freeze_codebook: keep the codebooks fixed (no gradient)
+    :param backend: kernel backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``)
+
+    Returns ``(quantized, indices, loss)``, or with ``return_loss_breakdown=True`` a fourth item,
+    a :class:`LossBreakdown`. Codebook statistics live on the device and never sync with the host.
+    """
+
+    def __init__(self, num_codebooks: int = 2, codebook_size: int = 16384, codebook_dim: int = 8,
+                 l2_normalize: bool = True, commitment_weight: float = 0.25, codebook_weight: float = 1.0,
+                 entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
+                 disentangle_weight: float = 0.0, usage_window: int = 100,
+                 channel_first: bool | None = None, freeze_codebook: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.num_codebooks = _count("num_codebooks", num_codebooks)
+        self.codebook_size = _count("codebook_size", codebook_size)
+        self.codebook_dim = _count("codebook_dim", codebook_dim)
+        self.l2_normalize = bool(l2_normalize)
+        self.commitment_weight = _number("commitment_weight", commitment_weight)
+        self.codebook_weight = _number("codebook_weight", codebook_weight)
+        self.entropy_weight = _number("entropy_weight", entropy_weight)
+        self.entropy_temperature = _number("entropy_temperature", entropy_temperature, strict=True)
+        self.disentangle_weight = _number("disentangle_weight", disentangle_weight)
+        self.usage_window = _count("usage_window", usage_window)
+        self.channel_first = channel_first
+        self.backend = backend
+
+        k, K, D = self.num_codebooks, self.codebook_size, self.codebook_dim
+        weight = torch.empty(k, K, D).uniform_(-1.0 / K, 1.0 / K)  # LlamaGen/FQGAN init
+        if self.l2_normalize:
+            weight = reference.l2_normalize(weight)
+        self.codebooks = nn.Parameter(weight)
+        if freeze_codebook:
+            self.freeze_codebook()
+        # Usage without host syncs: the last training step at which each code was chosen.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_used", torch.full((k, K), -(2**62), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
+                f"codebook_dim={self.codebook_dim}, l2_normalize={self.l2_normalize}, "
+                f"commitment_weight={self.commitment_weight}, entropy_weight={self.entropy_weight}, "
+                f"disentangle_weight={self.disentangle_weight}, backend={self.backend!r}")
+
+    def freeze_codebook(self, frozen: bool = True) -> FactorizedQuantizer:
+        """Stop (or restart, with ``frozen=False``) training the codebooks."""
+        self.codebooks.requires_grad_(not frozen)
+        return self
+
+    def normalized_codebooks(self) -> Tensor:
+        """The codebooks as used for lookup: ``(k, K, D)``, L2-normalised when ``l2_normalize``."""
+        return reference.l2_normalize(self.codebooks) if self.l2_normalize else self.codebooks
+
+    # -- layout -----------------------------------------------------------------------------
+    def _is_channel_first(self, z: Tensor) -> bool:
+        return self.channel_first if self.channel_first is not None else z.dim() == 4
+
+    def _check_input(self, z: Tensor) -> bool:
+        _validate.tensor(z, "z")
+        _validate.float_dtype(z, "z")
+        cf = self._is_channel_first(z)
+        need = self.num_codebooks * self.codebook_dim
+        if z.dim() < (3 if cf else 2):
+            layout = "[B, k*D, *spatial]" if cf else "[..., k*D]"
+            raise ValueError(f"z must be {layout}, got shape {tuple(z.shape)}")
+        channels = z.shape[1] if cf else z.shape[-1]
+        if channels != need:
+            raise ValueError(f"z has {channels} channels on its {'1st' if cf else 'last'} dim (shape "
+                             f"{tuple(z.shape)}) but num_codebooks * codebook_dim = "
+                             f"{self.num_codebooks} * {self.codebook_dim} = {need}")
+        if z.numel() == 0:
+            raise ValueError(f"z is an empty batch (shape {tuple(z.shape)})")
+        if z.device != self.codebooks.device:
+            raise ValueError(f"z is on {z.device} but the codebooks are on {self.codebooks.device}")
+        return cf
+
+    def _to_tokens(self, z: Tensor, cf: bool) -> Tensor:
+        if cf:
+            z = z.movedim(1, -1)
+        return z.reshape(-1, self.num_codebooks, self.codebook_dim)  # (N, k, D)
+
+    def _from_tokens(self, x: Tensor, shape: torch.Size, cf: bool) -> Tensor:
+        if cf:
+            spatial = (shape[0], *shape[2:])
+            return x.reshape(*spatial, -1).movedim(-1, 1)
+        return x.reshape(*shape[:-1], -1)
+
+    def _indices_shape(self, idx: Tensor, shape: torch.Size, cf: bool) -> Tensor:
+        if cf:
+            return idx.reshape(shape[0], *shape[2:], self.num_codebooks).movedim(-1, 1)
+        return idx.reshape(*shape[:-1], self.num_codebooks)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, z: Tensor, return_loss_breakdown: bool = False):
+        """Quantise ``z``. See the class docstring for shapes and the loss."""
+        cf = self._check_input(z)
+        _validate.finite_rows(z, "z", row_dims=1)
+        shape = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zt = self._to_tokens(z, cf).float()  # (N, k, D); the quantizer works in fp32 like FQGAN
+            codebooks = self.codebooks.float()
+            zn = reference.l2_normalize(zt) if self.l2_normalize else zt
+            codes, idx = nearest_code(zn.detach(), codebooks, self.l2_normalize, backend=self.backend)
+            quantized = reference.straight_through(zn, codes)
+
+            vq = reference.vq_losses(zn, codes)
+            codebook = self.codebook_weight * vq.codebook
+            commitment = self.commitment_weight * vq.commitment
+            if self.training and self.entropy_weight > 0:
+                entropy = self.entropy_weight * reference.entropy_loss(
+                    zn, codebooks, self.entropy_temperature, self.l2_normalize)
+            else:
+                entropy = torch.zeros_like(codebook)
+            if self.disentangle_weight > 0 and self.num_codebooks > 1:
+                disentangle = self.disentangle_weight * reference.disentangle_loss(quantized)
+            else:
+                disentangle = codebook.new_zeros(())
+            loss = (codebook + commitment + entropy).sum() + disentangle
+
+        counts = self._update_usage(idx)
+        out_q = self._from_tokens(quantized, shape, cf).to(z.dtype)
+        out_idx = self._indices_shape(idx, shape, cf)
+        if not return_loss_breakdown:
+            return QuantizerOutput(out_q, out_idx, loss)
+        with torch.no_grad():
+            perplexity = reference.perplexity(counts)
+            usage = ((self.step - self.last_used) < self.usage_window).float().mean(-1)
+        breakdown = LossBreakdown(codebook, commitment, entropy, disentangle, perplexity, usage)
+        return QuantizerOutputWithBreakdown(out_q, out_idx, loss, breakdown)
+
+    @torch.no_grad()
+    def _update_usage(self, idx: Tensor) -> Tensor:
+        """This step's code counts (k, K); in training also marks the chosen codes as used now.
+        Scatter only, no ``torch.unique`` and no host sync."""
+        k, K = self.num_codebooks, self.codebook_size
+        counts = torch.zeros(k, K, dtype=torch.long, device=idx.device)
+        counts.scatter_add_(1, idx.t(), torch.ones_like(idx.t()))
+        if self.training:
+            self.step += 1
+            self.last_used.scatter_(1, idx.t(), self.step.expand(k, idx.shape[0]))
+        return counts
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode_indices(self, indices: Tensor, channel_first: bool | None = None) -> Tensor:
+        """Codes for ``indices``: ``[B, k, H, W] -> [B, k*D, H, W]`` (channel-first, the default for
+        4-D input) or ``[..., k] -> [..., k*D]``. Equals FQGAN ``get_codebook_entry`` per head."""
+        _validate.tensor(indices, "indices")
+        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        cf = channel_first if channel_first is not None else (
+            self.channel_first if self.channel_first is not None else indices.dim() == 4)
+        k = self.num_codebooks
+        axis = 1 if cf else -1
+        if indices.dim() < (2 if cf else 1) or indices.shape[axis] != k:
+            raise ValueError(f"indices must have k={k} sub-codebooks on dim {axis} "
+                             f"({'[B, k, *spatial]' if cf else '[..., k]'}), got shape {tuple(indices.shape)}")
+        if indices.device != self.codebooks.device:
+            raise ValueError(f"indices are on {indices.device} but the codebooks are on {self.codebooks.device}")
+        if indices.numel() and _validate.check_finite_enabled():
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(f"indices out of range [0, {self.codebook_size}): min {lo}, max {hi}")
+        idx = (indices.movedim(1, -1) if cf else indices).long()  # (..., k)
+        table = self.normalized_codebooks()  # (k, K, D)
+        offsets = torch.arange(k, device=idx.device) * self.codebook_size
+        codes = F.embedding(idx + offsets, table.reshape(-1, self.codebook_dim))  # (..., k, D)
+        codes = codes.flatten(-2)  # (..., k*D)
+        return codes.movedim(-1, 1) if cf else codes
