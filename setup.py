@@ -36,7 +36,7 @@ def extensions():
         )
         return [], {}
 
-    rel = lambda paths: [os.path.relpath(p, build.ROOT) for p in paths]  # noqa: E731
+    rel = lambda paths: [os.path.relpath(p, build.ROOT) for p in paths]
     include_dirs = [build.CSRC]
     # The digest lets the package notice a prebuilt module that is older than the sources.
     cpu_define = f"-DFQGAN_SOURCES_DIGEST={build.sources_digest(build.cpu_sources(), build.cpu_cflags())}"
@@ -53,7 +53,8 @@ def extensions():
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCHS)
         flags = build.cuda_cflags()
-        cuda_define = f"-DFQGAN_SOURCES_DIGEST={build.sources_digest(build.cuda_sources(), flags['cxx'] + flags['nvcc'])}"
+        digest = build.sources_digest(build.cuda_sources(), flags["cxx"] + flags["nvcc"])
+        cuda_define = f"-DFQGAN_SOURCES_DIGEST={digest}"
         cuda_flags = {"cxx": [*flags["cxx"], cuda_define], "nvcc": [*flags["nvcc"], cuda_define]}
         exts.append(
             CUDAExtension(

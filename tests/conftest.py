@@ -1,0 +1,49 @@
+"""Test configuration: the Triton interpreter on GPU-less machines, markers, seeds, tolerances."""
+
+import os
+
+# Must happen before anything imports triton: Triton kernels then run on CPU tensors.
+if os.environ.get("TRITON_INTERPRET") is None:
+    try:
+        import torch as _torch
+
+        _has_gpu = _torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        _has_gpu = False
+    if not _has_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances by dtype, one table for all tests: (rtol, atol).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def triton_available():
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    return True
