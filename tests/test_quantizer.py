@@ -198,3 +198,15 @@ def test_bad_constructor_arguments():
         fk.FactorizedQuantizer(entropy_weight="0.1")
     with pytest.raises(ValueError, match="entropy_temperature"):
         fk.FactorizedQuantizer(entropy_temperature=0.0)
+
+
+def test_torch_compile_fullgraph_training_step():
+    q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=256, codebook_dim=8, entropy_weight=0.03,
+                               disentangle_weight=0.1).train()
+    z = torch.randn(2, 16, 4, 4, requires_grad=True)
+    eager = q(z, return_loss_breakdown=True)
+    compiled = torch.compile(q, fullgraph=True, backend="eager")(z, return_loss_breakdown=True)
+    assert torch.equal(compiled.indices, eager.indices)
+    torch.testing.assert_close(compiled.loss, eager.loss)
+    compiled.loss.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
