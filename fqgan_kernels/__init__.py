@@ -11,8 +11,12 @@ Public API (see README.md and DESIGN.md section 4)::
 
 from . import reference
 from ._backend import BACKENDS, BackendInfo, backends, resolve_backend
+from .entropy import entropy_loss
+from .linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 from .nearest_code import NearestCode, nearest_code
 from .quantizer import FactorizedQuantizer, LossBreakdown, QuantizerOutput
+from .sampling import sample, sample_from_hidden
+from .vq_loss import VQLossTerms, vq_losses
 
 __version__ = "0.1.0"
 
@@ -20,11 +24,18 @@ __all__ = [
     "BACKENDS",
     "BackendInfo",
     "FactorizedQuantizer",
+    "LinearCrossEntropy",
     "LossBreakdown",
     "NearestCode",
     "QuantizerOutput",
+    "VQLossTerms",
     "backends",
+    "entropy_loss",
+    "linear_cross_entropy",
     "nearest_code",
     "reference",
     "resolve_backend",
+    "sample",
+    "sample_from_hidden",
+    "vq_losses",
 ]

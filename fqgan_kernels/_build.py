@@ -54,11 +54,24 @@ def headers() -> list[str]:
     return sorted(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True))
 
 
+def cxx_std() -> str:
+    """``-std=c++20`` when the installed torch is 2.14 or newer (its headers require C++20, e.g. the
+    CUDA 13.0 build used by scripts/check_cuda_build.sh), else ``-std=c++17``. Reads the installed
+    version without importing torch."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = (int(x) for x in version("torch").split("+")[0].split(".")[:2])
+    except Exception:
+        return "-std=c++17"
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def cpu_cflags() -> list[str]:
     # No -march=native: the kernels pick AVX-512 / AVX2 / portable code at run time
     # (function-level target attributes in csrc/cpu/*.cpp), so one build runs on any x86-64.
     opt = ["-O0", "-g"] if debug() else ["-O3"]
-    return [*opt, "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    return [*opt, cxx_std(), "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
 
 
 def cpu_ldflags() -> list[str]:
@@ -67,8 +80,8 @@ def cpu_ldflags() -> list[str]:
 
 def cuda_cflags() -> dict[str, list[str]]:
     opt = ["-O0", "-g"] if debug() else ["-O3"]
-    nvcc = [*opt, "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-    return {"cxx": [*opt, "-std=c++17"], "nvcc": nvcc}
+    nvcc = [*opt, cxx_std(), "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    return {"cxx": [*opt, cxx_std()], "nvcc": nvcc}
 
 
 def sources_digest(paths: list[str], flags: list[str]) -> str:

@@ -10,10 +10,12 @@ Failures are kept and reported by :func:`fqgan_kernels.backends`, never swallowe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import threading
+import time
 from types import ModuleType
 
 import torch
@@ -49,6 +51,22 @@ def _try_prebuilt(module: str, digest: str) -> tuple[ModuleType | None, str]:
     return mod, f"prebuilt {module}"
 
 
+STALE_LOCK_SECONDS = 45 * 60
+
+
+def _remove_stale_lock(lock: str) -> None:
+    """torch's build baton waits forever on a lock left by a killed build; a lock older than any
+    build takes (45 min, on a loaded 2-core machine) is such a leftover."""
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"fqgan_kernels: removing a stale build lock ({age / 60:.0f} min old): {lock}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
 def _jit(kind: str, digest: str) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -56,6 +74,7 @@ def _jit(kind: str, digest: str) -> ModuleType:
     build_dir = os.path.join(cache_dir(), name)
     os.makedirs(build_dir, exist_ok=True)
     so = os.path.join(build_dir, f"{name}.so")
+    _remove_stale_lock(os.path.join(build_dir, "lock"))
     if not os.path.exists(so):
         print(f"fqgan_kernels: compiling the {kind} kernels (first use, about a minute) into {build_dir}",
               file=sys.stderr, flush=True)

@@ -1,7 +1,9 @@
 """``FactorizedQuantizer``: FQGAN's k sub-codebook vector quantizer as one module.
 
 Equals k LlamaGen/FQGAN ``VectorQuantizer``s applied to the k channel groups of z, plus FQGAN's
-disentanglement loss, with the nearest-code search in the fused kernels of this package.
+disentanglement loss, with the nearest-code search, the streaming entropy loss and the fused
+codebook/commitment/disentanglement losses in the kernels of this package, and the codebook
+statistics (counts, perplexity, usage) on the device.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validate, reference
+from ._backend import resolve_backend
+from .entropy import entropy_loss
 from .nearest_code import nearest_code
+from .vq_loss import _vq_losses_op
+
+_NEVER = -(2**62)  # last_used of a code never chosen
 
 
 class LossBreakdown(NamedTuple):
@@ -76,10 +83,23 @@ class FactorizedQuantizer(nn.Module):
     :param channel_first: ``True``: z is ``[B, k*D, *spatial]``; ``False``: ``[..., k*D]``;
         ``None`` (default): channel-first for 4-D input, channel-last otherwise
     :param freeze_codebook: keep the codebooks fixed (no gradient)
+    :param distributed: with ``torch.distributed`` initialised (world size > 1), use global-batch
+        statistics: the entropy loss's mean probability over all ranks (differentiable all-reduce,
+        see fqgan_kernels/entropy.py for how this differs from FQGAN's per-rank form) and the code
+        counts all-reduced before they update ``last_used``, ``perplexity`` and ``usage`` (one
+        collective per step; every rank then holds the same ``last_used``). ``False``: per rank.
     :param backend: kernel backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``)
 
     Returns ``(quantized, indices, loss)``, or with ``return_loss_breakdown=True`` a fourth item,
     a :class:`LossBreakdown`. Codebook statistics live on the device and never sync with the host.
+
+    Cost of a training step (entropy on): the codebooks are swept 5 times over the N x K tile
+    space, never materialised -- 1 nearest-code search, 2 entropy forward sweeps (row log-sum-exp
+    and entropy; column sums of p), 2 entropy backward sweeps (grad z; grad codebooks). The
+    nearest-code backward is a scatter of N*k rows, and the codebook, commitment and
+    disentanglement losses take one pass over z and the codes forward and one backward
+    (:func:`fqgan_kernels.vq_losses`), no codebook sweep. Without the entropy loss (or in eval):
+    1 sweep. Extra memory O(k * (N + K)) besides the N x k x D activations.
     """
 
     def __init__(self, num_codebooks: int = 2, codebook_size: int = 16384, codebook_dim: int = 8,
@@ -87,7 +107,7 @@ class FactorizedQuantizer(nn.Module):
                  entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
                  disentangle_weight: float = 0.0, usage_window: int = 100,
                  channel_first: bool | None = None, freeze_codebook: bool = False,
-                 backend: str = "auto") -> None:
+                 distributed: bool = True, backend: str = "auto") -> None:
         super().__init__()
         self.num_codebooks = _count("num_codebooks", num_codebooks)
         self.codebook_size = _count("codebook_size", codebook_size)
@@ -100,6 +120,9 @@ class FactorizedQuantizer(nn.Module):
         self.disentangle_weight = _number("disentangle_weight", disentangle_weight)
         self.usage_window = _count("usage_window", usage_window)
         self.channel_first = channel_first
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+        self.distributed = distributed
         self.backend = backend
 
         k, K, D = self.num_codebooks, self.codebook_size, self.codebook_dim
@@ -111,7 +134,7 @@ class FactorizedQuantizer(nn.Module):
             self.freeze_codebook()
         # Usage without host syncs: the last training step at which each code was chosen.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_used", torch.full((k, K), -(2**62), dtype=torch.long))
+        self.register_buffer("last_used", torch.full((k, K), _NEVER, dtype=torch.long))
 
     def extra_repr(self) -> str:
         return (f"num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
@@ -180,18 +203,17 @@ class FactorizedQuantizer(nn.Module):
             codes, idx = nearest_code(zn.detach(), codebooks, self.l2_normalize, backend=self.backend)
             quantized = reference.straight_through(zn, codes)
 
-            vq = reference.vq_losses(zn, codes)
-            codebook = self.codebook_weight * vq.codebook
-            commitment = self.commitment_weight * vq.commitment
+            # Fused codebook / commitment / disentanglement losses (z and codes validated above).
+            dis_weight = self.disentangle_weight if self.num_codebooks > 1 else 0.0
+            codebook, commitment, disentangle = _vq_losses_op(
+                zn, codes, self.codebook_weight, self.commitment_weight, dis_weight,
+                resolve_backend("vq_losses", self.backend, z.device))
             if self.training and self.entropy_weight > 0:
-                entropy = self.entropy_weight * reference.entropy_loss(
-                    zn, codebooks, self.entropy_temperature, self.l2_normalize)
+                entropy = self.entropy_weight * entropy_loss(
+                    zn, codebooks, self.entropy_temperature, self.l2_normalize,
+                    distributed=None if self.distributed else False, backend=self.backend)
             else:
                 entropy = torch.zeros_like(codebook)
-            if self.disentangle_weight > 0 and self.num_codebooks > 1:
-                disentangle = self.disentangle_weight * reference.disentangle_loss(quantized)
-            else:
-                disentangle = codebook.new_zeros(())
             loss = (codebook + commitment + entropy).sum() + disentangle
 
         counts = self._update_usage(idx)
@@ -201,21 +223,38 @@ class FactorizedQuantizer(nn.Module):
             return QuantizerOutput(out_q, out_idx, loss)
         with torch.no_grad():
             perplexity = reference.perplexity(counts)
-            usage = ((self.step - self.last_used) < self.usage_window).float().mean(-1)
+            usage = self.codebook_usage()
         breakdown = LossBreakdown(codebook, commitment, entropy, disentangle, perplexity, usage)
         return QuantizerOutputWithBreakdown(out_q, out_idx, loss, breakdown)
 
+    def _global_stats(self) -> bool:
+        if not self.distributed:
+            return False
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     @torch.no_grad()
     def _update_usage(self, idx: Tensor) -> Tensor:
-        """This step's code counts (k, K); in training also marks the chosen codes as used now.
-        Scatter only, no ``torch.unique`` and no host sync."""
-        k, K = self.num_codebooks, self.codebook_size
-        counts = torch.zeros(k, K, dtype=torch.long, device=idx.device)
-        counts.scatter_add_(1, idx.t(), torch.ones_like(idx.t()))
+        """This step's code counts (k, K) (global over ranks with ``distributed``); in training also
+        marks the chosen codes as used at the new step. Scatter only: no ``torch.unique``, no host
+        sync; under DDP one all-reduce of the counts, so ``last_used`` stays equal on every rank."""
+        counts = code_counts(idx, self.codebook_size)
+        if self._global_stats():
+            import torch.distributed as dist
+
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         if self.training:
             self.step += 1
-            self.last_used.scatter_(1, idx.t(), self.step.expand(k, idx.shape[0]))
+            self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
         return counts
+
+    @torch.no_grad()
+    def codebook_usage(self, window: int | None = None) -> Tensor:
+        """(k,) fraction of codes chosen within the last ``window`` training steps (default
+        ``usage_window``), on the device; a code chosen at the current step counts."""
+        window = self.usage_window if window is None else _count("window", window)
+        return ((self.step - self.last_used) < window).float().mean(-1)
 
     # -- decode -----------------------------------------------------------------------------
     def decode_indices(self, indices: Tensor, channel_first: bool | None = None) -> Tensor:
@@ -243,3 +282,12 @@ class FactorizedQuantizer(nn.Module):
         codes = F.embedding(idx + offsets, table.reshape(-1, self.codebook_dim))  # (..., k, D)
         codes = codes.flatten(-2)  # (..., k*D)
         return codes.movedim(-1, 1) if cf else codes
+
+
+def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
+    """``counts[i, j] = #{n : indices[n, i] == j}`` (equals :func:`reference.code_counts`) by one
+    ``scatter_add_``: no ``torch.unique``, no host sync. :param indices: (N, k) int64 -> (k, K) int64."""
+    k = indices.shape[1]
+    counts = torch.zeros(k, codebook_size, dtype=torch.long, device=indices.device)
+    idx = indices.t().long()
+    return counts.scatter_add_(1, idx, torch.ones_like(idx))

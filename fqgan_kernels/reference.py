@@ -233,7 +233,7 @@ def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits[logits < kth] = float("-inf")
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1, stable=True)  # ties: index order
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove = cum > top_p
         remove[..., 1:] = remove[..., :-1].clone()

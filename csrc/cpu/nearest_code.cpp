@@ -1,46 +1,368 @@
-// Nearest code per sub-codebook, CPU. Portable first version (to be replaced by the SIMD micro-kernel).
+// Nearest code per sub-codebook on the CPU: idx[n, i] = argmin_j ||z_hat[n, i] - e_hat[i, j]||^2.
+//
+// Maths. ||z - e_j||^2 = ||z||^2 + ||e_j||^2 - 2 z.e_j, so the argmin is argmax_j (z.e_j - 0.5 ||e_j||^2):
+// a dot product plus a per-code bias, no N x K matrix. With l2_normalize the codes are unit length and
+// z's (positive) norm scales every score of a row alike, so the argmax is argmax_j z.e_hat_j with raw z
+// and bias 0. Ties go to the lowest j because every comparison below is a strict `>` taken in
+// ascending code order. All arithmetic is fp32; bf16/fp16 inputs are widened when loaded.
+//
+// Layout. Per call, each sub-codebook is normalised (if asked) and packed once into tiles of T codes
+// stored D-major: packed[i][tile][d][0..T), plus bias[i][code] (-inf for the padding codes of the last
+// tile, so they never win). One vector load then holds coordinate d of W consecutive codes, so the
+// codes sit in the SIMD lanes whatever D is: D = 8 costs 8 FMAs per W (row, code) pairs on AVX2 (W = 8)
+// and on AVX-512 (W = 16, i.e. two D = 8 codes' worth of data per vector), with no horizontal sums.
+// The packed copy is k*K*D floats (1.5 MiB at k=3, K=16384, D=8); the only other memory is per
+// block: an fp32 copy of that block's z rows, and the running best score / index per row.
+//
+// Micro-kernel (tile()): R rows x C vectors of codes (T = C*W codes) of accumulators in registers,
+// started at the bias, then one loop over d: C code-vector loads, R broadcasts of z[r][d], R*C FMAs.
+// AVX2 has 16 ymm registers: R=4, C=3 uses 12 accumulators + 3 code vectors + 1 broadcast. AVX-512 has
+// 32 zmm: R=6, C=4 (24 + 4 + 1). Then, per row, the C score vectors are max-reduced and compared to
+// that row's best so far in one vector compare. Only if some lane beats it (after the first few tiles
+// that is rare: a running maximum of K random scores changes about ln K times) are the scores spilled
+// to a stack buffer and scanned in order, which keeps the lowest index on ties. So the steady state is
+// R*C*D FMAs + R*C max/compare per tile, and no per-lane index bookkeeping.
+//
+// Blocking. Work items are (sub-codebook, block of up to 256 rows), spread over threads with
+// at::parallel_for; items of one thread are consecutive, so they mostly share a sub-codebook. Inside
+// an item, codes go in chunks of ~16 KiB of packed data (512 codes at D = 8): the chunk stays in L1
+// while all row groups of the block pass over it, and the block's z rows (8 KiB) stay in L1 too.
+//
+// ISA. The kernel section at the bottom of this file is compiled three times, by re-including the
+// file inside a `#pragma GCC target` region (portable, avx2+fma, avx512f/vl/bw/dq), with the vector
+// type from cpu/simd.h. One source of the kernel logic, one build with no -march flag, and the
+// instruction set picked at run time with __builtin_cpu_supports (see chosen_isa()).
+//
+// Fast paths are templated on D in {4, 8, 16, 32} (the d loop fully unrolled); any other D takes the
+// same code with a run-time loop.
+
+#ifndef FQGAN_NC_KERNEL_PASS  // ======================= driver (compiled once) =======================
+
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/simd.h"
+
+// Each kernel pass defines, in namespace fqgan::cpu::<isa>: tile_codes(), tile_rows(), scan().
+#define FQGAN_NC_KERNEL_PASS
+
+#define FQGAN_NC_NS nc_portable
+#define FQGAN_NC_VEC Portable
+#define FQGAN_NC_ROWS 4
+#define FQGAN_NC_VECS 2
+#include "nearest_code.cpp"
+#undef FQGAN_NC_NS
+#undef FQGAN_NC_VEC
+#undef FQGAN_NC_ROWS
+#undef FQGAN_NC_VECS
+
+#if FQGAN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define FQGAN_NC_NS nc_avx2
+#define FQGAN_NC_VEC Avx2
+#define FQGAN_NC_ROWS 4
+#define FQGAN_NC_VECS 3
+#include "nearest_code.cpp"
+#undef FQGAN_NC_NS
+#undef FQGAN_NC_VEC
+#undef FQGAN_NC_ROWS
+#undef FQGAN_NC_VECS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#define FQGAN_NC_NS nc_avx512
+#define FQGAN_NC_VEC Avx512
+#define FQGAN_NC_ROWS 6
+#define FQGAN_NC_VECS 4
+#include "nearest_code.cpp"
+#undef FQGAN_NC_NS
+#undef FQGAN_NC_VEC
+#undef FQGAN_NC_ROWS
+#undef FQGAN_NC_VECS
+#pragma GCC pop_options
+#endif  // FQGAN_X86
+
+#undef FQGAN_NC_KERNEL_PASS
 
 namespace fqgan::cpu {
+namespace {
 
-std::string isa() { return "portable"; }
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
-std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::Tensor& codebooks, bool l2_normalize) {
-  const int64_t N = z.size(0), k = z.size(1), D = z.size(2), K = codebooks.size(1);
-  at::Tensor cb = codebooks.to(at::kFloat).contiguous();
-  if (l2_normalize) cb = cb / cb.norm(2, -1, true).clamp_min(1e-12);
-  at::Tensor zf = z.to(at::kFloat).contiguous();
-  at::Tensor bias = -0.5 * (cb * cb).sum(-1);  // [k, K]
-  at::Tensor idx = at::empty({N, k}, z.options().dtype(at::kLong));
-  const float* zp = zf.data_ptr<float>();
-  const float* cp = cb.data_ptr<float>();
-  const float* bp = bias.data_ptr<float>();
-  int64_t* ip = idx.data_ptr<int64_t>();
-  at::parallel_for(0, N * k, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / k, i = r % k;
-      const float* zr = zp + (n * k + i) * D;
-      float best = -std::numeric_limits<float>::infinity();
-      int64_t arg = 0;
-      for (int64_t j = 0; j < K; ++j) {
-        const float* e = cp + (i * K + j) * D;
-        float s = l2_normalize ? 0.f : bp[i * K + j];
-        for (int64_t d = 0; d < D; ++d) s += zr[d] * e[d];
-        if (s > best) { best = s; arg = j; }
+Isa best_supported_isa() {
+#if FQGAN_X86
+  __builtin_cpu_init();
+  // libgcc's checks include the OS (XCR0) support for the wider register state.
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+// The path the kernels take, decided once per process. FQGAN_CPU_ISA=portable|avx2|avx512 forces a
+// path, so tests can check the paths against each other on one machine. Forcing a path this CPU
+// lacks (or an unknown name) falls back to the best path it has, instead of dying on an illegal
+// instruction: isa() tells which one actually runs.
+Isa chosen_isa() {
+  static const Isa isa = [] {
+    const Isa best = best_supported_isa();
+    const char* env = std::getenv("FQGAN_CPU_ISA");
+    if (env == nullptr) return best;
+    const std::string want(env);
+    Isa forced;
+    if (want == "portable") {
+      forced = Isa::kPortable;
+    } else if (want == "avx2") {
+      forced = Isa::kAvx2;
+    } else if (want == "avx512") {
+      forced = Isa::kAvx512;
+    } else {
+      return best;
+    }
+    return static_cast<int>(forced) <= static_cast<int>(best) ? forced : best;
+  }();
+  return isa;
+}
+
+using ScanFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, float*, int64_t*);
+
+struct Kernel {
+  int64_t tile_codes;  // T: codes per packed tile
+  int64_t tile_rows;   // R: rows per micro-kernel call; row blocks are padded to a multiple
+  ScanFn scan;
+};
+
+Kernel kernel_for(Isa isa) {
+  switch (isa) {
+#if FQGAN_X86
+    case Isa::kAvx512:
+      return {nc_avx512::tile_codes(), nc_avx512::tile_rows(), &nc_avx512::scan};
+    case Isa::kAvx2:
+      return {nc_avx2::tile_codes(), nc_avx2::tile_rows(), &nc_avx2::scan};
+#endif
+    default:
+      return {nc_portable::tile_codes(), nc_portable::tile_rows(), &nc_portable::scan};
+  }
+}
+
+// Normalises (if asked) and packs codebooks [k, K, D] into tiles [k][Kpad / T][D][T] (fp32) and the
+// per-code bias [k][Kpad]. The normalisation follows F.normalize(eps=1e-12): e / max(||e||, eps).
+template <typename scalar_t>
+void pack_codebooks(const scalar_t* cb, int64_t k, int64_t K, int64_t D, int64_t T, int64_t Kpad,
+                    bool l2_normalize, float* packed, float* bias) {
+  const int64_t ntiles = Kpad / T;
+  at::parallel_for(0, k * ntiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / ntiles, t = item % ntiles;
+      float* tile = packed + (i * Kpad + t * T) * D;
+      for (int64_t lane = 0; lane < T; ++lane) {
+        const int64_t j = t * T + lane;
+        if (j >= K) {
+          for (int64_t d = 0; d < D; ++d) tile[d * T + lane] = 0.f;
+          bias[i * Kpad + j] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        const scalar_t* e = cb + (i * K + j) * D;
+        float ss = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = static_cast<float>(e[d]);
+          ss += x * x;
+        }
+        const float denom = l2_normalize ? std::max(std::sqrt(ss), 1e-12f) : 1.f;
+        for (int64_t d = 0; d < D; ++d) tile[d * T + lane] = static_cast<float>(e[d]) / denom;
+        bias[i * Kpad + j] = l2_normalize ? 0.f : -0.5f * ss;
       }
-      ip[r] = arg;
     }
   });
+}
+
+template <typename scalar_t>
+void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* packed, const float* bias,
+            int64_t Kpad, const Kernel& kern, scalar_t* codes, int64_t* indices) {
+  const int64_t T = kern.tile_codes, R = kern.tile_rows;
+  // Blocks of 256 rows keep z in L1 next to a code chunk; smaller blocks only when there would
+  // otherwise be too few work items to keep every thread busy (small N).
+  const int64_t want_items = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t rb = 256;
+  while (rb > R && k * ((N + rb - 1) / rb) < want_items) rb /= 2;
+  rb = std::max<int64_t>(R, (rb + R - 1) / R * R);
+  const int64_t nblk = (N + rb - 1) / rb;
+
+  at::parallel_for(0, k * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zbuf(rb * D), best(rb);
+    std::vector<int64_t> arg(rb);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / nblk, n0 = (item % nblk) * rb;
+      const int64_t rows = std::min(rb, N - n0), prows = (rows + R - 1) / R * R;
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* src = z + ((n0 + r) * k + i) * D;
+        for (int64_t d = 0; d < D; ++d) zbuf[r * D + d] = static_cast<float>(src[d]);
+      }
+      std::fill(zbuf.begin() + rows * D, zbuf.begin() + prows * D, 0.f);
+      std::fill(best.begin(), best.begin() + prows, -std::numeric_limits<float>::infinity());
+      std::fill(arg.begin(), arg.begin() + prows, 0);
+
+      const float* pk = packed + i * Kpad * D;
+      kern.scan(zbuf.data(), prows, D, pk, bias + i * Kpad, Kpad, best.data(), arg.data());
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t j = arg[r], row = (n0 + r) * k + i;
+        indices[row] = j;
+        const float* e = pk + (j / T) * T * D + j % T;
+        for (int64_t d = 0; d < D; ++d) codes[row * D + d] = static_cast<scalar_t>(e[d * T]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::string isa() {
+  switch (chosen_isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "portable";
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::Tensor& codebooks, bool l2_normalize) {
+  TORCH_CHECK(z.dim() == 3 && codebooks.dim() == 3, "nearest_code: z [N,k,D] and codebooks [k,K,D], got ",
+              z.sizes(), " and ", codebooks.sizes());
+  TORCH_CHECK(z.size(1) == codebooks.size(0) && z.size(2) == codebooks.size(2), "nearest_code: z ", z.sizes(),
+              " does not match codebooks ", codebooks.sizes());
+  TORCH_CHECK(z.scalar_type() == codebooks.scalar_type(), "nearest_code: z and codebooks dtypes differ");
+  const int64_t N = z.size(0), k = z.size(1), D = z.size(2), K = codebooks.size(1);
   at::Tensor codes = at::empty({N, k, D}, z.options());
-  for (int64_t i = 0; i < k; ++i)
-    codes.select(1, i).copy_(cb.select(0, i).index_select(0, idx.select(1, i)));
-  return {codes, idx};
+  at::Tensor indices = at::empty({N, k}, z.options().dtype(at::kLong));
+  if (N == 0 || k == 0) return {codes, indices};
+  TORCH_CHECK(K > 0, "nearest_code: empty codebooks (K = 0)");
+  TORCH_CHECK(D > 0, "nearest_code: D = 0");
+
+  const at::Tensor zc = z.contiguous(), cbc = codebooks.contiguous();
+  const Kernel kern = kernel_for(chosen_isa());
+  const int64_t Kpad = (K + kern.tile_codes - 1) / kern.tile_codes * kern.tile_codes;
+  at::Tensor packed = at::empty({k * Kpad * D}, z.options().dtype(at::kFloat));
+  at::Tensor bias = at::empty({k * Kpad}, z.options().dtype(at::kFloat));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "nearest_code_cpu", [&] {
+    pack_codebooks<scalar_t>(cbc.data_ptr<scalar_t>(), k, K, D, kern.tile_codes, Kpad, l2_normalize,
+                             packed.data_ptr<float>(), bias.data_ptr<float>());
+    search<scalar_t>(zc.data_ptr<scalar_t>(), N, k, D, packed.data_ptr<float>(), bias.data_ptr<float>(), Kpad,
+                     kern, codes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+  });
+  return {codes, indices};
 }
 
 }  // namespace fqgan::cpu
+
+#else  // ============ kernel pass: compiled once per ISA, inside that ISA's target region ============
+
+namespace fqgan::cpu::FQGAN_NC_NS {
+
+using V = simd::FQGAN_NC_VEC;
+constexpr int kRows = FQGAN_NC_ROWS;    // R
+constexpr int kVecs = FQGAN_NC_VECS;    // C
+constexpr int kTile = kVecs * V::W;     // T codes per packed tile
+
+int64_t tile_codes() { return kTile; }
+int64_t tile_rows() { return kRows; }
+
+// Scores of kRows rows (z, row stride D) against one packed tile (D x kTile, starting at code `code0`),
+// folded into the rows' running best score / index.
+// Always inlined into the tile loop: as a call it pays a vzeroupper and a stack realignment per tile.
+template <int kD>
+__attribute__((always_inline)) inline void tile(const float* z, int64_t D, const float* pk, const float* bias, int64_t code0, float* best,
+                 int64_t* arg) {
+  const int64_t dn = kD > 0 ? kD : D;
+  V::reg acc[kRows][kVecs];
+#pragma GCC unroll 8
+  for (int c = 0; c < kVecs; ++c) {
+    const V::reg b = V::load(bias + c * V::W);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) acc[r][c] = b;
+  }
+#pragma GCC unroll 32
+  for (int64_t d = 0; d < dn; ++d) {
+    V::reg e[kVecs];
+#pragma GCC unroll 8
+    for (int c = 0; c < kVecs; ++c) e[c] = V::load(pk + d * kTile + c * V::W);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const V::reg zr = V::set1(z[r * dn + d]);
+#pragma GCC unroll 8
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = V::fmadd(zr, e[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    V::reg m = acc[r][0];
+#pragma GCC unroll 8
+    for (int c = 1; c < kVecs; ++c) m = V::max(m, acc[r][c]);
+    if (__builtin_expect(V::any_gt(m, best[r]), 0)) {
+      // Rare: some code of this tile beats the row's best. Scan in code order with a strict `>`,
+      // so among equal scores the lowest index stays.
+      float s[kTile];
+      for (int c = 0; c < kVecs; ++c) V::store(s + c * V::W, acc[r][c]);
+      for (int j = 0; j < kTile; ++j) {
+        if (s[j] > best[r]) {
+          best[r] = s[j];
+          arg[r] = code0 + j;
+        }
+      }
+    }
+  }
+}
+
+// rows (a multiple of kRows) rows of z against Kpad packed codes of one sub-codebook.
+template <int kD>
+void scan_impl(const float* z, int64_t rows, int64_t D, const float* pk, const float* bias, int64_t Kpad,
+               float* best, int64_t* arg) {
+  const int64_t dn = kD > 0 ? kD : D;
+  // ~16 KiB of packed codes per chunk: it stays in L1 while every row group of the block passes.
+  const int64_t chunk = std::max<int64_t>(1, 16384 / (4 * dn * kTile)) * kTile;
+  for (int64_t c0 = 0; c0 < Kpad; c0 += chunk) {
+    const int64_t c1 = std::min(Kpad, c0 + chunk);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      for (int64_t t = c0; t < c1; t += kTile) {
+        tile<kD>(z + r0 * dn, dn, pk + t * dn, bias + t, t, best + r0, arg + r0);
+      }
+    }
+  }
+}
+
+void scan(const float* z, int64_t rows, int64_t D, const float* pk, const float* bias, int64_t Kpad, float* best,
+          int64_t* arg) {
+  switch (D) {
+    case 4:
+      return scan_impl<4>(z, rows, D, pk, bias, Kpad, best, arg);
+    case 8:
+      return scan_impl<8>(z, rows, D, pk, bias, Kpad, best, arg);
+    case 16:
+      return scan_impl<16>(z, rows, D, pk, bias, Kpad, best, arg);
+    case 32:
+      return scan_impl<32>(z, rows, D, pk, bias, Kpad, best, arg);
+    default:
+      return scan_impl<0>(z, rows, D, pk, bias, Kpad, best, arg);
+  }
+}
+
+}  // namespace fqgan::cpu::FQGAN_NC_NS
+
+#endif  // FQGAN_NC_KERNEL_PASS

@@ -1,0 +1,115 @@
+"""sample (fused CFG + temperature + top-k/top-p + draw): reference eager, torch.compile(reference), the
+fused CPU kernel and on GPU the Triton and CUDA kernels.
+
+One timed call is one image position of FAR generation: k = 3 factor steps, each sampling B rows from
+cond and uncond logits [B, V] (B = 64 images, so 2B = 128 logit rows for CFG), with that step's own
+parameters. ``per_step_ms`` is the mean divided by k; GB/s counts the logits read once per step
+(2 * B * V * element size). ``peak_extra_MiB`` is the extra memory one timed call needs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import is_smoke, peak_extra_bytes, record, sync
+
+import fqgan_kernels as fk
+from fqgan_kernels import reference as ref
+
+K_STEPS = 3
+# (B, V, dtype)
+FULL_SHAPES = [(64, 16384, torch.float32), (64, 16384, torch.bfloat16)]
+SMOKE_SHAPES = [(4, 1000, torch.float32)]
+# per-factor parameters (cfg, temperature, top_k, top_p), one tuple per factor step
+SETTINGS = {
+    "plain": [(4.0, 1.0, 0, 1.0)] * K_STEPS,
+    "topk": [(4.0, 1.0, 1000, 1.0), (4.0, 1.0, 600, 1.0), (4.0, 1.0, 300, 1.0)],
+    "topp": [(4.0, 1.0, 0, 0.95), (4.0, 1.0, 0, 0.9), (4.0, 1.0, 0, 0.8)],
+    "topk+topp": [(4.0, 1.0, 1000, 0.95), (3.0, 0.9, 600, 0.9), (2.0, 0.8, 300, 0.8)],
+}
+SMOKE_SETTINGS = ["topk+topp"]
+
+
+def pytest_generate_tests(metafunc):
+    smoke = is_smoke(metafunc.config)
+    if "shape" in metafunc.fixturenames:
+        shapes = SMOKE_SHAPES if smoke else FULL_SHAPES
+        metafunc.parametrize("shape", shapes, ids=[f"B{b}-V{v}-{str(d).split('.')[-1]}" for b, v, d in shapes])
+    if "setting" in metafunc.fixturenames:
+        metafunc.parametrize("setting", SMOKE_SETTINGS if smoke else list(SETTINGS))
+
+
+def make_inputs(shape, device="cpu"):
+    B, V, dtype = shape
+    g = torch.Generator().manual_seed(0)
+    logits = [(torch.randn(B, V, generator=g) * 3).to(device, dtype) for _ in range(2 * K_STEPS)]
+    u = torch.rand(K_STEPS, B, generator=g, dtype=torch.float64).to(device)
+    return [(logits[2 * i], logits[2 * i + 1], u[i]) for i in range(K_STEPS)]
+
+
+def run(benchmark, make_fn, shape, setting, device="cpu"):
+    B, V, dtype = shape
+    steps = make_inputs(shape, device)
+    params = SETTINGS[setting]
+
+    def fn():
+        out = [make_fn(c, un, u, *p) for (c, un, u), p in zip(steps, params)]
+        sync(device)
+        return out
+
+    fn()  # warm-up / compile outside the timing
+    peak = peak_extra_bytes(fn, device)
+    benchmark.group = f"sample B={B}x2 V={V} {str(dtype).split('.')[-1]} k={K_STEPS} {setting} {device}"
+    rounds = 1 if benchmark.disabled else 10
+    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if benchmark.disabled else 1)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    record(benchmark, bytes_moved=2.0 * B * V * elem * K_STEPS, peak_bytes=peak, threads=torch.get_num_threads())
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None):
+        benchmark.extra_info["per_step_ms"] = round(stats.stats.mean / K_STEPS * 1e3, 3)
+    return result
+
+
+def _reference(c, un, u, cfg, t, k, p):
+    return ref.sample(c, un, cfg, t, k, p, uniform=u)
+
+
+def test_reference_eager(benchmark, shape, setting):
+    run(benchmark, _reference, shape, setting)
+
+
+def test_reference_compiled(benchmark, shape, setting):
+    compiled = torch.compile(ref.sample)
+    run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting)
+
+
+def _fused(backend):
+    def fn(c, un, u, cfg, t, k, p):
+        return fk.sample(c, un, cfg_scale=cfg, temperature=t, top_k=k, top_p=p, uniform=u, backend=backend)
+    return fn
+
+
+def test_fused_cpu(benchmark, shape, setting):
+    run(benchmark, _fused("cpu"), shape, setting)
+
+
+@pytest.mark.cuda
+def test_reference_eager_cuda(benchmark, shape, setting):
+    run(benchmark, _reference, shape, setting, device="cuda")
+
+
+@pytest.mark.cuda
+def test_reference_compiled_cuda(benchmark, shape, setting):
+    compiled = torch.compile(ref.sample)
+    run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting,
+        device="cuda")
+
+
+@pytest.mark.cuda
+def test_fused_triton(benchmark, shape, setting):
+    run(benchmark, _fused("triton"), shape, setting, device="cuda")
+
+
+@pytest.mark.cuda
+def test_fused_cuda(benchmark, shape, setting):
+    run(benchmark, _fused("cuda"), shape, setting, device="cuda")

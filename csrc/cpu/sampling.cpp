@@ -1,0 +1,208 @@
+// Fused CFG + temperature + top-k/top-p sampling, CPU: one thread per row (at::parallel_for over rows).
+// The per-row algorithm (guided logits, radix selects on the float keys, inverse-CDF draw) is described in
+// fqgan_kernels/sampling.py; the reference is fqgan_kernels/reference.py::sample.
+//
+// Precision: the guided logits are formed in float32 with the reference's operation order
+// (uncond + cfg * (cond - uncond), then / T), exp in float32, every sum over V in float64.
+// Memory: per row in flight, V uint32 keys + V float32 exps (128 KiB at V = 16384).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/ops.h"
+
+namespace fqgan::cpu {
+namespace {
+
+// Order-preserving map float -> uint32 (x >= y  <=>  key(x) >= key(y) for non-NaN x, y; -0 is
+// canonicalised to +0 by the caller so that equal floats have equal keys).
+inline uint32_t float_key(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+inline float key_float(uint32_t k) {
+  const uint32_t b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float x;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+struct RowParams {
+  float cfg, temperature, top_p;
+  int64_t top_k;
+  double u;
+};
+
+// Radix selects on the keys, 8 bits per pass (4 passes; after the first only the keys that share the
+// prefix chosen so far are binned), in place of the CUDA kernel's 32-step bisections: the same
+// answers, ~V + 3 * (matching keys) work instead of 32 * V.
+
+// Largest key K with count(key >= K) >= k: the key of the k-th largest value (1 <= k <= V).
+uint32_t kth_largest_key(const uint32_t* key, int64_t V, int64_t k) {
+  uint32_t prefix = 0;
+  int64_t above = 0;  // count of keys whose bits above the current digit exceed the prefix's
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t hist[256] = {0};
+    const uint32_t high = shift == 24 ? 0u : (~0u << (shift + 8));
+    for (int64_t j = 0; j < V; ++j) {
+      if ((key[j] & high) == prefix) ++hist[(key[j] >> shift) & 255u];
+    }
+    int d = 255;
+    for (; d > 0; --d) {  // digit 0 always qualifies: above + all of hist >= k
+      if (above + hist[d] >= k) break;
+      above += hist[d];
+    }
+    prefix |= static_cast<uint32_t>(d) << shift;
+  }
+  return prefix;
+}
+
+// Largest key K with sum_{key >= K} e > P (P < sum e): the key of the token whose inclusion makes the
+// descending cumulative mass exceed P.
+uint32_t crossing_key(const uint32_t* key, const float* e, int64_t V, double P) {
+  uint32_t prefix = 0;
+  double above = 0.0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    double hist[256] = {0.0};
+    const uint32_t high = shift == 24 ? 0u : (~0u << (shift + 8));
+    for (int64_t j = 0; j < V; ++j) {
+      if ((key[j] & high) == prefix) hist[(key[j] >> shift) & 255u] += e[j];
+    }
+    int d = 255;
+    for (; d > 0; --d) {
+      if (above + hist[d] > P) break;
+      above += hist[d];
+    }
+    prefix |= static_cast<uint32_t>(d) << shift;
+  }
+  return prefix;
+}
+
+template <typename T>
+int64_t sample_row(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
+  // Pass 1: guided logits (reference op order, float32), keys, max.
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < V; ++j) {
+    float x = static_cast<float>(cond[j]);
+    if (uncond != nullptr) {
+      const float u = static_cast<float>(uncond[j]);
+      x = u + p.cfg * (x - u);
+    }
+    x = x / p.temperature + 0.0f;  // + 0: -0 -> +0
+    key[j] = float_key(x);
+    m = std::max(m, x);
+  }
+  // top-k: keep x >= the k-th largest (ties kept).
+  uint32_t lo = 0;
+  if (p.top_k > 0 && p.top_k < V) lo = kth_largest_key(key, V, p.top_k);
+  // Pass: exps of the survivors and their sum.
+  double S = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    const float ej = key[j] >= lo ? std::exp(key_float(key[j]) - m) : 0.0f;
+    e[j] = ej;
+    S += ej;
+  }
+  // top-p: tokens above the crossing value t are kept; of the ties at t, the first n_keep in index order.
+  bool nucleus = p.top_p < 1.0f;
+  uint32_t kc = 0;
+  int64_t n_keep = 0;
+  double S_kept = S;
+  if (nucleus) {
+    const double P = static_cast<double>(p.top_p) * S;
+    kc = crossing_key(key, e, V, P);
+    double above = 0.0;
+    int64_t ties = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      above += key[j] > kc ? static_cast<double>(e[j]) : 0.0;
+      ties += key[j] == kc;
+    }
+    const double et = static_cast<double>(std::exp(key_float(kc) - m));
+    // Tie number r (0-based) is kept iff above + r * et <= P (its mass before, in sorted order).
+    const double r = et > 0.0 ? std::floor((P - above) / et) + 1.0 : 1.0;
+    n_keep = r >= static_cast<double>(ties) ? ties : std::max<int64_t>(1, static_cast<int64_t>(r));
+    S_kept = above + static_cast<double>(n_keep) * et;
+  }
+  // Inverse-CDF draw in index order.
+  const double target = p.u * S_kept;
+  double cum = 0.0;
+  int64_t rank = 0, last = V - 1;
+  for (int64_t j = 0; j < V; ++j) {
+    if (key[j] < lo) continue;
+    bool kept = true;
+    if (nucleus) {
+      if (key[j] == kc) kept = rank++ < n_keep;
+      else kept = key[j] > kc;
+    }
+    if (!kept) continue;
+    last = j;
+    cum += e[j];
+    if (cum > target) return j;
+  }
+  return last;  // only reached when rounding puts u * S_kept at the very end
+}
+
+template <typename T>
+void sample_rows(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const float* cfg,
+                 const float* temperature, const int64_t* top_k, const float* top_p, const double* uniform,
+                 int64_t* out) {
+  const int64_t B = cond.size(0), V = cond.size(1);
+  const T* c = cond.data_ptr<T>();
+  const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> key(V);
+    std::vector<float> e(V);
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowParams p{cfg[b], temperature[b], top_p[b], top_k[b], uniform[b]};
+      out[b] = sample_row<T>(c + b * V, u == nullptr ? nullptr : u + b * V, V, p, key.data(), e.data());
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const at::Tensor& cfg,
+                  const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                  const at::Tensor& uniform) {
+  TORCH_CHECK(cond.dim() == 2 && cond.is_contiguous() && cond.device().is_cpu(),
+              "sample (cpu): cond must be a contiguous CPU [B, V] tensor, got ", cond.sizes());
+  const int64_t B = cond.size(0);
+  TORCH_CHECK(cond.size(1) >= 1, "sample (cpu): V must be >= 1");
+  if (uncond.has_value()) {
+    TORCH_CHECK(uncond->sizes() == cond.sizes() && uncond->scalar_type() == cond.scalar_type() &&
+                    uncond->is_contiguous() && uncond->device().is_cpu(),
+                "sample (cpu): uncond must match cond ", cond.sizes(), " and ", cond.scalar_type());
+  }
+  auto check_param = [B](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(),
+                "sample (cpu): ", name, " must be a contiguous CPU [", B, "] ", dt, " tensor");
+  };
+  check_param(cfg, at::kFloat, "cfg");
+  check_param(temperature, at::kFloat, "temperature");
+  check_param(top_k, at::kLong, "top_k");
+  check_param(top_p, at::kFloat, "top_p");
+  check_param(uniform, at::kDouble, "uniform");
+  at::Tensor out = at::empty({B}, cond.options().dtype(at::kLong));
+  const float* cf = cfg.data_ptr<float>();
+  const float* tp = temperature.data_ptr<float>();
+  const int64_t* tk = top_k.data_ptr<int64_t>();
+  const float* pp = top_p.data_ptr<float>();
+  const double* un = uniform.data_ptr<double>();
+  int64_t* o = out.data_ptr<int64_t>();
+  switch (cond.scalar_type()) {
+    case at::kFloat: sample_rows<float>(cond, uncond, cf, tp, tk, pp, un, o); break;
+    case at::kBFloat16: sample_rows<at::BFloat16>(cond, uncond, cf, tp, tk, pp, un, o); break;
+    case at::kHalf: sample_rows<at::Half>(cond, uncond, cf, tp, tk, pp, un, o); break;
+    default: TORCH_CHECK(false, "sample (cpu): logits must be float32, bfloat16 or float16, got ", cond.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace fqgan::cpu

@@ -1,0 +1,101 @@
+// Thin fp32 vector types for the CPU kernels, one struct per instruction set, same interface:
+//   W                      lanes per vector
+//   reg                    the register type
+//   load(p), store(p, a)   unaligned W-float load / store
+//   set1(x)                broadcast
+//   fmadd(a, b, c)         a * b + c
+//   max(a, b)              lane-wise max
+//   any_gt(a, x)           true when some lane of a is > x (strict: ties never count)
+//
+// Each struct lives inside a `#pragma GCC target` region, so its functions carry that ISA's target
+// attribute and inline only into kernels compiled for the same target (see nearest_code.cpp, which
+// re-includes its kernel section once per ISA). Nothing here runs unless the dispatcher checked the
+// CPU first. Plain C++ `Portable` is the fallback on every architecture; it is written as W = 8
+// scalar loops so that the baseline compiler (SSE2 on x86-64, NEON on aarch64) can vectorise it.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FQGAN_X86 1
+#include <immintrin.h>
+#else
+#define FQGAN_X86 0
+#endif
+
+namespace fqgan::cpu::simd {
+
+struct Portable {
+  static constexpr int W = 8;
+  struct reg {
+    float v[W];
+  };
+  static inline reg load(const float* p) {
+    reg r;
+    for (int l = 0; l < W; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static inline void store(float* p, const reg& a) {
+    for (int l = 0; l < W; ++l) p[l] = a.v[l];
+  }
+  static inline reg set1(float x) {
+    reg r;
+    for (int l = 0; l < W; ++l) r.v[l] = x;
+    return r;
+  }
+  static inline reg fmadd(const reg& a, const reg& b, const reg& c) {
+    reg r;
+    for (int l = 0; l < W; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  static inline reg max(const reg& a, const reg& b) {
+    reg r;
+    for (int l = 0; l < W; ++l) r.v[l] = a.v[l] > b.v[l] ? a.v[l] : b.v[l];
+    return r;
+  }
+  static inline bool any_gt(const reg& a, float x) {
+    bool any = false;
+    for (int l = 0; l < W; ++l) any |= a.v[l] > x;
+    return any;
+  }
+};
+
+#if FQGAN_X86
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+struct Avx2 {
+  static constexpr int W = 8;
+  using reg = __m256;
+  static inline reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static inline reg set1(float x) { return _mm256_set1_ps(x); }
+  static inline reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static inline bool any_gt(reg a, float x) {
+    // Ordered, non-signalling compare: NaN lanes never count as greater.
+    return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(x), _CMP_GT_OQ)) != 0;
+  }
+};
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+struct Avx512 {
+  static constexpr int W = 16;
+  using reg = __m512;
+  static inline reg load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static inline reg set1(float x) { return _mm512_set1_ps(x); }
+  static inline reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  // The masked form: GCC 12's _mm512_max_ps trips -Wuninitialized on its own _mm512_undefined_ps().
+  static inline reg max(reg a, reg b) { return _mm512_mask_max_ps(a, static_cast<__mmask16>(0xFFFF), a, b); }
+  static inline bool any_gt(reg a, float x) {
+    return _mm512_cmp_ps_mask(a, _mm512_set1_ps(x), _CMP_GT_OQ) != 0;
+  }
+};
+#pragma GCC pop_options
+
+#endif  // FQGAN_X86
+
+}  // namespace fqgan::cpu::simd

@@ -1,0 +1,182 @@
+"""Fused CFG + temperature + top-k/top-p sampling, Triton: one program per row, loops over V tiles.
+
+The per-row algorithm is the one of fqgan_kernels/sampling.py: pass 1 writes the float32 guided
+logits ``x = (uncond + cfg * (cond - uncond)) / T`` to a [B, V] workspace (re-read from L2 by the
+later passes) and finds the max; top-k and top-p are 32-step bisections on the order-preserving
+keys of x (``key = bits ^ 0x7fffffff`` for negative floats, as int32, then offset to [0, 2^32) in
+int64) done as radix descents, 4 bits (16 candidates tested at once, a [16, BLOCK_V] compare) per
+pass over V, 8 passes each; the draw is an inverse-CDF scan in index order with a float64
+running sum. Deterministic: no atomics, every sum in a fixed order.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the plain ``@triton.jit`` kernel runs with one
+fixed config; on a GPU the same kernel runs through ``triton.autotune``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _sample_kernel(COND_ptr, UNCOND_ptr, X_ptr, CFG_ptr, TEMP_ptr, TOPK_ptr, TOPP_ptr, U_ptr, OUT_ptr, V,
+                   HAS_UNCOND: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = row * V
+    offs = tl.arange(0, BLOCK_V)
+    temp = tl.load(TEMP_ptr + row)
+    cfg = tl.load(CFG_ptr + row)
+    top_k = tl.load(TOPK_ptr + row)
+    top_p = tl.load(TOPP_ptr + row)
+    u = tl.load(U_ptr + row)
+
+    # pass 1: guided logits (reference op order, float32) -> workspace; max
+    m = tl.full((), float("-inf"), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + offs
+        mask = idx < V
+        x = tl.load(COND_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_UNCOND:
+            un = tl.load(UNCOND_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+            x = un + cfg * (x - un)
+        x = tl.math.div_rn(x, temp) + 0.0  # correctly rounded as on CPU; + 0: -0 -> +0
+        tl.store(X_ptr + base + idx, x, mask=mask)
+        m = tl.maximum(m, tl.max(tl.where(mask, x, float("-inf")), axis=0))
+
+    # top-k: largest key K with count(key >= K) >= k (the k-th largest value; ties kept), by a radix
+    # descent: 8 passes, each testing the 16 values of the next 4 key bits at once
+    bins = tl.arange(0, 16).to(tl.int64)
+    lo = tl.zeros((), tl.int64)
+    if (top_k > 0) & (top_k < V):
+        for i in tl.static_range(8):
+            cands = lo + (bins << (28 - 4 * i))
+            cnt = tl.zeros((16,), tl.int64)
+            for v0 in range(0, V, BLOCK_V):
+                idx = v0 + offs
+                mask = idx < V
+                x = tl.load(X_ptr + base + idx, mask=mask, other=0.0)
+                bits = x.to(tl.int32, bitcast=True)  # order-preserving key in [0, 2^32), see above
+                key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+                ge = (key[None, :] >= cands[:, None]) & mask[None, :]
+                cnt += tl.sum(ge.to(tl.int64), axis=1)
+            # cnt[0] >= k always (invariant), so best >= 0
+            lo = lo + (tl.max(tl.where(cnt >= top_k, bins, 0), axis=0) << (28 - 4 * i))
+
+    # S = sum exp(x - m) over the top-k survivors
+    S = tl.zeros((), tl.float64)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + offs
+        mask = idx < V
+        x = tl.load(X_ptr + base + idx, mask=mask, other=0.0)
+        bits = x.to(tl.int32, bitcast=True)  # order-preserving key in [0, 2^32), see above
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+        keep = mask & (key >= lo)
+        e = tl.where(keep, tl.exp(tl.where(keep, x, m) - m), 0.0)
+        S += tl.sum(e, axis=0).to(tl.float64)
+
+    # top-p: crossing key kc = largest K with mass(key >= K) > p * S; keep key > kc, and the first
+    # n_keep of the ties at kc in index order
+    nucleus = top_p < 1.0
+    kc = tl.zeros((), tl.int64)
+    n_keep = tl.zeros((), tl.int64)
+    S_kept = S
+    if nucleus:
+        P = top_p.to(tl.float64) * S
+        for i in tl.static_range(8):
+            cands = kc + (bins << (28 - 4 * i))
+            g = tl.zeros((16,), tl.float64)
+            for v0 in range(0, V, BLOCK_V):
+                idx = v0 + offs
+                mask = idx < V
+                x = tl.load(X_ptr + base + idx, mask=mask, other=0.0)
+                bits = x.to(tl.int32, bitcast=True)  # order-preserving key in [0, 2^32), see above
+                key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+                keep = mask & (key >= lo)
+                e = tl.where(keep, tl.exp(tl.where(keep, x, m) - m), 0.0)
+                g += tl.sum(tl.where(key[None, :] >= cands[:, None], e[None, :], 0.0), axis=1).to(tl.float64)
+            # g[0] > P always (invariant), so best >= 0
+            kc = kc + (tl.max(tl.where(g > P, bins, 0), axis=0) << (28 - 4 * i))
+        above = tl.zeros((), tl.float64)
+        ties = tl.zeros((), tl.int64)
+        xt = tl.full((), float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            idx = v0 + offs
+            mask = idx < V
+            x = tl.load(X_ptr + base + idx, mask=mask, other=0.0)
+            bits = x.to(tl.int32, bitcast=True)  # order-preserving key in [0, 2^32), see above
+            key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+            sel = mask & (key >= lo) & (key > kc)
+            above += tl.sum(tl.where(sel, tl.exp(tl.where(sel, x, m) - m), 0.0), axis=0).to(tl.float64)
+            tie = mask & (key == kc)
+            ties += tl.sum(tie.to(tl.int64), axis=0)
+            xt = tl.maximum(xt, tl.max(tl.where(tie, x, float("-inf")), axis=0))
+        et = tl.exp(xt - m).to(tl.float64)
+        # tie number r (0-based) is kept iff above + r * et <= P
+        r = tl.where(et > 0, tl.floor((P - above) / tl.where(et > 0, et, 1.0)) + 1.0, 1.0)
+        n_keep = tl.where(r >= ties.to(tl.float64), ties, tl.maximum(r, 1.0).to(tl.int64))
+        S_kept = above + n_keep.to(tl.float64) * et
+
+    # inverse-CDF draw in index order: first j with cumsum(kept e)_j > u * S_kept
+    target = u * S_kept
+    cum = tl.zeros((), tl.float64)
+    rank = tl.zeros((), tl.int64)
+    tok = tl.full((), V, tl.int64)
+    last = tl.full((), V - 1, tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + offs
+        mask = idx < V
+        x = tl.load(X_ptr + base + idx, mask=mask, other=0.0)
+        bits = x.to(tl.int32, bitcast=True)  # order-preserving key in [0, 2^32), see above
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+        keep = mask & (key >= lo)
+        if nucleus:
+            tie = keep & (key == kc)
+            tie_i = tie.to(tl.int64)
+            tie_rank = rank + tl.cumsum(tie_i, axis=0) - tie_i
+            keep = (keep & (key > kc)) | (tie & (tie_rank < n_keep))
+            rank += tl.sum(tie_i, axis=0)
+        e = tl.where(keep, tl.exp(tl.where(keep, x, m) - m), 0.0)
+        c = cum + tl.cumsum(e, axis=0).to(tl.float64)
+        hit = keep & (c > target)
+        tok = tl.minimum(tok, tl.min(tl.where(hit, idx.to(tl.int64), V), axis=0))
+        last = tl.where(tl.max(keep.to(tl.int32), axis=0) > 0,
+                        tl.max(tl.where(keep, idx.to(tl.int64), -1), axis=0), last)
+        cum += tl.sum(e, axis=0).to(tl.float64)
+    tl.store(OUT_ptr + row, tl.where(tok < V, tok, last))
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _autotuned():
+    configs = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv in (256, 512, 1024) for w in (4, 8)]
+    return triton.autotune(configs=configs, key=["V", "HAS_UNCOND"])(_sample_kernel)
+
+
+def sample(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+           uniform: Tensor) -> Tensor:
+    """Kernel launch; inputs as prepared by fqgan_kernels/sampling.py (contiguous, per-row [B] parameters:
+    cfg/temperature/top_p float32, top_k int64, uniform float64). Extra memory: a [B, V] float32
+    workspace."""
+    B, V = cond.shape
+    out = torch.empty(B, dtype=torch.long, device=cond.device)
+    if B == 0:
+        return out
+    x = torch.empty(B, V, dtype=torch.float32, device=cond.device)
+    has_uncond = uncond is not None
+    un = uncond if has_uncond else cond
+    args = (cond, un, x, cfg, temperature, top_k, top_p, uniform, out, V)
+    if _interpret():
+        block = min(256, triton.next_power_of_2(V))
+        _sample_kernel[(B,)](*args, HAS_UNCOND=has_uncond, BLOCK_V=block)
+    else:
+        # no FMA contraction of uncond + cfg * (cond - uncond): keep the reference's two roundings
+        _autotuned()[(B,)](*args, HAS_UNCOND=has_uncond, enable_fp_fusion=False)
+    return out

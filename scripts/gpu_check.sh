@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# GPU check for a machine with a CUDA GPU (the H200 test machine: torch 2.11 + CUDA 13.0, its own
+# Triton, nvcc and ninja, no network; one call of at most 10 minutes). Builds the extension in place
+# (--no-build-isolation: nothing is downloaded), prints fk.backends(), runs `pytest -m cuda` and the
+# GPU benchmarks, and prints a compact benchmark table last. Logs (and the benchmark JSON) go to
+# $OUT when it is set, else to a temp folder. Every step runs even if an earlier one failed; the
+# exit status is non-zero if any did.
+#   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (s): per-step limits (default 180 / 150; the build gets 240).
+#   Extra arguments go to the test step's pytest (e.g. -k nearest_code).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+LOGS="${OUT:-$(mktemp -d -t fqgan_gpu_check.XXXXXX)}"
+mkdir -p "$LOGS"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+declare -A STATUS=()
+ORDER=()
+
+step() {  # step NAME TIMEOUT_S CMD...: runs CMD with its output in $LOGS/NAME.log, records the status
+  local name="$1" limit="$2"
+  shift 2
+  local t0=$SECONDS rc=0
+  echo "== $name: $*"
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+  STATUS[$name]="rc=$rc $((SECONDS - t0))s"
+  ORDER+=("$name")
+  tail -n 25 "$LOGS/$name.log"
+  return 0
+}
+
+{
+  echo "host: $(hostname)  $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: n/a"
+  "$PY" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())' || true
+  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>/dev/null || echo "triton: not installed"
+  command -v nvcc >/dev/null && nvcc --version | tail -n 1 || echo "nvcc: not found"
+} 2>&1 | tee "$LOGS/env.log"
+
+# 1. Build in place (CPU + CUDA extensions), no network.
+step build 240 "$PY" setup.py build_ext --inplace
+ls fqgan_kernels/_C*.so 2>/dev/null || echo "no compiled modules in fqgan_kernels/"
+
+# 2. What the package sees.
+step backends 60 "$PY" -c 'import fqgan_kernels as f; print(f.backends())'
+
+# 3. GPU tests.
+step tests "${GPU_CHECK_TEST_TIMEOUT:-180}" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/ "$@"
+
+# 4. GPU benchmarks (autotuned Triton), JSON kept for the table.
+step bench "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$PY" -m pytest benchmarks/ --benchmark-only -m cuda -q \
+  -p no:cacheprovider --benchmark-columns=min,median,mean --benchmark-sort=name \
+  --benchmark-json="$LOGS/bench.json"
+
+# 5. Summary and the compact table, last.
+echo
+echo "== summary (logs in $LOGS)"
+failed=0
+for name in "${ORDER[@]}"; do
+  echo "  $name: ${STATUS[$name]}"
+  [[ "${STATUS[$name]}" == rc=0* ]] || failed=1
+done
+grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 1 | sed 's/^/  tests: /' || true
+"$PY" - "$LOGS/bench.json" <<'PYEOF' || echo "  (no benchmark table: see $LOGS/bench.log)"
+import json, sys
+data = json.load(open(sys.argv[1]))["benchmarks"]
+rows = []
+for b in sorted(data, key=lambda b: (b.get("group") or "", b["name"])):
+    s, x = b["stats"], b.get("extra_info", {})
+    gf = x.get("gflops") or x.get("GFLOP/s") or x.get("gflop_per_s")
+    rows.append((b.get("group") or "", b["name"], s["min"] * 1e3, s["median"] * 1e3,
+                 f"{gf:.0f}" if isinstance(gf, (int, float)) else "-"))
+w = max([len(r[0]) for r in rows] + [5])
+n = max([len(r[1]) for r in rows] + [4])
+print(f"{'group':<{w}}  {'name':<{n}}  {'min ms':>9}  {'median ms':>9}  {'GFLOP/s':>8}")
+for g, name, mn, md, gf in rows:
+    print(f"{g:<{w}}  {name:<{n}}  {mn:9.3f}  {md:9.3f}  {gf:>8}")
+PYEOF
+exit $failed
