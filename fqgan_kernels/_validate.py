@@ -50,6 +50,18 @@ def same_device(*named: tuple[str, Tensor]) -> None:
             raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
 
 
+def finite_rows_many(*named: tuple[str, Tensor, int]) -> None:
+    """:func:`finite_rows` for several ``(name, tensor, row_dims)`` with one device sync when all
+    are finite (the common case); the detailed per-tensor message only on failure."""
+    if not check_finite_enabled():
+        return
+    flags = [torch.isfinite(x).all() for _, x, _ in named if x.numel()]
+    if not flags or bool(torch.stack(flags).all()):
+        return
+    for name, x, row_dims in named:
+        finite_rows(x, name, row_dims)
+
+
 def finite_rows(x: Tensor, name: str, row_dims: int = 1) -> None:
     """Raise if ``x`` has NaN/Inf, saying how many rows (leading ``row_dims`` dims) hold them."""
     if not check_finite_enabled() or x.numel() == 0:

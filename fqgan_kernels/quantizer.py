@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from . import _validate, reference
 from ._backend import resolve_backend
-from .entropy import entropy_loss
-from .nearest_code import nearest_code
+from .entropy import _entropy_loss_checked, _use_distributed
+from .nearest_code import _nearest_code_op
 from .vq_loss import _vq_losses_op
 
 _NEVER = -(2**62)  # last_used of a code never chosen
@@ -194,24 +194,28 @@ class FactorizedQuantizer(nn.Module):
     def forward(self, z: Tensor, return_loss_breakdown: bool = False):
         """Quantise ``z``. See the class docstring for shapes and the loss."""
         cf = self._check_input(z)
-        _validate.finite_rows(z, "z", row_dims=1)
+        # The only NaN/Inf scan of the step (one device sync; FQGAN_KERNELS_CHECK_FINITE=0 skips it):
+        # the ops below are called through their custom ops, past their own public checks.
+        _validate.finite_rows_many(("z", z, 1), ("codebooks", self.codebooks, 2))
         shape = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             zt = self._to_tokens(z, cf).float()  # (N, k, D); the quantizer works in fp32 like FQGAN
             codebooks = self.codebooks.float()
             zn = reference.l2_normalize(zt) if self.l2_normalize else zt
-            codes, idx = nearest_code(zn.detach(), codebooks, self.l2_normalize, backend=self.backend)
+            codes, idx = _nearest_code_op(zn.detach(), codebooks, self.l2_normalize,
+                                          resolve_backend("nearest_code", self.backend, z.device))
             quantized = reference.straight_through(zn, codes)
 
-            # Fused codebook / commitment / disentanglement losses (z and codes validated above).
+            # Fused codebook / commitment / disentanglement losses.
             dis_weight = self.disentangle_weight if self.num_codebooks > 1 else 0.0
             codebook, commitment, disentangle = _vq_losses_op(
                 zn, codes, self.codebook_weight, self.commitment_weight, dis_weight,
                 resolve_backend("vq_losses", self.backend, z.device))
             if self.training and self.entropy_weight > 0:
-                entropy = self.entropy_weight * entropy_loss(
-                    zn, codebooks, self.entropy_temperature, self.l2_normalize,
-                    distributed=None if self.distributed else False, backend=self.backend)
+                en = reference.l2_normalize(codebooks) if self.l2_normalize else codebooks
+                entropy = self.entropy_weight * _entropy_loss_checked(
+                    zn, en, self.entropy_temperature, _use_distributed(None if self.distributed else False),
+                    resolve_backend("entropy_loss", self.backend, z.device))
             else:
                 entropy = torch.zeros_like(codebook)
             loss = (codebook + commitment + entropy).sum() + disentangle

@@ -167,6 +167,32 @@ def test_nan_and_inf(q):
         q(z)
 
 
+def test_nan_in_codebooks(q):
+    with torch.no_grad():
+        q.codebooks[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="codebooks has non-finite.*in 1 of 32 rows"):
+        q(torch.randn(2, 8, 3, 3))
+
+
+def test_one_finite_scan_per_step(monkeypatch):
+    """A training step scans its inputs for NaN/Inf once (one sync for z and the codebooks), not
+    once per op: the per-tensor scan runs only to word the error."""
+    from fqgan_kernels import _validate
+
+    def per_tensor_scan(*args, **kwargs):
+        raise AssertionError("per-tensor NaN scan on the quantizer's hot path")
+
+    calls = []
+    many = _validate.finite_rows_many
+    monkeypatch.setattr(_validate, "finite_rows", per_tensor_scan)
+    monkeypatch.setattr(_validate, "finite_rows_many", lambda *a: calls.append(a) or many(*a))
+    q = fk.FactorizedQuantizer(num_codebooks=3, codebook_size=64, codebook_dim=8, entropy_weight=0.03,
+                               disentangle_weight=0.1)
+    _, _, loss = q(torch.randn(2, 24, 4, 4))
+    loss.backward()
+    assert len(calls) == 1
+
+
 def test_empty_batch(q):
     with pytest.raises(ValueError, match="empty batch"):
         q(torch.randn(0, 8, 3, 3))
