@@ -27,12 +27,25 @@ u_n = dL/dlse_n, w_n = dL/dH_n, c_j = dL/dS_j and recomputes the tiles::
 (from dH_n/da_nj = -p_nj (log p_nj + H_n) and dS_j/da_nj' = p_nj (delta_jj' - p_nj'); verified
 against torch autograd of ``reference.entropy_loss`` in float64 by tests/test_entropy.py).
 
+Rounding: in fp32 at T = 0.01 the logits reach hundreds, so lse_n carries an absolute error of
+~1e-5 and the recomputed p_nj = exp(a_nj - lse_n) sum to W_n = 1 + O(1e-5) instead of 1. G_nj
+sums to zero in exact arithmetic; with unnormalised p, A_n + beta_n B_n keeps an error of order
+(W_n - 1) |c - w lp| |e| that no longer cancels (10-45x eager's error on rows where p is uniform
+or one-hot). The backward therefore renormalises by the W_n it sees, which is exact for the true
+p (W = 1) and removes the common factor of the lse error: with X_nj = c_j - w_n (a_nj - lse_n)
+and Q_n = sum_j p_nj X_nj,
+
+    beta_n = u_n - Q_n / W_n,   dL/dz_n = (2/T) (A_n + beta_n B_n) / W_n,
+
+(H_n from the forward is then not needed), and sweep 4 uses G_nj = (p_nj / W_n) (X_nj + beta_n)
+with the same lse_n (folding log W_n into lse_n instead would round it away: ulp(lse) ~ W - 1).
+
 Sweeps over the N x K tile space (each sweep recomputes a_nj from z and e, D FMAs + one exp per
 element; nothing N x K is ever stored):
   forward  2 sweeps: (1) rows: online log-sum-exp with the rescaling trick for lse_n and H_n;
                      (2) code blocks (each code owned by one thread/program, rows swept inside):
                          S_j = sum_n exp(a_nj - lse_n).
-  backward 2 sweeps: (3) rows: s_n, A_n, B_n in one sweep -> dL/dz_n and beta_n (no atomics);
+  backward 2 sweeps: (3) rows: W_n, Q_n, A_n, B_n in one sweep -> dL/dz_n, beta_n, 1/W_n;
                      (4) code blocks, rows swept inside: dL/de_j (deterministic, no atomics).
 Sweep (1) could share its codebook sweep with the nearest-code search (same a_nj up to a row
 constant: argmax_j a_nj = argmin_j d_nj); the quantizer currently runs them separately.
@@ -108,10 +121,11 @@ def _backward_torch(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse: 
             zc = zn[s:s + step, i]
             lp = scale * zc @ en[i].t() + ebias[i] - lse[i, s:s + step, None]  # log p, (n, K)
             p = lp.exp()
+            p = p / p.sum(-1, keepdim=True)  # renormalised (module docstring, "Rounding")
             w = grad_ent[i, s:s + step, None]
-            sn = (p * c).sum(-1, keepdim=True)
-            beta = grad_lse[i, s:s + step, None] - w * ent[i, s:s + step, None] - sn
-            g = p * (c - w * lp + beta)  # dL/da, (n, K)
+            x = c - w * lp
+            beta = grad_lse[i, s:s + step, None] - (p * x).sum(-1, keepdim=True)
+            g = p * (x + beta)  # dL/da, (n, K)
             grad_z[s:s + step, i] = scale * (g @ en[i])
             grad_e[i] += scale * (g.t() @ zc - en[i] * g.sum(0)[:, None])
     return grad_z, grad_e
@@ -297,9 +311,15 @@ def entropy_loss(z: Tensor, codebooks: Tensor, temperature: float = 0.01, l2_nor
     if z.shape[0] == 0 and not dist_on:
         raise ValueError(f"z has N = 0 rows (shape {tuple(z.shape)}): the entropy loss is a mean over rows")
     zn, en = reference.maybe_normalize(z, codebooks, bool(l2_normalize))  # compute dtype (fp32/fp64)
-    _lse, ent, colsum = _entropy_stats_op(zn, en, t, name)
-    sample_entropy = ent.sum(-1) / max(z.shape[0], 1)  # (k,): this rank's mean H(p_n)
-    count = ent.new_full((), float(z.shape[0]))
+    return _entropy_loss_checked(zn, en, t, dist_on, name)
+
+
+def _entropy_loss_checked(zn: Tensor, en: Tensor, temperature: float, dist_on: bool, backend: str) -> Tensor:
+    """:func:`entropy_loss` on inputs already validated and normalised (the quantizer checks its
+    input once at its front door and calls this, so a step scans for NaN/Inf only once)."""
+    _lse, ent, colsum = _entropy_stats_op(zn, en, temperature, backend)
+    sample_entropy = ent.sum(-1) / max(zn.shape[0], 1)  # (k,): this rank's mean H(p_n)
+    count = ent.new_full((), float(zn.shape[0]))
     if dist_on:
         colsum = _AllReduceSum.apply(colsum)
         count = _AllReduceSum.apply(count)

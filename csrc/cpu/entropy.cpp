@@ -13,7 +13,7 @@
 //   code sweeps  (column sums forward, dL/de backward): tasks = (sub-codebook, block of CH codes),
 //                rows swept inside.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -72,7 +72,8 @@ struct Ctx {
   const float* grad_ent;  // [k, N]
   const float* grad_col;  // [k, K]
   float* grad_z;          // [N, k, D]
-  float* beta;            // [k, N]
+  float* beta;            // [k, N] scratch: beta of sweep 3 for sweep 4
+  float* inv_w;           // [k, N] scratch: 1 / W, W = sum_j exp(a - lse) as recomputed
   float* grad_e;          // [k, K, D]
 };
 
@@ -161,14 +162,15 @@ __attribute__((always_inline)) inline void colsum_body(const Ctx& c, int64_t i, 
   std::memcpy(c.colsum + i * c.K + j0, acc, m * sizeof(float));
 }
 
-// Sweep 3: per row s = sum_j p c_j, A = sum_j p (c_j - w (a - lse)) e_j, B = sum_j p e_j; then
-// beta = u - w H - s and dL/dz = (2/T) (A + beta B).
+// Sweep 3: per row W = sum_j p, Q = sum_j q, A = sum_j q e_j, B = sum_j p e_j with
+// q = p (c_j - w (a - lse)); then, with the probabilities renormalised by W (see entropy.py),
+// beta = u - Q / W and dL/dz = (2/T) (A + beta B) / W. Stores beta and 1 / W for sweep 4.
 template <int DC>
 __attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i, int64_t n0, int64_t n1) {
   alignas(64) float a[CH];
   alignas(64) float q[CH];
   const int64_t R = n1 - n0, D = DC > 0 ? DC : c.D;
-  std::vector<float> A(R * D, 0.f), B(R * D, 0.f), S(R, 0.f);
+  std::vector<float> A(R * D, 0.f), B(R * D, 0.f), Ws(R, 0.f), Qs(R, 0.f);
   const float* cj = c.grad_col + i * c.K;
   for (int64_t j0 = 0; j0 < c.K; j0 += CH) {
     const int64_t m = std::min(CH, c.K - j0);
@@ -176,16 +178,19 @@ __attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i
       const int64_t n = n0 + r;
       logits_chunk<DC>(c, i, c.zs + (i * c.N + n) * D, j0, m, a);
       const float L = c.lse[i * c.N + n], w = c.grad_ent[i * c.N + n];
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
+      float sw = 0.f, sq = 0.f;
+#pragma omp simd reduction(+ : sw, sq)
       for (int64_t j = 0; j < m; ++j) {
         const float lp = a[j] - L;
         const float p = fexp(lp);
-        s += p * cj[j0 + j];
-        q[j] = p * (cj[j0 + j] - w * lp);
+        const float qj = p * (cj[j0 + j] - w * lp);
+        sw += p;
+        sq += qj;
+        q[j] = qj;
         a[j] = p;
       }
-      S[r] += s;
+      Ws[r] += sw;
+      Qs[r] += sq;
       for (int64_t d = 0; d < D; ++d) {
         const float* et = c.et + (i * D + d) * c.K + j0;
         float sa = 0.f, sb = 0.f;
@@ -201,15 +206,17 @@ __attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i
   }
   const float two_t = 2.0f * c.inv_t;
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t n = n0 + r;
-    const float b = c.grad_lse[i * c.N + n] - c.grad_ent[i * c.N + n] * c.ent[i * c.N + n] - S[r];
-    c.beta[i * c.N + n] = b;
+    const int64_t n = n0 + r, row = i * c.N + n;
+    const float inv_w = 1.0f / Ws[r];
+    const float b = c.grad_lse[row] - Qs[r] * inv_w;
+    c.beta[row] = b;
+    c.inv_w[row] = inv_w;
     float* gz = c.grad_z + (n * c.k + i) * D;
-    for (int64_t d = 0; d < D; ++d) gz[d] = two_t * (A[r * D + d] + b * B[r * D + d]);
+    for (int64_t d = 0; d < D; ++d) gz[d] = two_t * inv_w * (A[r * D + d] + b * B[r * D + d]);
   }
 }
 
-// Sweep 4: for the codes [j0, j0 + m): G_nj = p (c_j - w_n (a - lse_n) + beta_n),
+// Sweep 4: for the codes [j0, j0 + m): G_nj = (p / W_n) (c_j - w_n (a - lse_n) + beta_n),
 // dL/de_j = sum_n G_nj zs_n - (2/T) e_j sum_n G_nj.
 template <int DC>
 __attribute__((always_inline)) inline void grad_e_body(const Ctx& c, int64_t i, int64_t j0, int64_t m) {
@@ -222,11 +229,12 @@ __attribute__((always_inline)) inline void grad_e_body(const Ctx& c, int64_t i, 
   for (int64_t n = 0; n < c.N; ++n) {
     const float* zrow = c.zs + (i * c.N + n) * D;
     logits_chunk<DC>(c, i, zrow, j0, m, a);
-    const float L = c.lse[i * c.N + n], w = c.grad_ent[i * c.N + n], b = c.beta[i * c.N + n];
+    const int64_t row = i * c.N + n;
+    const float L = c.lse[row], w = c.grad_ent[row], b = c.beta[row], iw = c.inv_w[row];
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
       const float lp = a[j] - L;
-      const float g = fexp(lp) * (cj[j] - w * lp + b);
+      const float g = fexp(lp) * iw * (cj[j] - w * lp + b);
       gs[j] += g;
       a[j] = g;
     }
@@ -375,20 +383,21 @@ std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const 
   TORCH_CHECK(lse.numel() == c.k * c.N && ent.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&
                   grad_ent.numel() == c.k * c.N && grad_colsum.numel() == c.k * c.K,
               "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
-  at::Tensor lse_f = lse.to(at::kFloat).contiguous(), ent_f = ent.to(at::kFloat).contiguous();
+  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy.py, "Rounding").
+  at::Tensor lse_f = lse.to(at::kFloat).contiguous();
   at::Tensor gl = grad_lse.to(at::kFloat).contiguous(), ge = grad_ent.to(at::kFloat).contiguous();
   at::Tensor gc = grad_colsum.to(at::kFloat).contiguous();
   auto opts = zn.options().dtype(at::kFloat);
   at::Tensor grad_z = at::empty({c.N, c.k, c.D}, opts), grad_e = at::empty({c.k, c.K, c.D}, opts);
-  at::Tensor beta = at::empty({c.k, c.N}, opts);
+  at::Tensor beta = at::empty({c.k, c.N}, opts), inv_w = at::empty({c.k, c.N}, opts);
   c.lse = lse_f.data_ptr<float>();
-  c.ent = ent_f.data_ptr<float>();
   c.grad_lse = gl.data_ptr<float>();
   c.grad_ent = ge.data_ptr<float>();
   c.grad_col = gc.data_ptr<float>();
   c.grad_z = grad_z.data_ptr<float>();
   c.grad_e = grad_e.data_ptr<float>();
   c.beta = beta.data_ptr<float>();
+  c.inv_w = inv_w.data_ptr<float>();
   if (c.N > 0) {
     for_rows(c, FQGAN_PICK(rows_bwd, c));
     for_codes(c, FQGAN_PICK(grad_e, c));

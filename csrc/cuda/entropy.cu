@@ -25,12 +25,12 @@ __device__ __forceinline__ void load_vec(const float* __restrict__ src, int64_t 
 }
 
 // Stage kTile vectors [first, first + kTile) of src [count, D] (zero-padded) and one scalar per
-// vector from up to three per-vector arrays (may be null) into shared memory.
+// vector from up to four per-vector arrays (may be null) into shared memory.
 template <int DMAX>
 __device__ __forceinline__ void stage(const float* __restrict__ src, int64_t count, int64_t first, int64_t D,
                                       float (*tile)[DMAX], const float* __restrict__ s0, float* t0,
                                       const float* __restrict__ s1, float* t1, const float* __restrict__ s2,
-                                      float* t2) {
+                                      float* t2, const float* __restrict__ s3 = nullptr, float* t3 = nullptr) {
   for (int x = threadIdx.x; x < kTile * DMAX; x += blockDim.x) {
     const int v = x / DMAX, d = x % DMAX;
     const int64_t g = first + v;
@@ -42,6 +42,7 @@ __device__ __forceinline__ void stage(const float* __restrict__ src, int64_t cou
     if (s0) t0[v] = ok ? s0[g] : 0.f;
     if (s1) t1[v] = ok ? s1[g] : 0.f;
     if (s2) t2[v] = ok ? s2[g] : 0.f;
+    if (s3) t3[v] = ok ? s3[g] : 0.f;
   }
 }
 
@@ -127,13 +128,14 @@ __global__ void __launch_bounds__(kThreads) entropy_colsum_kernel(const float* _
 }
 
 // Sweep 3: per row, s = sum_j p c_j, A = sum_j p (c_j - w lp) e_j, B = sum_j p e_j;
-// beta = u - w H - s, grad_z = (2/T)(A + beta B).
+// renormalised by W = sum_j p (fqgan_kernels/entropy.py, "Rounding"): beta = u - Q / W,
+// grad_z = (2/T)(A + beta B) / W; row_scratch[0] = beta, row_scratch[1] = 1 / W.
 template <int DMAX>
 __global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(
     const float* __restrict__ zs, const float* __restrict__ e, const float* __restrict__ eb,
-    const float* __restrict__ lse, const float* __restrict__ ent, const float* __restrict__ grad_lse,
-    const float* __restrict__ grad_ent, const float* __restrict__ grad_col, float* grad_z, float* beta_out,
-    int64_t N, int64_t K, int64_t D, int64_t k, float two_over_t) {
+    const float* __restrict__ lse, const float* __restrict__ grad_lse, const float* __restrict__ grad_ent,
+    const float* __restrict__ grad_col, float* grad_z, float* beta_out, float* inv_w_out, int64_t N, int64_t K,
+    int64_t D, int64_t k, float two_over_t) {
   __shared__ float tile[kTile][DMAX];
   __shared__ float tb[kTile];
   __shared__ float tc[kTile];
@@ -146,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(
 #pragma unroll
   for (int d = 0; d < DMAX; ++d) A[d] = 0.f, B[d] = 0.f;
   const float L = lse[r], w = grad_ent[r];
-  float s = 0.f;
+  float sw = 0.f, sq = 0.f;
   for (int64_t j0 = 0; j0 < K; j0 += kTile) {
     __syncthreads();
     stage<DMAX>(e + i * K * D, K, j0, D, tile, eb + i * K, tb, grad_col + i * K, tc, nullptr, nullptr);
@@ -157,7 +159,8 @@ __global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(
         const float lp = dot<DMAX>(z, tile[v]) + tb[v] - L;
         const float p = expf(lp);
         const float q = p * (tc[v] - w * lp);
-        s = fmaf(p, tc[v], s);
+        sw += p;
+        sq += q;
 #pragma unroll
         for (int d = 0; d < DMAX; ++d) {
           A[d] = fmaf(q, tile[v][d], A[d]);
@@ -167,25 +170,31 @@ __global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(
     }
   }
   if (active) {
-    const float b = grad_lse[r] - w * ent[r] - s;
+    const float inv_w = 1.0f / sw;
+    const float b = grad_lse[r] - sq * inv_w;
     beta_out[r] = b;
+    inv_w_out[r] = inv_w;
     float* gz = grad_z + (n * k + i) * D;
+    const float scale = two_over_t * inv_w;
 #pragma unroll
     for (int d = 0; d < DMAX; ++d)
-      if (d < D) gz[d] = two_over_t * (A[d] + b * B[d]);
+      if (d < D) gz[d] = scale * (A[d] + b * B[d]);
   }
 }
 
-// Sweep 4: per code, G_nj = p (c_j - w_n lp + beta_n); grad_e_j = sum_n G zs_n - (2/T) e_j sum_n G.
+// Sweep 4: per code, with beta and 1/W of sweep 3, lp = a - lse, G_nj = exp(lp) / W_n (c_j - w_n lp + beta_n);
+// grad_e_j = sum_n G zs_n - (2/T) e_j sum_n G.
 template <int DMAX>
 __global__ void __launch_bounds__(kThreads) entropy_grad_e_kernel(
     const float* __restrict__ zs, const float* __restrict__ e, const float* __restrict__ eb,
     const float* __restrict__ lse, const float* __restrict__ grad_ent, const float* __restrict__ grad_col,
-    const float* __restrict__ beta, float* grad_e, int64_t N, int64_t K, int64_t D, float two_over_t) {
+    const float* __restrict__ beta, const float* __restrict__ inv_w, float* grad_e, int64_t N, int64_t K,
+    int64_t D, float two_over_t) {
   __shared__ float tile[kTile][DMAX];
   __shared__ float tl[kTile];
   __shared__ float tw[kTile];
   __shared__ float tbeta[kTile];
+  __shared__ float tiw[kTile];
   const int64_t i = blockIdx.y;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool active = j < K;
@@ -198,13 +207,14 @@ __global__ void __launch_bounds__(kThreads) entropy_grad_e_kernel(
   float gs = 0.f;
   for (int64_t n0 = 0; n0 < N; n0 += kTile) {
     __syncthreads();
-    stage<DMAX>(zs + i * N * D, N, n0, D, tile, lse + i * N, tl, grad_ent + i * N, tw, beta + i * N, tbeta);
+    stage<DMAX>(zs + i * N * D, N, n0, D, tile, lse + i * N, tl, grad_ent + i * N, tw, beta + i * N, tbeta,
+                inv_w + i * N, tiw);
     __syncthreads();
     const int cnt = N - n0 < kTile ? static_cast<int>(N - n0) : kTile;
     if (active) {
       for (int v = 0; v < cnt; ++v) {
         const float lp = dot<DMAX>(ev, tile[v]) + b - tl[v];
-        const float g = expf(lp) * (c - tw[v] * lp + tbeta[v]);
+        const float g = expf(lp) * tiw[v] * (c - tw[v] * lp + tbeta[v]);
         gs += g;
 #pragma unroll
         for (int d = 0; d < DMAX; ++d) gz[d] = fmaf(g, tile[v][d], gz[d]);
@@ -232,14 +242,16 @@ cudaError_t stats_impl(const float* zs, const float* e, const float* eb, float* 
 }
 
 template <int DMAX>
-cudaError_t backward_impl(const float* zs, const float* e, const float* eb, const float* lse, const float* ent,
+cudaError_t backward_impl(const float* zs, const float* e, const float* eb, const float* lse,
                           const float* grad_lse, const float* grad_ent, const float* grad_col, float* grad_z,
-                          float* beta, float* grad_e, int64_t N, int64_t K, int64_t D, int64_t k,
+                          float* row_scratch, float* grad_e, int64_t N, int64_t K, int64_t D, int64_t k,
                           float two_over_t, cudaStream_t stream) {
+  float* beta = row_scratch;
+  float* inv_w = row_scratch + k * N;
   entropy_rows_bwd_kernel<DMAX><<<grid_for(N, k), kThreads, 0, stream>>>(
-      zs, e, eb, lse, ent, grad_lse, grad_ent, grad_col, grad_z, beta, N, K, D, k, two_over_t);
+      zs, e, eb, lse, grad_lse, grad_ent, grad_col, grad_z, beta, inv_w, N, K, D, k, two_over_t);
   entropy_grad_e_kernel<DMAX><<<grid_for(K, k), kThreads, 0, stream>>>(zs, e, eb, lse, grad_ent, grad_col, beta,
-                                                                       grad_e, N, K, D, two_over_t);
+                                                                       inv_w, grad_e, N, K, D, two_over_t);
   return cudaGetLastError();
 }
 
@@ -256,13 +268,13 @@ cudaError_t entropy_stats_launch(const float* zs, const float* e, const float* e
 }
 
 cudaError_t entropy_backward_launch(const float* zs, const float* e, const float* eb, const float* lse,
-                                    const float* ent, const float* grad_lse, const float* grad_ent,
-                                    const float* grad_col, float* grad_z, float* beta, float* grad_e, int64_t N,
-                                    int64_t K, int64_t D, int64_t k, float two_over_t, cudaStream_t stream) {
+                                    const float* grad_lse, const float* grad_ent, const float* grad_col,
+                                    float* grad_z, float* row_scratch, float* grad_e, int64_t N, int64_t K,
+                                    int64_t D, int64_t k, float two_over_t, cudaStream_t stream) {
   if (N <= 0 || K <= 0 || k <= 0) return cudaSuccess;
-#define FQGAN_ENTROPY_BWD(DM)                                                                                \
-  return backward_impl<DM>(zs, e, eb, lse, ent, grad_lse, grad_ent, grad_col, grad_z, beta, grad_e, N, K, D, k, \
-                           two_over_t, stream)
+#define FQGAN_ENTROPY_BWD(DM)                                                                                 \
+  return backward_impl<DM>(zs, e, eb, lse, grad_lse, grad_ent, grad_col, grad_z, row_scratch, grad_e, N, K, D, \
+                           k, two_over_t, stream)
   if (D <= 8) FQGAN_ENTROPY_BWD(8);
   if (D <= 16) FQGAN_ENTROPY_BWD(16);
   if (D <= 32) FQGAN_ENTROPY_BWD(32);

@@ -16,10 +16,10 @@ constexpr int64_t kEntropyMaxD = 64;
 cudaError_t entropy_stats_launch(const float* zs, const float* e, const float* eb, float* lse, float* ent,
                                  float* colsum, int64_t N, int64_t K, int64_t D, int64_t k, cudaStream_t stream);
 
-// Backward: sweep 3 (rows: grad_z, beta), sweep 4 (codes: grad_e). beta [k, N] is scratch.
+// Backward: sweep 3 (rows: grad_z and, in row_scratch [2, k, N], beta and 1/W), sweep 4 (codes: grad_e).
 cudaError_t entropy_backward_launch(const float* zs, const float* e, const float* eb, const float* lse,
-                                    const float* ent, const float* grad_lse, const float* grad_ent,
-                                    const float* grad_col, float* grad_z, float* beta, float* grad_e, int64_t N,
-                                    int64_t K, int64_t D, int64_t k, float two_over_t, cudaStream_t stream);
+                                    const float* grad_lse, const float* grad_ent, const float* grad_col,
+                                    float* grad_z, float* row_scratch, float* grad_e, int64_t N, int64_t K,
+                                    int64_t D, int64_t k, float two_over_t, cudaStream_t stream);
 
 }  // namespace fqgan::cuda

@@ -2,7 +2,7 @@
 // launchers of entropy.cu. Declared in cuda/ops.h, bound in bindings_cuda.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include "cuda/entropy.cuh"
 #include "cuda/ops.h"
@@ -64,14 +64,15 @@ std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const 
                   grad_ent.numel() == k * N && grad_colsum.numel() == k * K,
               "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
   const Prepared p = prepare(zn, en, temperature);
-  at::Tensor l = f32(lse), h = f32(ent), gl = f32(grad_lse), gh = f32(grad_ent), gc = f32(grad_colsum);
+  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy.py, "Rounding").
+  at::Tensor l = f32(lse), gl = f32(grad_lse), gh = f32(grad_ent), gc = f32(grad_colsum);
   auto opts = zn.options().dtype(at::kFloat);
   at::Tensor grad_z = at::empty({N, k, D}, opts), grad_e = at::zeros({k, K, D}, opts);
-  at::Tensor beta = at::empty({k, N}, opts);
+  at::Tensor row_scratch = at::empty({2, k, N}, opts);
   const cudaError_t err = entropy_backward_launch(
       p.zs.data_ptr<float>(), p.e.data_ptr<float>(), p.eb.data_ptr<float>(), l.data_ptr<float>(),
-      h.data_ptr<float>(), gl.data_ptr<float>(), gh.data_ptr<float>(), gc.data_ptr<float>(), grad_z.data_ptr<float>(),
-      beta.data_ptr<float>(), grad_e.data_ptr<float>(), N, K, D, k, static_cast<float>(2.0 / temperature),
+      gl.data_ptr<float>(), gh.data_ptr<float>(), gc.data_ptr<float>(), grad_z.data_ptr<float>(),
+      row_scratch.data_ptr<float>(), grad_e.data_ptr<float>(), N, K, D, k, static_cast<float>(2.0 / temperature),
       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "entropy_backward (cuda): ", cudaGetErrorString(err));
   return {grad_z.to(zn.scalar_type()), grad_e.to(en.scalar_type())};

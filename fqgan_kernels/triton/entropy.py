@@ -6,7 +6,7 @@ Dots use ``input_precision="ieee"``: at T = 0.01 a TF32 dot would move the logit
 
 * ``_entropy_rows_fwd_kernel``  program (row block, sub-codebook): online log-sum-exp -> lse, H.
 * ``_entropy_colsum_kernel``    program (code block, sub-codebook), rows swept: S_j.
-* ``_entropy_rows_bwd_kernel``  program (row block, sub-codebook): s, A, B -> dL/dz and beta.
+* ``_entropy_rows_bwd_kernel``  program (row block, sub-codebook): W, Q, A, B -> dL/dz, beta, 1/W.
 * ``_entropy_grad_e_kernel``    program (code block, sub-codebook), rows swept: dL/de.
 Each output element is written by exactly one program: no atomics, deterministic.
 
@@ -89,8 +89,8 @@ def _entropy_colsum_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, COL_ptr, N, K, D,
 
 
 @triton.jit
-def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, ENT_ptr, GLSE_ptr, GENT_ptr, GCOL_ptr,
-                             GZ_ptr, BETA_ptr, N, K, D, NUM_CB, two_over_t,
+def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GLSE_ptr, GENT_ptr, GCOL_ptr,
+                             GZ_ptr, BETA_ptr, INVW_ptr, N, K, D, NUM_CB, two_over_t,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -102,7 +102,8 @@ def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, ENT_ptr, GLSE_ptr, 
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
     lse = tl.load(LSE_ptr + i * N + rows, mask=rmask, other=0.0)
     w = tl.load(GENT_ptr + i * N + rows, mask=rmask, other=0.0)
-    s = tl.zeros((BLOCK_N,), tl.float32)
+    sw = tl.zeros((BLOCK_N,), tl.float32)
+    sq = tl.zeros((BLOCK_N,), tl.float32)
     acc_a = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     acc_b = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -116,20 +117,24 @@ def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, ENT_ptr, GLSE_ptr, 
         lp = tl.where(cmask[None, :], lp, 0.0)
         p = tl.where(cmask[None, :], tl.exp(lp), 0.0)
         q = p * (c[None, :] - w[:, None] * lp)
-        s += tl.sum(p * c[None, :], axis=1)
+        sw += tl.sum(p, axis=1)
+        sq += tl.sum(q, axis=1)
         acc_a += tl.dot(q, e, input_precision="ieee")
         acc_b += tl.dot(p, e, input_precision="ieee")
+    # renormalised by W = sum_j p (fqgan_kernels/entropy.py, "Rounding")
     u = tl.load(GLSE_ptr + i * N + rows, mask=rmask, other=0.0)
-    h = tl.load(ENT_ptr + i * N + rows, mask=rmask, other=0.0)
-    beta = u - w * h - s
-    gz = two_over_t * (acc_a + beta[:, None] * acc_b)
+    sw = tl.where(rmask, sw, 1.0)  # padding rows: keep them finite
+    inv_w = 1.0 / sw
+    beta = u - sq * inv_w
+    gz = (two_over_t * inv_w)[:, None] * (acc_a + beta[:, None] * acc_b)
     tl.store(GZ_ptr + rows[:, None].to(tl.int64) * NUM_CB * D + i * D + dd[None, :], gz,
              mask=rmask[:, None] & dmask[None, :])
     tl.store(BETA_ptr + i * N + rows, beta, mask=rmask)
+    tl.store(INVW_ptr + i * N + rows, inv_w, mask=rmask)
 
 
 @triton.jit
-def _entropy_grad_e_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GENT_ptr, GCOL_ptr, BETA_ptr, GE_ptr,
+def _entropy_grad_e_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GENT_ptr, GCOL_ptr, BETA_ptr, INVW_ptr, GE_ptr,
                            N, K, D, two_over_t,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_k = tl.program_id(0)
@@ -152,10 +157,11 @@ def _entropy_grad_e_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GENT_ptr, GCOL_ptr, B
         lse = tl.load(LSE_ptr + i * N + rows, mask=rmask, other=0.0)
         w = tl.load(GENT_ptr + i * N + rows, mask=rmask, other=0.0)
         beta = tl.load(BETA_ptr + i * N + rows, mask=rmask, other=0.0)
+        inv_w = tl.load(INVW_ptr + i * N + rows, mask=rmask, other=0.0)
         valid = rmask[:, None] & cmask[None, :]
         lp = tl.where(valid, tl.dot(z, tl.trans(e), input_precision="ieee") + eb[None, :] - lse[:, None], 0.0)
         p = tl.where(valid, tl.exp(lp), 0.0)
-        g = p * (c[None, :] - w[:, None] * lp + beta[:, None])
+        g = (p * inv_w[:, None]) * (c[None, :] - w[:, None] * lp + beta[:, None])
         acc_g += tl.sum(g, axis=0)
         acc_gz += tl.dot(tl.trans(g), z, input_precision="ieee")
     ge = acc_gz - two_over_t * e * acc_g[:, None]
@@ -226,16 +232,17 @@ def entropy_backward(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse:
     N, k, D = zn.shape
     K = en.shape[1]
     zs, e, eb, block_d = _prepare(zn, en, temperature)
-    lse, ent, grad_lse, grad_ent, grad_colsum = (t.float().contiguous()
-                                                 for t in (lse, ent, grad_lse, grad_ent, grad_colsum))
+    # H (ent) is not needed: the backward renormalises p itself (fqgan_kernels/entropy.py, "Rounding").
+    lse, grad_lse, grad_ent, grad_colsum = (t.float().contiguous() for t in (lse, grad_lse, grad_ent, grad_colsum))
     grad_z = torch.empty(N, k, D, device=zn.device, dtype=torch.float32)
     grad_e = torch.zeros(k, K, D, device=zn.device, dtype=torch.float32)
     beta = torch.empty(k, N, device=zn.device, dtype=torch.float32)
     if N == 0:
         return grad_z.to(zn.dtype), grad_e.to(en.dtype)
     two_over_t = 2.0 / temperature
-    _launch("rows_bwd", True, N, K, k, (zs, e, eb, lse, ent, grad_lse, grad_ent, grad_colsum, grad_z, beta,
+    inv_w = torch.empty_like(beta)
+    _launch("rows_bwd", True, N, K, k, (zs, e, eb, lse, grad_lse, grad_ent, grad_colsum, grad_z, beta, inv_w,
                                         N, K, D, k, two_over_t), block_d)
-    _launch("grad_e", False, N, K, k, (zs, e, eb, lse, grad_ent, grad_colsum, beta, grad_e, N, K, D, two_over_t),
-            block_d)
+    _launch("grad_e", False, N, K, k, (zs, e, eb, lse, grad_ent, grad_colsum, beta, inv_w, grad_e, N, K, D,
+                                       two_over_t), block_d)
     return grad_z.to(zn.dtype), grad_e.to(en.dtype)
