@@ -5,7 +5,8 @@
 * Plain ``pip install -e .`` (build isolation: torch is not importable here) installs the Python
   package only; the C++ kernels then compile on first use with ninja (see fqgan_kernels/_ext.py).
 
-Switches: ``FQGAN_USE_CPP=0``, ``FQGAN_USE_CUDA=0``, ``DEBUG=1``, ``TORCH_CUDA_ARCH_LIST``.
+Switches: ``FQGAN_USE_CPP=0``, ``FQGAN_USE_CUDA=0``, ``FQGAN_CUDA_ONLY=1``, ``DEBUG=1``,
+``TORCH_CUDA_ARCH_LIST`` (see fqgan_kernels/_build.py).
 """
 
 import importlib.util
@@ -40,15 +41,17 @@ def extensions():
     include_dirs = [build.CSRC]
     # The digest lets the package notice a prebuilt module that is older than the sources.
     cpu_define = f"-DFQGAN_SOURCES_DIGEST={build.sources_digest(build.cpu_sources(), build.cpu_cflags())}"
-    exts = [
-        CppExtension(
-            build.CPU_EXT_NAME,
-            rel(build.cpu_sources()),
-            include_dirs=include_dirs,
-            extra_compile_args=[*build.cpu_cflags(), cpu_define],
-            extra_link_args=build.cpu_ldflags(),
+    exts = []
+    if not build.env_flag("FQGAN_CUDA_ONLY", default=False):
+        exts.append(
+            CppExtension(
+                build.CPU_EXT_NAME,
+                rel(build.cpu_sources()),
+                include_dirs=include_dirs,
+                extra_compile_args=[*build.cpu_cflags(), cpu_define],
+                extra_link_args=build.cpu_ldflags(),
+            )
         )
-    ]
     use_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and build.env_flag("FQGAN_USE_CUDA")
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCHS)

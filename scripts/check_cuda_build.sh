@@ -56,7 +56,8 @@ CU_INC="$SITE/nvidia/cu13/include"
 export CPATH="$CU_INC${CPATH:+:$CPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export FQGAN_USE_CUDA=1 FQGAN_USE_CPP=1
+# The CPU extension is built and tested by the other CI steps: build only the CUDA one here.
+export FQGAN_USE_CUDA=1 FQGAN_USE_CPP=1 FQGAN_CUDA_ONLY=1
 
 # 2. A fresh copy of the working tree; the ninja build folder of the last run is kept. One run at a
 #    time per build folder (a second run would delete the sources under the first one's compiler).

@@ -11,7 +11,7 @@
 // Low-precision inputs are converted to float32 per head (weight) and per chunk (hidden): on CPUs
 // without native bf16 GEMMs the float32 MKL GEMM is both faster and exact in its accumulation.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>

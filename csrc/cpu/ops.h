@@ -3,7 +3,7 @@
 // (fqgan_kernels/<op>.py); the schema of every op lives there, in torch.library.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <tuple>
 

@@ -6,7 +6,7 @@
 // (uncond + cfg * (cond - uncond), then / T), exp in float32, every sum over V in float64.
 // Memory: per row in flight, V uint32 keys + V float32 exps (128 KiB at V = 16384).
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>

@@ -4,7 +4,7 @@
 // backward (no reduction: every row writes its own grad_z and grad_codes).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>

@@ -5,7 +5,7 @@
 // fqgan_kernels/linear_cross_entropy.py; the CPU twin is csrc/cpu/linear_cross_entropy.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 

@@ -3,7 +3,7 @@
 // The schema of every op lives in Python (torch.library in fqgan_kernels/<op>.py).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <tuple>
 

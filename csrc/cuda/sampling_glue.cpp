@@ -2,7 +2,7 @@
 // around the plain launcher of sampling.cu. Declared in cuda/ops.h, bound in bindings_cuda.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include "cuda/ops.h"
 #include "cuda/sampling.cuh"
