@@ -50,6 +50,22 @@ def same_device(*named: tuple[str, Tensor]) -> None:
             raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
 
 
+def float_tensors(*specs: tuple[str, object, int, str]) -> None:
+    """For each ``(name, x, ndim, layout)``: a tensor, of rank ``ndim``, of a float dtype; then all of
+    one dtype and on one device (the first names the others' mismatch)."""
+    for name, x, _, _ in specs:
+        tensor(x, name)
+    for name, x, ndim, layout in specs:
+        rank(x, name, ndim, layout)
+    for name, x, _, _ in specs:
+        float_dtype(x, name)
+    first_name, first = specs[0][0], specs[0][1]
+    for name, x, _, _ in specs[1:]:
+        if x.dtype != first.dtype:
+            raise TypeError(f"{first_name} ({first.dtype}) and {name} ({x.dtype}) must have the same dtype")
+    same_device(*((name, x) for name, x, _, _ in specs))
+
+
 def finite_rows_many(*named: tuple[str, Tensor, int]) -> None:
     """:func:`finite_rows` for several ``(name, tensor, row_dims)`` with one device sync when all
     are finite (the common case); the detailed per-tensor message only on failure."""

@@ -114,15 +114,7 @@ torch.library.register_autograd("fqgan::nearest_code", _backward, setup_context=
 
 def validate(z: Tensor, codebooks: Tensor) -> None:
     """The checks of :func:`nearest_code`, shared with the quantizer."""
-    _validate.tensor(z, "z")
-    _validate.tensor(codebooks, "codebooks")
-    _validate.rank(z, "z", 3, "[N, k, D]")
-    _validate.rank(codebooks, "codebooks", 3, "[k, K, D]")
-    _validate.float_dtype(z, "z")
-    _validate.float_dtype(codebooks, "codebooks")
-    if z.dtype != codebooks.dtype:
-        raise TypeError(f"z ({z.dtype}) and codebooks ({codebooks.dtype}) must have the same dtype")
-    _validate.same_device(("z", z), ("codebooks", codebooks))
+    _validate.float_tensors(("z", z, 3, "[N, k, D]"), ("codebooks", codebooks, 3, "[k, K, D]"))
     k, K, D = codebooks.shape
     if k == 0 or D == 0:
         raise ValueError(f"codebooks must have k >= 1 and D >= 1, got shape {tuple(codebooks.shape)}")

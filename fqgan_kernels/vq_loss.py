@@ -212,15 +212,7 @@ def _weight(name: str, value: object) -> float:
 
 def validate(z: object, codes: object) -> None:
     """The checks of :func:`vq_losses`."""
-    _validate.tensor(z, "z")
-    _validate.tensor(codes, "codes")
-    _validate.rank(z, "z", 3, "[N, k, D]")
-    _validate.rank(codes, "codes", 3, "[N, k, D]")
-    _validate.float_dtype(z, "z")
-    _validate.float_dtype(codes, "codes")
-    if z.dtype != codes.dtype:
-        raise TypeError(f"z ({z.dtype}) and codes ({codes.dtype}) must have the same dtype")
-    _validate.same_device(("z", z), ("codes", codes))
+    _validate.float_tensors(("z", z, 3, "[N, k, D]"), ("codes", codes, 3, "[N, k, D]"))
     if z.shape != codes.shape:
         raise ValueError(f"z has shape {tuple(z.shape)} but codes has shape {tuple(codes.shape)}; "
                          "both must be [N, k, D]")
