@@ -1,6 +1,8 @@
 """linear_cross_entropy, forward + backward (grads for hidden and weight) over k heads: reference
 eager, torch.compile(reference), the fused CPU kernel, cut-cross-entropy's ``torch_compile``
-implementation (a peer, one call per head) and on GPU the Triton and CUDA kernels.
+implementation (a peer, one call per head) and on GPU the Triton and CUDA kernels, with
+Liger-Kernel's fused linear cross-entropy and cut-cross-entropy's Triton ``cce`` as GPU peers
+where they import.
 
 GFLOP/s counts the three GEMMs, ``6 k N V H``. ``peak_extra_MiB`` is the peak memory one
 forward + backward needs beyond its inputs (it includes the returned gradients, k (N + V) H
@@ -21,6 +23,7 @@ import fqgan_kernels as fk
 from fqgan_kernels import reference as ref
 
 HAS_CCE = importlib.util.find_spec("cut_cross_entropy") is not None
+HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 # (k, N, H, V, dtype)
 FULL_SHAPES = [(1, 4096, 1024, 16384, torch.float32)] + [
@@ -65,10 +68,17 @@ def run(benchmark, loss_fn, shape, device="cpu"):
     step()  # warm-up: compiles, loads extensions, creates thread pools
     peak = peak_extra_bytes(step, device)
     benchmark.group = f"linear_cross_entropy fwd+bwd {_id(shape)} {device}"
-    benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
+    # seconds per call on the CPU: one round; tens of milliseconds on a GPU: several
+    rounds = 5 if device == "cuda" and not benchmark.disabled else 1
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     grads_bytes = k * (n + v) * h * hidden.element_size()
     record(benchmark, flops=6.0 * k * n * v * h, peak_bytes=peak, threads=torch.get_num_threads(),
            peak_extra_minus_grads_MiB=round((peak - grads_bytes) / 2**20, 2))
+
+
+def _per_head(fn):
+    """A single-head loss applied to each head, averaged over heads as the others."""
+    return lambda x, w, t: torch.stack([fn(x[i], w[i], t[i]) for i in range(x.shape[0])]).mean()
 
 
 def test_reference_eager(benchmark, shape):
@@ -93,17 +103,26 @@ def test_cce_torch_compile(benchmark, shape):
 
     torch._dynamo.reset()
 
-    def loss_fn(x, w, t):
-        return torch.stack([cce(x[i], w[i], t[i], impl="torch_compile") for i in range(x.shape[0])]).mean()
-
-    run(benchmark, loss_fn, shape)
+    run(benchmark, _per_head(lambda x, w, t: cce(x, w, t, impl="torch_compile")), shape)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["reference", "cuda", "triton"])
+@pytest.mark.parametrize("provider", ["reference", "cuda", "triton", "liger", "cce"])
 def test_gpu(benchmark, shape, provider):
     if provider == "reference":
         fn = lambda x, w, t: ref.linear_cross_entropy(x, w, t).loss
+    elif provider == "liger":
+        if not HAS_LIGER:
+            pytest.skip("liger-kernel not installed")
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        fn = _per_head(liger_fused_linear_cross_entropy)
+    elif provider == "cce":
+        if not HAS_CCE:
+            pytest.skip("cut-cross-entropy not installed")
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        fn = _per_head(lambda x, w, t: cce(x, w, t, impl="cce"))
     else:
         fn = lambda x, w, t: fk.linear_cross_entropy(x, w, t, backend=provider).loss
     run(benchmark, fn, shape, device="cuda")

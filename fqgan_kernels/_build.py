@@ -53,7 +53,8 @@ def cuda_sources() -> list[str]:
 
 
 def headers() -> list[str]:
-    return sorted(glob.glob(os.path.join(CSRC, "**", "*.h"), recursive=True))
+    """Every header under csrc/ (C++ ``.h`` and CUDA ``.cuh``): part of the sources digest."""
+    return sorted(p for ext in ("h", "cuh") for p in glob.glob(os.path.join(CSRC, "**", f"*.{ext}"), recursive=True))
 
 
 def cxx_std() -> str:

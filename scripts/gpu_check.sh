@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # GPU check for a machine with a CUDA GPU (the H200 test machine: torch 2.11 + CUDA 13.0, its own
 # Triton, nvcc and ninja, no network; one call of at most 10 minutes). Builds the extension in place
-# (--no-build-isolation: nothing is downloaded), prints fk.backends(), runs `pytest -m cuda` and the
-# GPU benchmarks, and prints a compact benchmark table last. Logs (and the benchmark JSON) go to
-# $OUT when it is set, else to a temp folder. Every step runs even if an earlier one failed; the
-# exit status is non-zero if any did.
+# (nothing is downloaded) unless prebuilt modules for this Python and these sources are already in
+# fqgan_kernels/, prints fk.backends(), runs `pytest -m cuda` (in parallel with pytest-xdist when it
+# is installed: Triton's compiles are CPU-bound) and the GPU benchmarks, and prints a compact
+# benchmark table last. Wheels in .whl/ (peers such as liger-kernel, cut-cross-entropy) are
+# installed into a temporary folder first. Logs (and the benchmark JSON) go to $OUT when it is set,
+# else to a temp folder. Every step runs even if an earlier one failed; the exit status is non-zero
+# if any did.
 #   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (s): per-step limits (default 180 / 150; the build gets 240).
+#   GPU_CHECK_TESTS=0 / GPU_CHECK_BENCH=0: skip a step; GPU_CHECK_BENCH_K: a -k filter for the benchmarks.
 #   Extra arguments go to the test step's pytest (e.g. -k nearest_code).
 set -euo pipefail
 
@@ -41,20 +45,63 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD with its output in $LOGS/NAME.l
   command -v nvcc >/dev/null && nvcc --version | tail -n 1 || echo "nvcc: not found"
 } 2>&1 | tee "$LOGS/env.log"
 
-# 1. Build in place (CPU + CUDA extensions), no network.
-step build 240 "$PY" setup.py build_ext --inplace
+# 0. Carried wheels (no network there): into a temporary folder on PYTHONPATH.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  SITE="$(mktemp -d -t fqgan_site.XXXXXX)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$SITE" && echo "installed: $(ls .whl | tr '\n' ' ')"
+fi
+
+# torch's CUDA headers include cusparse.h etc.; a toolkit without them needs the venv's nvidia wheel headers.
+CU_INC="$("$PY" - <<'PYEOF' 2>/dev/null || true
+import glob, os, site
+from torch.utils.cpp_extension import CUDA_HOME
+if CUDA_HOME and not os.path.exists(os.path.join(CUDA_HOME, "include", "cusparse.h")):
+    for d in site.getsitepackages():
+        hits = sorted(glob.glob(os.path.join(d, "nvidia", "cu*", "include")))
+        if hits:
+            print(hits[0])
+            break
+PYEOF
+)"
+[[ -n "$CU_INC" ]] && export CPATH="$CU_INC${CPATH:+:$CPATH}" && echo "CPATH += $CU_INC"
+
+# 1. Build in place (CPU + CUDA extensions), no network; skipped when prebuilt modules match the sources.
+if "$PY" - <<'PYEOF'
+import importlib, sys
+from fqgan_kernels import _build, _ext
+for kind, name in (("cpu", _build.CPU_EXT_NAME), ("cuda", _build.CUDA_EXT_NAME)):
+    try:
+        built = importlib.import_module(name).sources_digest()
+    except Exception as e:
+        sys.exit(f"build needed: {name}: {e}")
+    if built != _ext._digest(kind):
+        sys.exit(f"build needed: {name} is stale")
+print("prebuilt extensions match the sources: no build")
+PYEOF
+then :; else
+  step build 240 "$PY" setup.py build_ext --inplace
+fi
 ls fqgan_kernels/_C*.so 2>/dev/null || echo "no compiled modules in fqgan_kernels/"
 
-# 2. What the package sees.
+# 2. What the package sees, and the card's measured ceilings (copy bandwidth, mm rates).
 step backends 60 "$PY" -c 'import fqgan_kernels as f; print(f.backends())'
+step ceilings 60 "$PY" scripts/gpu_ceilings.py
 
 # 3. GPU tests.
-step tests "${GPU_CHECK_TEST_TIMEOUT:-180}" "$PY" -m pytest -m cuda -q -p no:cacheprovider tests/ "$@"
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n "${GPU_CHECK_WORKERS:-8}")
+if [[ "${GPU_CHECK_TESTS:-1}" != 0 ]]; then
+  step tests "${GPU_CHECK_TEST_TIMEOUT:-180}" "$PY" -m pytest -m cuda -q -p no:cacheprovider --tb=short -rfE \
+    "${XDIST[@]}" tests/ "$@"
+fi
 
 # 4. GPU benchmarks (autotuned Triton), JSON kept for the table.
-step bench "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$PY" -m pytest benchmarks/ --benchmark-only -m cuda -q \
-  -p no:cacheprovider --benchmark-columns=min,median,mean --benchmark-sort=name \
-  --benchmark-json="$LOGS/bench.json"
+if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
+  step bench "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$PY" -m pytest benchmarks/ --benchmark-only -m cuda -q \
+    -p no:cacheprovider --benchmark-columns=min,median,mean --benchmark-sort=name \
+    ${GPU_CHECK_BENCH_K:+-k "$GPU_CHECK_BENCH_K"} --benchmark-json="$LOGS/bench.json"
+fi
 
 # 5. Summary and the compact table, last.
 echo
@@ -64,20 +111,21 @@ for name in "${ORDER[@]}"; do
   echo "  $name: ${STATUS[$name]}"
   [[ "${STATUS[$name]}" == rc=0* ]] || failed=1
 done
-grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 1 | sed 's/^/  tests: /' || true
+grep -E "passed|failed|error" "$LOGS/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/  tests: /' || true
 "$PY" - "$LOGS/bench.json" <<'PYEOF' || echo "  (no benchmark table: see $LOGS/bench.log)"
 import json, sys
 data = json.load(open(sys.argv[1]))["benchmarks"]
 rows = []
 for b in sorted(data, key=lambda b: (b.get("group") or "", b["name"])):
     s, x = b["stats"], b.get("extra_info", {})
-    gf = x.get("gflops") or x.get("GFLOP/s") or x.get("gflop_per_s")
+    gf, peak = x.get("GFLOP/s"), x.get("peak_extra_MiB")
     rows.append((b.get("group") or "", b["name"], s["min"] * 1e3, s["median"] * 1e3,
-                 f"{gf:.0f}" if isinstance(gf, (int, float)) else "-"))
+                 f"{gf:.0f}" if isinstance(gf, (int, float)) else "-",
+                 f"{peak:.0f}" if isinstance(peak, (int, float)) else "-"))
 w = max([len(r[0]) for r in rows] + [5])
 n = max([len(r[1]) for r in rows] + [4])
-print(f"{'group':<{w}}  {'name':<{n}}  {'min ms':>9}  {'median ms':>9}  {'GFLOP/s':>8}")
-for g, name, mn, md, gf in rows:
-    print(f"{g:<{w}}  {name:<{n}}  {mn:9.3f}  {md:9.3f}  {gf:>8}")
+print(f"{'group':<{w}}  {'name':<{n}}  {'min ms':>9}  {'median ms':>9}  {'GFLOP/s':>8}  {'peak MiB':>8}")
+for g, name, mn, md, gf, peak in rows:
+    print(f"{g:<{w}}  {name:<{n}}  {mn:9.3f}  {md:9.3f}  {gf:>8}  {peak:>8}")
 PYEOF
 exit $failed

@@ -33,20 +33,21 @@ def make(N, K, D, k, dtype=torch.float32, scale=1.0):
     return z, e
 
 
-def loss_and_grads(fn, z, e, weights):
-    z = z.detach().clone().requires_grad_()
-    e = e.detach().clone().requires_grad_()
+def loss_and_grads(fn, z, e, weights, device="cpu"):
+    z = z.detach().to(device, copy=True).requires_grad_()
+    e = e.detach().to(device, copy=True).requires_grad_()
     loss = fn(z, e)
-    (loss.double() * weights).sum().backward()
-    return loss.detach(), z.grad, e.grad
+    (loss.double() * weights.to(device)).sum().backward()
+    return loss.detach().cpu(), z.grad.cpu(), e.grad.cpu()
 
 
-def check(backend, z, e, temperature, l2, skip=()):
-    """Value and both gradients vs the float64 reference, no worse than eager in z's dtype."""
+def check(backend, z, e, temperature, l2, skip=(), device="cpu"):
+    """Value and both gradients vs the float64 reference (on the CPU), no worse than eager in z's
+    dtype on ``device``."""
     w = torch.rand(e.shape[0], dtype=torch.float64) + 0.5  # a different weight per sub-codebook
     truth = loss_and_grads(lambda a, b: ref.entropy_loss(a.double(), b.double(), temperature, l2), z, e, w)
-    eager = loss_and_grads(lambda a, b: ref.entropy_loss(a, b, temperature, l2), z, e, w)
-    mine = loss_and_grads(lambda a, b: fk.entropy_loss(a, b, temperature, l2, backend=backend), z, e, w)
+    eager = loss_and_grads(lambda a, b: ref.entropy_loss(a, b, temperature, l2), z, e, w, device)
+    mine = loss_and_grads(lambda a, b: fk.entropy_loss(a, b, temperature, l2, backend=backend), z, e, w, device)
     rtol, atol = TOLERANCES[z.dtype]
     # Conditioning: rounding moves each logit by ~eps * max|a_nj|, and max|a_nj| reaches hundreds
     # (normalised, T = 0.01) or thousands (raw inputs): the relative tolerance scales with it.
@@ -122,6 +123,65 @@ def test_all_equal_distance_rows(backend):
 
 def test_triton_all_equal_rows(triton_available):
     check_equal_distance_rows("triton", 9, 40)
+
+
+# -- GPU: the CUDA and the compiled Triton kernels at real sizes ---------------------------------
+GPU_SHAPES = [(1, 1, 8, 1), (17, 7, 3, 2), (33, 513, 5, 3), (300, 1000, 8, 4), (1000, 4099, 8, 2), REAL]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("N,K,D,k", GPU_SHAPES)
+@pytest.mark.parametrize("l2,temperature", [(True, 0.01), (False, 1.0)], ids=["l2-T0.01", "raw-T1"])
+def test_gpu_matches_reference(backend, N, K, D, k, l2, temperature):
+    check(backend, *make(N, K, D, k), temperature, l2, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_low_precision(backend, dtype):
+    check(backend, *make(*REAL, dtype=dtype), 0.01, True, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_all_equal_distance_rows(backend):
+    for on_code in (False, True):
+        check(backend, *equal_distance_inputs(40, 600, on_code=on_code), 0.01, False, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_opcheck_and_determinism(backend):
+    N, K, D, k = (300, 1000, 8, 2)
+    zn = ref.l2_normalize(torch.randn(N, k, D, device="cuda")).requires_grad_()
+    en = ref.l2_normalize(torch.randn(k, K, D, device="cuda")).requires_grad_()
+    torch.library.opcheck(torch.ops.fqgan.entropy_stats.default, (zn, en, 0.05, backend))
+    z, e = make(N, K, D, k)
+    grads = [loss_and_grads(lambda a, b: fk.entropy_loss(a, b, backend=backend), z, e, torch.ones(k), "cuda")
+             for _ in range(2)]
+    for x, y in zip(*grads):
+        assert torch.equal(x, y), "the backward is not deterministic"
+
+
+@pytest.mark.cuda
+def test_gpu_memory_is_not_n_by_k():
+    """N = 65536, K = 16384, k = 3, forward + backward on the GPU: one N x K float32 buffer is 4 GiB;
+    the streaming kernels need O((N + K) k) beyond the inputs and gradients."""
+    z = torch.randn(65536, 3, 8, device="cuda", requires_grad=True)
+    e = torch.randn(3, 16384, 8, device="cuda", requires_grad=True)
+    for backend in ("cuda", "triton"):
+        fk.entropy_loss(z[:64], e, backend=backend).sum().backward()  # compile, autotune
+        z.grad = e.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fk.entropy_loss(z, e, backend=backend).sum().backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+        z.grad = e.grad = None
+        assert extra < 64 * 2**20, f"{backend}: peak extra {extra / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("l2", [True, False])
