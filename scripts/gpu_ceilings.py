@@ -27,17 +27,24 @@ def main() -> None:
         raise SystemExit("no CUDA GPU")
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB")
-    src = torch.randn(2**30 // 4 * 2, device="cuda")  # 2 GiB
+    copy_bandwidth(2 * 2**30)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype in (torch.bfloat16, torch.float32):
+        mm_rate(8192, dtype)
+
+
+def copy_bandwidth(nbytes: int) -> None:
+    src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src))
-    print(f"copy 2 GiB: {ms:.3f} ms = {2 * src.numel() * 4 / ms / 1e9:.0f} GB/s (read + write)")
-    del src, dst
-    torch.backends.cuda.matmul.allow_tf32 = False
-    for dtype, n in ((torch.bfloat16, 8192), (torch.float32, 8192)):
-        a = torch.randn(n, n, device="cuda", dtype=dtype)
-        b = torch.randn(n, n, device="cuda", dtype=dtype)
-        ms = _median_ms(lambda: a @ b, reps=10)
-        print(f"mm {n}^3 {str(dtype).replace('torch.', '')}: {ms:.3f} ms = {2 * n**3 / ms / 1e9:.0f} TFLOP/s")
+    print(f"copy {nbytes / 2**30:.0f} GiB: {ms:.3f} ms = {2 * nbytes / ms / 1e6:.0f} GB/s (read + write)")
+
+
+def mm_rate(n: int, dtype: torch.dtype) -> None:
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = _median_ms(lambda: a @ b, reps=10)
+    print(f"mm {n}^3 {str(dtype).replace('torch.', '')}: {ms:.3f} ms = {2 * n**3 / ms / 1e9:.0f} TFLOP/s")
 
 
 if __name__ == "__main__":

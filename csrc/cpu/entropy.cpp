@@ -23,39 +23,13 @@
 #include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/simd.h"
 
 namespace fqgan::cpu {
 namespace {
 
 constexpr int64_t CH = 512;  // codes per chunk: a, p, q buffers of 2 KiB each stay in L1
 constexpr int64_t RB = 32;   // rows per task in the row sweeps (the codebook chunk is reused across them)
-
-// exp(x) for x <= ~88, ~2 ulp (Cephes expf polynomial). Results below 2^-126 are flushed to 0 with an
-// integer mask: float compares/clamps would keep GCC from vectorising loops that store (it will not
-// if-convert them under the default -ftrapping-math). Callers only pass x = a - max or a - lse <= ~0.
-__attribute__((always_inline)) inline float fexp(float x) {
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  int32_t ni = static_cast<int32_t>(n);
-  const int32_t keep = -static_cast<int32_t>(ni >= -126);
-  ni = ni < -126 ? -126 : ni;
-  const int32_t bits = (ni + 127) << 23;
-  float scale, v;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  v = y * scale;
-  int32_t vb;
-  std::memcpy(&vb, &v, sizeof(vb));
-  vb &= keep;
-  std::memcpy(&v, &vb, sizeof(v));
-  return v;
-}
 
 struct Ctx {
   int64_t N, k, K, D;
@@ -132,7 +106,7 @@ __attribute__((always_inline)) inline void rows_fwd_body(const Ctx& c, int64_t i
 #pragma omp simd reduction(+ : l, t)
       for (int64_t j = 0; j < m; ++j) {
         const float x = a[j] - mr;
-        const float ex = fexp(x);
+        const float ex = simd::fexp(x);
         l += ex;
         t += ex * x;
       }
@@ -157,7 +131,7 @@ __attribute__((always_inline)) inline void colsum_body(const Ctx& c, int64_t i, 
     logits_chunk<DC>(c, i, c.zs + (i * c.N + n) * (DC > 0 ? DC : c.D), j0, m, a);
     const float L = c.lse[i * c.N + n];
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) acc[j] += fexp(a[j] - L);
+    for (int64_t j = 0; j < m; ++j) acc[j] += simd::fexp(a[j] - L);
   }
   std::memcpy(c.colsum + i * c.K + j0, acc, m * sizeof(float));
 }
@@ -182,7 +156,7 @@ __attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i
 #pragma omp simd reduction(+ : sw, sq)
       for (int64_t j = 0; j < m; ++j) {
         const float lp = a[j] - L;
-        const float p = fexp(lp);
+        const float p = simd::fexp(lp);
         const float qj = p * (cj[j0 + j] - w * lp);
         sw += p;
         sq += qj;
@@ -234,7 +208,7 @@ __attribute__((always_inline)) inline void grad_e_body(const Ctx& c, int64_t i, 
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) {
       const float lp = a[j] - L;
-      const float g = fexp(lp) * iw * (cj[j] - w * lp + b);
+      const float g = simd::fexp(lp) * iw * (cj[j] - w * lp + b);
       gs[j] += g;
       a[j] = g;
     }

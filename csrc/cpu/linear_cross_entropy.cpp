@@ -21,32 +21,16 @@
 #include <type_traits>
 
 #include "cpu/ops.h"
+#include "cpu/simd.h"
 
 namespace fqgan::cpu {
 namespace {
 
 constexpr int64_t kChunkBytes = int64_t(16) << 20;
 
-// exp(x) for x <= 0 (arguments are z - max), Cephes-style: 2^n * p(r), |r| <= ln2/2, ~2 ulp.
-// Pure arithmetic and bit casts, so the row loops below auto-vectorise (no libmvec needed).
-// Inputs below -87 are clamped: exp(-87) ~ 1.6e-38 is 0 next to the row's sum (>= 1).
-__attribute__((always_inline)) inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
+// exp(x) for x <= 0 (arguments are z - max): the vectorisable polynomial of cpu/simd.h for float
+// (inputs below about -87 give 0, which is 0 next to the row's sum >= 1), std::exp for double.
+__attribute__((always_inline)) inline float exp_nonpos(float x) { return simd::fexp(x); }
 __attribute__((always_inline)) inline double exp_nonpos(double x) { return std::exp(x); }
 
 struct RowArgs {

@@ -3,7 +3,9 @@
 // fqgan_kernels/sampling.py; the reference is fqgan_kernels/reference.py::sample.
 //
 // Precision: the guided logits are formed in float32 with the reference's operation order
-// (uncond + cfg * (cond - uncond), then / T), exp in float32, every sum over V in float64.
+// (uncond + cfg * (cond - uncond), then / T), exp in float32 (the vectorisable polynomial of
+// cpu/simd.h, ~2 ulp), every sum over V in float64. The per-row body is compiled twice (default
+// x86-64 and AVX2+FMA) and picked at run time, so its passes over V vectorise.
 // Memory: per row in flight, V uint32 keys + V float32 exps (128 KiB at V = 16384).
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "cpu/ops.h"
+#include "cpu/simd.h"
 
 namespace fqgan::cpu {
 namespace {
@@ -86,67 +89,137 @@ uint32_t crossing_key(const uint32_t* key, const float* e, int64_t V, double P) 
   return prefix;
 }
 
+// Index of the first token whose inclusive cumulative mass exceeds target, over e[j0, V) with the mass
+// before j0 equal to cum: the inverse-CDF draw when every token with e > 0 is kept. Whole blocks are
+// skipped with a vectorised float64 sum; the block that crosses is scanned in order. If rounding keeps
+// the in-order scan from crossing where the block sum did, it simply goes on. -1 if nothing crosses.
+constexpr int64_t kDrawBlock = 256;
+
+// sum of n floats in float64, 8 fixed lanes (the fixed-width inner loop vectorises; a float64
+// `omp simd` reduction does not with GCC 12), so the result does not depend on the ISA.
+__attribute__((always_inline)) inline double sum_f64(const float* __restrict e, int64_t n) {
+  double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int l = 0; l < 8; ++l) acc[l] += e[j + l];
+  }
+  double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; j < n; ++j) s += e[j];
+  return s;
+}
+
+__attribute__((always_inline)) inline int64_t draw_all_kept(const float* __restrict e, int64_t V, double target) {
+  double cum = 0.0;
+  int64_t j0 = 0;
+  for (; j0 + kDrawBlock <= V; j0 += kDrawBlock) {
+    const double bs = sum_f64(e + j0, kDrawBlock);
+    if (cum + bs > target) break;
+    cum += bs;
+  }
+  for (int64_t j = j0; j < V; ++j) {
+    cum += e[j];
+    if (cum > target) return j;  // only an e[j] > 0 can cross: target >= 0
+  }
+  return -1;
+}
+
 template <typename T>
-int64_t sample_row(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
-  // Pass 1: guided logits (reference op order, float32), keys, max.
+__attribute__((always_inline)) inline int64_t sample_row_body(const T* __restrict cond, const T* __restrict uncond,
+                                                              int64_t V, const RowParams& p, uint32_t* __restrict key,
+                                                              float* __restrict e) {
+  // Pass 1: guided logits (reference op order, float32) into e, their keys, the max.
   float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < V; ++j) {
-    float x = static_cast<float>(cond[j]);
-    if (uncond != nullptr) {
-      const float u = static_cast<float>(uncond[j]);
-      x = u + p.cfg * (x - u);
+  const float cfg = p.cfg, temp = p.temperature;
+  if (uncond != nullptr) {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) {
+      const float c = static_cast<float>(cond[j]), u = static_cast<float>(uncond[j]);
+      const float x = (u + cfg * (c - u)) / temp + 0.0f;  // + 0: -0 -> +0
+      e[j] = x;
+      key[j] = float_key(x);
+      m = m > x ? m : x;
     }
-    x = x / p.temperature + 0.0f;  // + 0: -0 -> +0
-    key[j] = float_key(x);
-    m = std::max(m, x);
+  } else {
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < V; ++j) {
+      const float x = static_cast<float>(cond[j]) / temp + 0.0f;
+      e[j] = x;
+      key[j] = float_key(x);
+      m = m > x ? m : x;
+    }
   }
   // top-k: keep x >= the k-th largest (ties kept).
   uint32_t lo = 0;
   if (p.top_k > 0 && p.top_k < V) lo = kth_largest_key(key, V, p.top_k);
-  // Pass: exps of the survivors and their sum.
-  double S = 0.0;
+  // Pass 2: exps of the survivors (0 for the rest) and their float64 sum.
+  // (Integer masking, and the sum in its own loop: GCC vectorises neither a float select nor a
+  // float64 reduction inside the exp's loop.)
+#pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
-    const float ej = key[j] >= lo ? std::exp(key_float(key[j]) - m) : 0.0f;
-    e[j] = ej;
-    S += ej;
+    const float ex = simd::fexp(e[j] - m);
+    uint32_t bits;
+    std::memcpy(&bits, &ex, sizeof(bits));
+    bits &= 0u - static_cast<uint32_t>(key[j] >= lo);
+    std::memcpy(&e[j], &bits, sizeof(bits));
+  }
+  const double S = sum_f64(e, V);
+  if (!(p.top_p < 1.0f)) {
+    // Inverse-CDF draw in index order over all survivors.
+    const int64_t j = draw_all_kept(e, V, p.u * S);
+    if (j >= 0) return j;
+    for (int64_t i = V - 1; i > 0; --i) {  // rounding put u * S at the very end: the last survivor
+      if (key[i] >= lo) return i;
+    }
+    return 0;
   }
   // top-p: tokens above the crossing value t are kept; of the ties at t, the first n_keep in index order.
-  bool nucleus = p.top_p < 1.0f;
-  uint32_t kc = 0;
-  int64_t n_keep = 0;
-  double S_kept = S;
-  if (nucleus) {
-    const double P = static_cast<double>(p.top_p) * S;
-    kc = crossing_key(key, e, V, P);
-    double above = 0.0;
-    int64_t ties = 0;
-    for (int64_t j = 0; j < V; ++j) {
-      above += key[j] > kc ? static_cast<double>(e[j]) : 0.0;
-      ties += key[j] == kc;
-    }
-    const double et = static_cast<double>(std::exp(key_float(kc) - m));
-    // Tie number r (0-based) is kept iff above + r * et <= P (its mass before, in sorted order).
-    const double r = et > 0.0 ? std::floor((P - above) / et) + 1.0 : 1.0;
-    n_keep = r >= static_cast<double>(ties) ? ties : std::max<int64_t>(1, static_cast<int64_t>(r));
-    S_kept = above + static_cast<double>(n_keep) * et;
+  const double P = static_cast<double>(p.top_p) * S;
+  const uint32_t kc = crossing_key(key, e, V, P);
+  double above = 0.0;
+  int64_t ties = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    above += key[j] > kc ? static_cast<double>(e[j]) : 0.0;
+    ties += key[j] == kc;
   }
-  // Inverse-CDF draw in index order.
+  const double et = static_cast<double>(simd::fexp(key_float(kc) - m));
+  // Tie number r (0-based) is kept iff above + r * et <= P (its mass before, in sorted order).
+  const double r = et > 0.0 ? std::floor((P - above) / et) + 1.0 : 1.0;
+  const int64_t n_keep = r >= static_cast<double>(ties) ? ties : std::max<int64_t>(1, static_cast<int64_t>(r));
+  const double S_kept = above + static_cast<double>(n_keep) * et;
+  // Inverse-CDF draw in index order over the kept tokens.
   const double target = p.u * S_kept;
   double cum = 0.0;
   int64_t rank = 0, last = V - 1;
   for (int64_t j = 0; j < V; ++j) {
-    if (key[j] < lo) continue;
-    bool kept = true;
-    if (nucleus) {
-      if (key[j] == kc) kept = rank++ < n_keep;
-      else kept = key[j] > kc;
-    }
+    const bool kept = key[j] == kc ? rank++ < n_keep : key[j] > kc;
     if (!kept) continue;
     last = j;
     cum += e[j];
     if (cum > target) return j;
   }
   return last;  // only reached when rounding puts u * S_kept at the very end
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+template <typename T>
+__attribute__((target("avx2,fma"))) int64_t sample_row_avx2(const T* cond, const T* uncond, int64_t V,
+                                                              const RowParams& p, uint32_t* key, float* e) {
+  return sample_row_body<T>(cond, uncond, V, p, key, e);
+}
+#endif
+
+template <typename T>
+int64_t sample_row_portable(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
+  return sample_row_body<T>(cond, uncond, V, p, key, e);
+}
+
+template <typename T>
+int64_t sample_row(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2) return sample_row_avx2<T>(cond, uncond, V, p, key, e);
+#endif
+  return sample_row_portable<T>(cond, uncond, V, p, key, e);
 }
 
 template <typename T>

@@ -12,9 +12,13 @@
 // re-includes its kernel section once per ISA). Nothing here runs unless the dispatcher checked the
 // CPU first. Plain C++ `Portable` is the fallback on every architecture; it is written as W = 8
 // scalar loops so that the baseline compiler (SSE2 on x86-64, NEON on aarch64) can vectorise it.
+//
+// fexp(x): a scalar float exp written so that loops calling it auto-vectorise (entropy, linear
+// cross-entropy and sampling use it inside their AVX2-target clones).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define FQGAN_X86 1
@@ -24,6 +28,35 @@
 #endif
 
 namespace fqgan::cpu::simd {
+
+// exp(x) for x <= ~88, ~2 ulp (Cephes expf polynomial). Results below 2^-126 are flushed to 0 with an
+// integer mask: float compares/clamps would keep GCC from vectorising loops that store (it will not
+// if-convert them under the default -ftrapping-math). Callers pass x = a - max or a - lse <= ~0;
+// x = -inf gives 0 (the out-of-range float -> int conversion yields INT_MIN on x86-64 and aarch64,
+// which the mask drops).
+__attribute__((always_inline)) inline float fexp(float x) {
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  int32_t ni = static_cast<int32_t>(n);
+  const int32_t keep = -static_cast<int32_t>(ni >= -126);
+  ni = ni < -126 ? -126 : ni;
+  const int32_t bits = (ni + 127) << 23;
+  float scale, v;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  v = y * scale;
+  int32_t vb;
+  std::memcpy(&vb, &v, sizeof(vb));
+  vb &= keep;
+  std::memcpy(&v, &vb, sizeof(v));
+  return v;
+}
 
 struct Portable {
   static constexpr int W = 8;
