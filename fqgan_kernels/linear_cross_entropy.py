@@ -44,8 +44,9 @@ from .reference import LinearCrossEntropy
 __all__ = ["LinearCrossEntropy", "linear_cross_entropy"]
 
 REDUCTIONS = ("mean", "sum", "none")
-# Rows per chunk of the chunked backends (reference, cpu, cuda); 0 = sized so that a chunk of
-# float32 logits is about 16 MiB. Tests set it small to cross chunk edges on small shapes.
+# Rows per chunk of the chunked backends (reference, cpu, cuda); 0 = each backend's default size
+# (a chunk of float32 logits of about 16 MiB for reference, 32 MiB for cpu, 64 MiB for cuda).
+# Tests set it small to cross chunk edges on small shapes.
 chunk_rows: int = 0
 _CHUNK_BYTES = 16 << 20
 
@@ -232,6 +233,9 @@ def _is_eager(t: Tensor) -> bool:
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, z_loss, compute_grad, backend = inputs
     _, lse, gh, gw, gb = output
+    # lse and the forward's gradients are never differentiated: without this, autograd would hand the
+    # backward a zeros tensor for each of them (k (N + V) H elements, as much as the gradients).
+    ctx.set_materialize_grads(False)
     ctx.precomputed = _forward_grads(_effective_backend(backend, hidden.dtype), reduction, compute_grad)
     ctx.has_bias = bias is not None
     ctx.args = (ignore_index, label_smoothing, reduction, z_loss, backend)
@@ -261,6 +265,8 @@ def _backward(ctx, grad_loss: Tensor, grad_lse, grad_gh, grad_gw, grad_gb):
     ignore_index, label_smoothing, reduction, z_loss, backend = ctx.args
     need_h, need_w, _, need_b = ctx.needs_input_grad[:4]
     nones = (None,) * 6
+    if grad_loss is None:  # only lse or the returned gradients were used downstream: nothing flows back
+        return (None, None, None, None, *nones)
     if ctx.precomputed and ctx.eager_grads is not None:
         gh, gw, gb = ctx.eager_grads
         ctx.eager_grads = None  # a second backward recomputes (below)
@@ -374,7 +380,8 @@ def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targ
     :func:`fqgan_kernels.reference.linear_cross_entropy` -- without allocating the N x V logits.
 
     Extra memory (beyond inputs and the returned gradients), per call: one chunk of logits of
-    ``C x V`` elements -- ``cpu``: float32, ``C = 16 MiB / (4 V)`` rows (256 at V = 16384), 16 MiB;
+    ``C x V`` elements -- ``cpu``: float32, ``C = 32 MiB / (4 V)`` rows (512 at V = 16384), 32 MiB,
+    plus a float32 copy of the chunk's C x H rows;
     ``cuda``: input dtype, 64 MiB; ``reference``: two float32 16 MiB chunks -- plus O(k N) for the lse
     and per-row losses. For bf16/fp16 inputs add one head's weight in float32 and a float32
     grad-weight accumulator (2 x V x H x 4 bytes; ``cuda``: the accumulator and one V x H temporary).
@@ -383,10 +390,11 @@ def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targ
     (k (N + V) H x 4 bytes for bf16/fp16 inputs). With gradients enabled and ``mean``/``sum``, the
     chunked backends compute grad_hidden/grad_weight in the forward and keep them until the backward.
 
-    What runs where: ``cpu`` -- MKL GEMMs via ATen in row chunks plus a fused OpenMP epilogue (lse,
-    loss, dlogits in place); ``cuda`` -- cuBLAS GEMMs via ATen in row chunks plus a fused CUDA
-    epilogue kernel (one block per row: online max/sum-exp, loss, dlogits in place), bf16/fp16 logits
-    chunks read with float32 arithmetic; ``triton`` -- the whole op (blockwise GEMM with online
+    What runs where: ``cpu`` -- MKL GEMMs via ATen in row chunks, the chunk held code-major ([V, C], so
+    that every GEMM is NN or TN) plus a fused OpenMP epilogue (lse, loss, dlogits in place);
+    ``cuda`` -- cuBLAS GEMMs via ATen in row chunks plus a fused CUDA epilogue kernel (one block per
+    row: online max/sum-exp, loss, dlogits in place), bf16/fp16 logits chunks read with float32
+    arithmetic; ``triton`` -- the whole op (blockwise GEMM with online
     log-sum-exp; backward recomputes tiles and accumulates grad_hidden / grad_weight with atomics).
 
     :param hidden: (k, N, H) float32, bfloat16 or float16 (float64 for gradcheck), or a list of k (N, H)

@@ -2,12 +2,19 @@
 // OpenMP epilogue that turns each logits chunk, in place, into per-row loss, lse and dlogits.
 // The maths and the contract are in fqgan_kernels/linear_cross_entropy.py.
 //
-// Per head, per chunk of C rows (C * V * 4 bytes ~ 16 MiB, the only buffer that scales with V):
-//   L = x_chunk @ W^T                (at::mm_out into the reused chunk buffer)
-//   epilogue(L): + bias, lse, loss row, and L <- dlogits = g_n * ((1 + 2 zl lse) p - eps/V - (1-eps) onehot)
-//   grad_hidden[chunk] = L @ W       (at::mm_out straight into the output)
-//   grad_weight      += L^T @ x_chunk (addmm_ into the output, or a float32 accumulator for bf16/fp16)
-//   grad_bias        += column sums of L
+// The chunk is held code-major, LT = logits^T [V, C] (C * V * 4 bytes ~ 32 MiB, the only buffer
+// that scales with V): with W [V, H] row-major every GEMM is then an NN or TN product, which MKL runs
+// at the full torch.mm rate; x_chunk @ W^T (NT) ran at 60-75 % of it on the AVX2 test machine.
+// Per head, per chunk of C rows:
+//   LT = W @ x_chunk^T               (at::mm_out into the reused chunk buffer; x_chunk^T is a C x H copy)
+//   epilogue(LT): + bias, lse, loss, and LT <- dlogits^T = g_n ((1 + 2 zl lse) p - eps/V - (1-eps) onehot)
+//   grad_hidden[chunk] = LT^T @ W    (at::mm_out straight into the output)
+//   grad_weight      += LT @ x_chunk (addmm_ into the output, or a float32 accumulator for bf16/fp16)
+//   grad_bias        += row sums of LT
+// The epilogue splits the chunk's columns (its rows) into one contiguous range per thread; each
+// thread makes three passes down the V codes over its range (max/sum, exp/sum, dlogits), vectorised
+// across the columns, with per-column statistics in L1. Each pass streams the chunk in address order:
+// narrower blocks that walk all V codes each touched one line per 2 KiB page row and thrashed the TLB.
 // Low-precision inputs are converted to float32 per head (weight) and per chunk (hidden): on CPUs
 // without native bf16 GEMMs the float32 MKL GEMM is both faster and exact in its accumulation.
 #include <ATen/Parallel.h>
@@ -26,105 +33,165 @@
 namespace fqgan::cpu {
 namespace {
 
-constexpr int64_t kChunkBytes = int64_t(16) << 20;
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+constexpr int64_t kMaxBlock = 1024;  // most columns per epilogue task (per-column statistics on the stack)
+constexpr int64_t kMinBlock = 16;    // fewest: one 64-byte line of floats per code
 
 // exp(x) for x <= 0 (arguments are z - max): the vectorisable polynomial of cpu/simd.h for float
 // (inputs below about -87 give 0, which is 0 next to the row's sum >= 1), std::exp for double.
 __attribute__((always_inline)) inline float exp_nonpos(float x) { return simd::fexp(x); }
 __attribute__((always_inline)) inline double exp_nonpos(double x) { return std::exp(x); }
 
-struct RowArgs {
+__attribute__((always_inline)) inline float keep_if(float x, uint32_t mask) {  // x or +0, no float select
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  b &= mask;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+__attribute__((always_inline)) inline double keep_if(double x, uint32_t mask) {
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  b &= static_cast<uint64_t>(0) - static_cast<uint64_t>(mask & 1u);
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+struct Args {
   int64_t V;
+  int64_t ld;  // row stride of the chunk LT [V, ld] (= the chunk's row count)
   int64_t ignore_index;
   double eps;     // label smoothing
   double z_loss;  // weight of lse^2
   bool grad;
 };
 
-// One row of the chunk: z (V logits, overwritten by dlogits when a.grad), bias (or null),
-// target t, row gradient g (dL/dloss_n). Writes loss_n and lse_n.
+// One block of cb (<= kMaxBlock) columns of LT starting at L: the logits of cb rows, one per column.
+// bias [V] or null; targets, row_grad (or null), loss, lse: [cb]. Sums over V are float64 per column
+// (the float32 exps are converted; the loops still vectorise).
 template <typename T>
-__attribute__((always_inline)) inline void row_body(T* __restrict z, const T* __restrict bias, int64_t t, T g,
-                                                    const RowArgs& a, T* loss, T* lse) {
-  const int64_t V = a.V;
-  if (bias != nullptr) {
+__attribute__((always_inline)) inline void block_body(T* __restrict L, int64_t cb, const T* __restrict bias,
+                                                      const int64_t* targets, const T* row_grad, const Args& a,
+                                                      T* loss, T* lse) {
+  const int64_t V = a.V, ld = a.ld;
+  alignas(64) T m[kMaxBlock];
+  alignas(64) double sz[kMaxBlock], s[kMaxBlock];
+  for (int64_t c = 0; c < cb; ++c) {
+    m[c] = -std::numeric_limits<T>::infinity();
+    sz[c] = 0.0;
+    s[c] = 0.0;
+  }
+  // Pass 1: + bias (stored), max and plain sum (label smoothing) per column.
+  for (int64_t v = 0; v < V; ++v) {
+    T* __restrict row = L + v * ld;
+    if (bias != nullptr) {
+      const T b = bias[v];
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) z[j] += bias[j];
-  }
-  T m = -std::numeric_limits<T>::infinity();
-  T sz = 0;
-#pragma omp simd reduction(max : m) reduction(+ : sz)
-  for (int64_t j = 0; j < V; ++j) {
-    m = z[j] > m ? z[j] : m;
-    sz += z[j];
-  }
-  const bool valid = t != a.ignore_index;
-  const T zt = valid ? z[t] : T(0);
-  T s = 0;
-  if (a.grad) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < V; ++j) {
-      const T e = exp_nonpos(z[j] - m);
-      z[j] = e;
-      s += e;
+      for (int64_t c = 0; c < cb; ++c) {
+        const T x = row[c] + b;
+        row[c] = x;
+        m[c] = m[c] > x ? m[c] : x;
+        sz[c] += x;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) {
+        const T x = row[c];
+        m[c] = m[c] > x ? m[c] : x;
+        sz[c] += x;
+      }
     }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < V; ++j) s += exp_nonpos(z[j] - m);
   }
-  const T l = m + std::log(s);
-  const T eps = static_cast<T>(a.eps), zl = static_cast<T>(a.z_loss);
-  *lse = l;
-  *loss = valid ? l - (T(1) - eps) * zt - eps / static_cast<T>(V) * sz + zl * l * l : T(0);
-  if (!a.grad) return;
-  const T gr = valid ? g : T(0);  // ignored rows have a constant (zero) loss
-  if (gr == T(0)) {
-    std::fill(z, z + V, T(0));
-    return;
+  alignas(64) T zt[kMaxBlock];  // the target's logit, read before pass 2 may overwrite it
+  for (int64_t c = 0; c < cb; ++c) {
+    const int64_t t = targets[c];
+    zt[c] = t != a.ignore_index ? L[t * ld + c] : T(0);
   }
-  const T scale = gr * (T(1) + T(2) * zl * l) / s;  // p_j = e_j / s
-  const T shift = -gr * eps / static_cast<T>(V);
+  // Pass 2: exps (kept in place when the gradient follows) and their sums.
+  const bool store = a.grad && row_grad != nullptr;
+  for (int64_t v = 0; v < V; ++v) {
+    T* __restrict row = L + v * ld;
+    if (store) {
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) z[j] = scale * z[j] + shift;
-  z[t] -= gr * (T(1) - eps);
+      for (int64_t c = 0; c < cb; ++c) {
+        const T e = exp_nonpos(row[c] - m[c]);
+        row[c] = e;
+        s[c] += e;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) s[c] += exp_nonpos(row[c] - m[c]);
+    }
+  }
+  const T eps = static_cast<T>(a.eps), zl = static_cast<T>(a.z_loss), inv_v = T(1) / static_cast<T>(V);
+  alignas(64) T scale[kMaxBlock], shift[kMaxBlock];
+  alignas(64) uint32_t keep[kMaxBlock];
+  for (int64_t c = 0; c < cb; ++c) {
+    const bool valid = targets[c] != a.ignore_index;
+    const T l = m[c] + static_cast<T>(std::log(s[c]));
+    lse[c] = l;
+    loss[c] = valid ? l - (T(1) - eps) * zt[c] - eps * inv_v * static_cast<T>(sz[c]) + zl * l * l : T(0);
+    const T gr = valid && store ? row_grad[c] : T(0);  // ignored rows: zero gradient
+    scale[c] = shift[c] = T(0);
+    keep[c] = 0u;
+    if (gr != T(0)) {
+      scale[c] = gr * (T(1) + T(2) * zl * l) / static_cast<T>(s[c]);  // p = e / s
+      shift[c] = -gr * eps * inv_v;
+      keep[c] = ~0u;
+    }
+  }
+  if (!store) return;
+  // Pass 3: dlogits in place (columns with a zero row gradient become exactly 0, even if not finite).
+  for (int64_t v = 0; v < V; ++v) {
+    T* __restrict row = L + v * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cb; ++c) row[c] = keep_if(scale[c] * row[c] + shift[c], keep[c]);
+  }
+  for (int64_t c = 0; c < cb; ++c) {
+    if (keep[c] != 0u) L[targets[c] * ld + c] -= row_grad[c] * (T(1) - eps);
+  }
 }
 
-__attribute__((target("avx2,fma"))) void row_avx2(float* z, const float* bias, int64_t t, float g,
-                                                   const RowArgs& a, float* loss, float* lse) {
-  row_body<float>(z, bias, t, g, a, loss, lse);
+template <typename T>
+void block_portable(T* L, int64_t cb, const T* bias, const int64_t* t, const T* g, const Args& a, T* loss, T* lse) {
+  block_body<T>(L, cb, bias, t, g, a, loss, lse);
 }
 
-void row_portable(float* z, const float* bias, int64_t t, float g, const RowArgs& a, float* loss, float* lse) {
-  row_body<float>(z, bias, t, g, a, loss, lse);
-}
-
-void row_portable(double* z, const double* bias, int64_t t, double g, const RowArgs& a, double* loss,
-                  double* lse) {
-  row_body<double>(z, bias, t, g, a, loss, lse);
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx2,fma"))) void block_avx2(float* L, int64_t cb, const float* bias, const int64_t* t,
+                                                     const float* g, const Args& a, float* loss, float* lse) {
+  block_body<float>(L, cb, bias, t, g, a, loss, lse);
 }
 
 bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
+#endif
 
-// Epilogue over a chunk of n rows: L [n, V] (contiguous), bias [V] or null, targets [n],
-// row_grad [n] or null, loss/lse [n].
+// Epilogue over a chunk LT [V, n] (contiguous), bias [V] or null, targets [n], row_grad [n] or null,
+// loss/lse [n]: one block of columns per thread (a multiple of kMinBlock, at most kMaxBlock).
 template <typename T>
-void epilogue(T* L, int64_t n, const T* bias, const int64_t* targets, const T* row_grad, const RowArgs& a,
+void epilogue(T* L, int64_t n, const T* bias, const int64_t* targets, const T* row_grad, const Args& a,
               T* loss, T* lse) {
-  const int64_t V = a.V;
-  const bool avx2 = std::is_same<T, float>::value && has_avx2();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T g = row_grad != nullptr ? row_grad[r] : T(0);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t width = (n + threads - 1) / threads;
+  width = std::min(kMaxBlock, (width + kMinBlock - 1) / kMinBlock * kMinBlock);
+  const int64_t blocks = (n + width - 1) / width;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * width;
+      const int64_t cb = std::min(width, n - c0);
+      const T* g = row_grad != nullptr ? row_grad + c0 : nullptr;
+#if defined(__x86_64__) || defined(_M_X64)
       if constexpr (std::is_same<T, float>::value) {
-        if (avx2) {
-          row_avx2(L + r * V, bias, targets[r], g, a, loss + r, lse + r);
+        if (has_avx2()) {
+          block_avx2(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
           continue;
         }
       }
-      row_portable(L + r * V, bias, targets[r], g, a, loss + r, lse + r);
+#endif
+      block_portable<T>(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
     }
   });
 }
@@ -162,8 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const int64_t elem = acc == at::kDouble ? 8 : 4;
   int64_t C = chunk_rows > 0 ? chunk_rows : kChunkBytes / std::max<int64_t>(1, V * elem);
   C = std::max<int64_t>(1, std::min<int64_t>(C, N));
-  at::Tensor buf = at::empty({C, V}, opts);
-  const RowArgs args{V, ignore_index, label_smoothing, z_loss, grad};
+  at::Tensor buf = at::empty({C * V}, opts);
 
   for (int64_t h = 0; h < k; ++h) {
     const at::Tensor W = w_all.select(0, h).to(acc).contiguous();  // [V, H]; a copy only for bf16/fp16
@@ -178,11 +244,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     }
     for (int64_t s = 0; s < N; s += C) {
       const int64_t n = std::min(C, N - s);
-      at::Tensor L = buf.narrow(0, 0, n);
-      const at::Tensor xs = xh.narrow(0, s, n).to(acc).contiguous();
-      at::mm_out(L, xs, W.t());
+      at::Tensor LT = buf.narrow(0, 0, V * n).view({V, n});  // contiguous [V, n]
+      const at::Tensor xs = xh.narrow(0, s, n).to(acc);        // [n, H] (a view for float32)
+      at::mm_out(LT, W, xs.t().contiguous());
+      const Args args{V, n, ignore_index, label_smoothing, z_loss, grad};
       AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_epilogue", [&] {
-        epilogue<scalar_t>(L.data_ptr<scalar_t>(), n, has_bias ? b.data_ptr<scalar_t>() : nullptr,
+        epilogue<scalar_t>(LT.data_ptr<scalar_t>(), n, has_bias ? b.data_ptr<scalar_t>() : nullptr,
                            t_all.data_ptr<int64_t>() + h * N + s,
                            grad ? g_all.data_ptr<scalar_t>() + h * N + s : nullptr, args,
                            rows.data_ptr<scalar_t>() + h * N + s, lse.data_ptr<scalar_t>() + h * N + s);
@@ -190,12 +257,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       if (!grad) continue;
       at::Tensor ghs = gh.select(0, h).narrow(0, s, n);
       if (gh.scalar_type() == acc) {
-        at::mm_out(ghs, L, W);
+        at::mm_out(ghs, LT.t(), W);
       } else {
-        ghs.copy_(at::mm(L, W));
+        ghs.copy_(at::mm(LT.t(), W));
       }
-      gw_acc.addmm_(L.t(), xs);
-      if (has_bias) gb_acc.add_(L.sum(0));
+      gw_acc.addmm_(LT, xs);
+      if (has_bias) gb_acc.add_(LT.sum(1));
     }
     if (grad) {
       if (w_all.scalar_type() != acc) gw.select(0, h).copy_(gw_acc);
