@@ -6,15 +6,16 @@
 // that scales with V): with W [V, H] row-major every GEMM is then an NN or TN product, which MKL runs
 // at the full torch.mm rate; x_chunk @ W^T (NT) ran at 60-75 % of it on the AVX2 test machine.
 // Per head, per chunk of C rows:
-//   LT = W @ x_chunk^T               (at::mm_out into the reused chunk buffer; x_chunk^T is a C x H copy)
+//   LT = W @ x_chunk^T               (at::mm_out into the reused chunk buffer; x_chunk^T is an H x C copy)
 //   epilogue(LT): + bias, lse, loss, and LT <- dlogits^T = g_n ((1 + 2 zl lse) p - eps/V - (1-eps) onehot)
 //   grad_hidden[chunk] = LT^T @ W    (at::mm_out straight into the output)
 //   grad_weight      += LT @ x_chunk (addmm_ into the output, or a float32 accumulator for bf16/fp16)
 //   grad_bias        += row sums of LT
 // The epilogue splits the chunk's columns (its rows) into one contiguous range per thread; each
 // thread makes three passes down the V codes over its range (max/sum, exp/sum, dlogits), vectorised
-// across the columns, with per-column statistics in L1. Each pass streams the chunk in address order:
-// narrower blocks that walk all V codes each touched one line per 2 KiB page row and thrashed the TLB.
+// across the columns, with per-column statistics in L1. Each pass streams the chunk in address order
+// (a first version gave each 16-column block its own walk down all V codes: one cache line per 2 KiB
+// row, every page of the chunk touched per block, and the TLB thrashed: ~1 s per head).
 // Low-precision inputs are converted to float32 per head (weight) and per chunk (hidden): on CPUs
 // without native bf16 GEMMs the float32 MKL GEMM is both faster and exact in its accumulation.
 #include <ATen/Parallel.h>

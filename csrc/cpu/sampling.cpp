@@ -89,10 +89,6 @@ uint32_t crossing_key(const uint32_t* key, const float* e, int64_t V, double P) 
   return prefix;
 }
 
-// Index of the first token whose inclusive cumulative mass exceeds target, over e[j0, V) with the mass
-// before j0 equal to cum: the inverse-CDF draw when every token with e > 0 is kept. Whole blocks are
-// skipped with a vectorised float64 sum; the block that crosses is scanned in order. If rounding keeps
-// the in-order scan from crossing where the block sum did, it simply goes on. -1 if nothing crosses.
 constexpr int64_t kDrawBlock = 256;
 
 // sum of n floats in float64, 8 fixed lanes (the fixed-width inner loop vectorises; a float64
@@ -108,6 +104,10 @@ __attribute__((always_inline)) inline double sum_f64(const float* __restrict e, 
   return s;
 }
 
+// Index of the first token (in index order) whose inclusive cumulative mass exceeds target: the
+// inverse-CDF draw when every token with e > 0 is kept. Whole blocks of kDrawBlock tokens are skipped
+// with a vectorised float64 sum; the block that crosses is scanned in order. If rounding keeps the
+// in-order scan from crossing where the block sum did, it simply goes on. -1 if nothing crosses.
 __attribute__((always_inline)) inline int64_t draw_all_kept(const float* __restrict e, int64_t V, double target) {
   double cum = 0.0;
   int64_t j0 = 0;
