@@ -260,8 +260,7 @@ bool use_avx2();
 
 bool use_avx2() {
 #if FQGAN_HAVE_AVX2_CLONES
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+  return simd::has_avx2_fma();
 #else
   return false;
 #endif

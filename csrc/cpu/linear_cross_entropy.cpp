@@ -64,7 +64,6 @@ struct Args {
   int64_t ignore_index;
   double eps;     // label smoothing
   double z_loss;  // weight of lse^2
-  bool grad;
 };
 
 // One block of cb (<= kMaxBlock) columns of LT starting at L: the logits of cb rows, one per column.
@@ -108,8 +107,8 @@ __attribute__((always_inline)) inline void block_body(T* __restrict L, int64_t c
     const int64_t t = targets[c];
     zt[c] = t != a.ignore_index ? L[t * ld + c] : T(0);
   }
-  // Pass 2: exps (kept in place when the gradient follows) and their sums.
-  const bool store = a.grad && row_grad != nullptr;
+  // Pass 2: exps (kept in place when the gradient follows, i.e. row_grad is given) and their sums.
+  const bool store = row_grad != nullptr;
   for (int64_t v = 0; v < V; ++v) {
     T* __restrict row = L + v * ld;
     if (store) {
@@ -164,10 +163,6 @@ __attribute__((target("avx2,fma"))) void block_avx2(float* L, int64_t cb, const 
   block_body<float>(L, cb, bias, t, g, a, loss, lse);
 }
 
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 #endif
 
 // Epilogue over a chunk LT [V, n] (contiguous), bias [V] or null, targets [n], row_grad [n] or null,
@@ -186,7 +181,7 @@ void epilogue(T* L, int64_t n, const T* bias, const int64_t* targets, const T* r
       const T* g = row_grad != nullptr ? row_grad + c0 : nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
       if constexpr (std::is_same<T, float>::value) {
-        if (has_avx2()) {
+        if (simd::has_avx2_fma()) {
           block_avx2(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
           continue;
         }
@@ -248,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
       at::Tensor LT = buf.narrow(0, 0, V * n).view({V, n});  // contiguous [V, n]
       const at::Tensor xs = xh.narrow(0, s, n).to(acc);        // [n, H] (a view for float32)
       at::mm_out(LT, W, xs.t().contiguous());
-      const Args args{V, n, ignore_index, label_smoothing, z_loss, grad};
+      const Args args{V, n, ignore_index, label_smoothing, z_loss};
       AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_epilogue", [&] {
         epilogue<scalar_t>(LT.data_ptr<scalar_t>(), n, has_bias ? b.data_ptr<scalar_t>() : nullptr,
                            t_all.data_ptr<int64_t>() + h * N + s,

@@ -216,8 +216,7 @@ int64_t sample_row_portable(const T* cond, const T* uncond, int64_t V, const Row
 template <typename T>
 int64_t sample_row(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
 #if defined(__x86_64__) || defined(_M_X64)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2) return sample_row_avx2<T>(cond, uncond, V, p, key, e);
+  if (simd::has_avx2_fma()) return sample_row_avx2<T>(cond, uncond, V, p, key, e);
 #endif
   return sample_row_portable<T>(cond, uncond, V, p, key, e);
 }

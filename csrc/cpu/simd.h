@@ -29,6 +29,16 @@
 
 namespace fqgan::cpu::simd {
 
+// True when the CPU runs AVX2 + FMA code (the target of the kernels' AVX2 clones); checked once.
+inline bool has_avx2_fma() {
+#if FQGAN_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // exp(x) for x <= ~88, ~2 ulp (Cephes expf polynomial). Results below 2^-126 are flushed to 0 with an
 // integer mask: float compares/clamps would keep GCC from vectorising loops that store (it will not
 // if-convert them under the default -ftrapping-math). Callers pass x = a - max or a - lse <= ~0;
