@@ -11,12 +11,12 @@ Public API (see README.md and DESIGN.md section 4)::
 
 from . import reference
 from ._backend import BACKENDS, BackendInfo, backends, resolve_backend
-from .entropy import entropy_loss
+from .entropy_loss import entropy_loss
 from .linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
 from .nearest_code import NearestCode, nearest_code
 from .quantizer import FactorizedQuantizer, LossBreakdown, QuantizerOutput
-from .sampling import sample, sample_from_hidden
-from .vq_loss import VQLossTerms, vq_losses
+from .sample import sample, sample_from_hidden
+from .vq_losses import VQLossTerms, vq_losses
 
 __version__ = "0.1.0"
 

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from . import _validate, reference
 from ._backend import resolve_backend
-from .entropy import _entropy_loss_checked, _use_distributed
+from .entropy_loss import _entropy_loss_checked, _use_distributed
 from .nearest_code import _nearest_code_op
-from .vq_loss import _vq_losses_op
+from .vq_losses import _vq_losses_op
 
 _NEVER = -(2**62)  # last_used of a code never chosen
 
@@ -85,7 +85,7 @@ class FactorizedQuantizer(nn.Module):
     :param freeze_codebook: keep the codebooks fixed (no gradient)
     :param distributed: with ``torch.distributed`` initialised (world size > 1), use global-batch
         statistics: the entropy loss's mean probability over all ranks (differentiable all-reduce,
-        see fqgan_kernels/entropy.py for how this differs from FQGAN's per-rank form) and the code
+        see fqgan_kernels/entropy_loss.py for how this differs from FQGAN's per-rank form) and the code
         counts all-reduced before they update ``last_used``, ``perplexity`` and ``usage`` (one
         collective per step; every rank then holds the same ``last_used``). ``False``: per rank.
     :param backend: kernel backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``)

@@ -13,7 +13,7 @@ namespace fqgan::cpu {
 // z [N, k, D], codebooks [k, K, D] (same float dtype) -> codes [N, k, D] (dtype of z), indices [N, k] int64.
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::Tensor& codebooks, bool l2_normalize);
 
-// entropy.cpp (streaming entropy loss; the maths and the sweeps are in fqgan_kernels/entropy.py)
+// entropy_loss.cpp (streaming entropy loss; the maths and the sweeps are in fqgan_kernels/entropy_loss.py)
 // zn [N, k, D], en [k, K, D] (normalised when asked, float32) -> lse [k, N], H [k, N], colsum [k, K] (float32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& zn, const at::Tensor& en,
                                                              double temperature);
@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const 
                                                     const at::Tensor& grad_lse, const at::Tensor& grad_ent,
                                                     const at::Tensor& grad_colsum, double temperature);
 
-// vq_loss.cpp (fused codebook / commitment / disentanglement losses; maths in fqgan_kernels/vq_loss.py)
+// vq_losses.cpp (fused codebook / commitment / disentanglement losses; maths in fqgan_kernels/vq_losses.py)
 // z, codes [N, k, D] (same dtype) -> sums [k + P] in the accumulation dtype (float32; float64 for
 // float64): sum (codes - z)^2 per sub-codebook, then sum_n (q_a . q_b)^2 per pair a < b when disentangle.
 at::Tensor vq_losses_forward(const at::Tensor& z, const at::Tensor& codes, bool disentangle);
@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_grad, int64_t ignore_index,
     double label_smoothing, double z_loss, int64_t chunk_rows);
 
-// sampling.cpp (fused CFG + temperature + top-k/top-p sampling; algorithm in fqgan_kernels/sampling.py)
+// sample.cpp (fused CFG + temperature + top-k/top-p sampling; algorithm in fqgan_kernels/sample.py)
 // cond, uncond [B, V] (same dtype: float32/bfloat16/float16), per-row cfg, temperature, top_p [B] float32,
 // top_k [B] int64, uniform [B] float64 in [0, 1) -> tokens [B] int64.
 at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const at::Tensor& cfg,

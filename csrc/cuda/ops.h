@@ -14,7 +14,7 @@ namespace fqgan::cuda {
 // indices [N, k] int64. Equals reference.nearest_code.
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::Tensor& codebooks, bool l2_normalize);
 
-// entropy.cpp (streaming entropy loss; the maths and the sweeps are in fqgan_kernels/entropy.py)
+// entropy_loss.cpp (streaming entropy loss; the maths and the sweeps are in fqgan_kernels/entropy_loss.py)
 // zn [N, k, D], en [k, K, D] -> lse [k, N], H [k, N], colsum [k, K] (float32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& zn, const at::Tensor& en,
                                                              double temperature);
@@ -34,13 +34,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_grad, int64_t ignore_index,
     double label_smoothing, double z_loss, int64_t chunk_rows);
 
-// vq_loss.cpp (fused codebook / commitment / disentanglement losses; maths in fqgan_kernels/vq_loss.py).
+// vq_losses.cpp (fused codebook / commitment / disentanglement losses; maths in fqgan_kernels/vq_losses.py).
 // Same contract as fqgan::cpu::vq_losses_forward / vq_losses_backward (float32 sums; k <= 32).
 at::Tensor vq_losses_forward(const at::Tensor& z, const at::Tensor& codes, bool disentangle);
 std::tuple<at::Tensor, at::Tensor> vq_losses_backward(const at::Tensor& z, const at::Tensor& codes,
                                                       const at::Tensor& coef, bool disentangle);
 
-// sampling.cpp (fused CFG + temperature + top-k/top-p sampling; algorithm in fqgan_kernels/sampling.py).
+// sample.cpp (fused CFG + temperature + top-k/top-p sampling; algorithm in fqgan_kernels/sample.py).
 // Same contract as fqgan::cpu::sample: cond, uncond [B, V] (float32/bf16/fp16), cfg, temperature, top_p [B]
 // float32, top_k [B] int64, uniform [B] float64 -> tokens [B] int64. Extra memory: a [B, V] float32 workspace.
 at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const at::Tensor& cfg,

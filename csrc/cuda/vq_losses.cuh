@@ -1,5 +1,5 @@
 // Fused codebook / commitment / disentanglement losses, CUDA launchers (plain pointers, CUDA headers
-// only; torch glue in vq_loss.cpp). Maths and gradients: fqgan_kernels/vq_loss.py.
+// only; torch glue in vq_losses_glue.cpp). Maths and gradients: fqgan_kernels/vq_losses.py.
 // z, codes [N, k, D] contiguous, same dtype (float32, bfloat16 or float16); all sums in float32.
 #pragma once
 

@@ -1,5 +1,5 @@
-// Fused codebook / commitment / disentanglement losses, CUDA. Contract: vq_loss.cuh; maths:
-// fqgan_kernels/vq_loss.py.
+// Fused codebook / commitment / disentanglement losses, CUDA. Contract: vq_losses.cuh; maths:
+// fqgan_kernels/vq_losses.py.
 //
 // Forward: vq_losses_forward_kernel, grid-stride over rows with at most 1024 blocks of 256 threads;
 // for each slot (k squared-error sums, then one per pair) every thread sums its rows, the block
@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "cuda/vq_loss.cuh"
+#include "cuda/vq_losses.cuh"
 
 namespace fqgan::cuda {
 namespace {

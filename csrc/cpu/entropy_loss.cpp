@@ -1,4 +1,4 @@
-// Streaming entropy loss, CPU: the four sweeps of fqgan_kernels/entropy.py (2 forward, 2 backward).
+// Streaming entropy loss, CPU: the four sweeps of fqgan_kernels/entropy_loss.py (2 forward, 2 backward).
 //
 // a_nj = zs_n . e_j + eb_j with zs = (2/T) z and eb_j = -|e_j|^2 / T (the -|z_n|^2/T row constant
 // cancels). Nothing N x K is stored: each sweep recomputes a_nj for a chunk of CH codes into an
@@ -137,7 +137,7 @@ __attribute__((always_inline)) inline void colsum_body(const Ctx& c, int64_t i, 
 }
 
 // Sweep 3: per row W = sum_j p, Q = sum_j q, A = sum_j q e_j, B = sum_j p e_j with
-// q = p (c_j - w (a - lse)); then, with the probabilities renormalised by W (see entropy.py),
+// q = p (c_j - w (a - lse)); then, with the probabilities renormalised by W (see entropy_loss.py),
 // beta = u - Q / W and dL/dz = (2/T) (A + beta B) / W. Stores beta and 1 / W for sweep 4.
 template <int DC>
 __attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i, int64_t n0, int64_t n1) {
@@ -356,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const 
   TORCH_CHECK(lse.numel() == c.k * c.N && ent.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&
                   grad_ent.numel() == c.k * c.N && grad_colsum.numel() == c.k * c.K,
               "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
-  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy.py, "Rounding").
+  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
   at::Tensor lse_f = lse.to(at::kFloat).contiguous();
   at::Tensor gl = grad_lse.to(at::kFloat).contiguous(), ge = grad_ent.to(at::kFloat).contiguous();
   at::Tensor gc = grad_colsum.to(at::kFloat).contiguous();

@@ -1,11 +1,11 @@
 // Fused CFG + temperature + top-k/top-p sampling, CUDA: torch-facing glue (checks, workspace, stream)
-// around the plain launcher of sampling.cu. Declared in cuda/ops.h, bound in bindings_cuda.cpp.
+// around the plain launcher of sample.cu. Declared in cuda/ops.h, bound in bindings_cuda.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/ATen.h>
 
 #include "cuda/ops.h"
-#include "cuda/sampling.cuh"
+#include "cuda/sample.cuh"
 
 namespace fqgan::cuda {
 

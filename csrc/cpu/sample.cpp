@@ -1,6 +1,6 @@
 // Fused CFG + temperature + top-k/top-p sampling, CPU: one thread per row (at::parallel_for over rows).
 // The per-row algorithm (guided logits, radix selects on the float keys, inverse-CDF draw) is described in
-// fqgan_kernels/sampling.py; the reference is fqgan_kernels/reference.py::sample.
+// fqgan_kernels/sample.py; the reference is fqgan_kernels/reference.py::sample.
 //
 // Precision: the guided logits are formed in float32 with the reference's operation order
 // (uncond + cfg * (cond - uncond), then / T), exp in float32 (the vectorisable polynomial of

@@ -1,4 +1,4 @@
-"""Fused codebook / commitment / disentanglement losses in Triton (maths: fqgan_kernels/vq_loss.py).
+"""Fused codebook / commitment / disentanglement losses in Triton (maths: fqgan_kernels/vq_losses.py).
 
 Forward: each program takes ``BLOCK_N`` rows of z and codes [N, k, D] and writes its k + P partial
 sums to its own row of a (programs, k + P) buffer, summed afterwards in a fixed order (no atomics,
@@ -115,7 +115,7 @@ def vq_losses_forward(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
 
 
 def vq_losses_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
-    """(grad_z, grad_codes) in the dtypes of z and codes; ``coef`` as in fqgan_kernels/vq_loss.py."""
+    """(grad_z, grad_codes) in the dtypes of z and codes; ``coef`` as in fqgan_kernels/vq_losses.py."""
     N, k, D = z.shape
     dis = bool(disentangle and k > 1)
     grad_z = torch.empty_like(z)

@@ -1,5 +1,5 @@
 // Fused CFG + temperature + top-k/top-p sampling, CUDA launcher (plain pointers, CUDA headers only;
-// torch glue in sampling.cpp). The per-row algorithm is described in fqgan_kernels/sampling.py.
+// torch glue in sample_glue.cpp). The per-row algorithm is described in fqgan_kernels/sample.py.
 // cond/uncond [B, V] contiguous in `dtype`; x [B, V] float32 workspace (written, then re-read);
 // cfg, temperature, top_p [B] float32; top_k [B] int64; uniform [B] float64; out [B] int64.
 #pragma once

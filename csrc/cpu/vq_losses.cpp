@@ -1,5 +1,5 @@
 // Fused codebook / commitment / disentanglement losses, CPU. The maths and the gradient paths are
-// in fqgan_kernels/vq_loss.py. One pass over z and codes forward (row-parallel, fixed row blocks
+// in fqgan_kernels/vq_losses.py. One pass over z and codes forward (row-parallel, fixed row blocks
 // so that the sum order, and hence the result, does not depend on the thread count), one pass
 // backward (no reduction: every row writes its own grad_z and grad_codes).
 #include <ATen/OpMathType.h>
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& z, const at::
   const scalar_t* cp = codes.data_ptr<scalar_t>();
   scalar_t* gzp = grad_z.data_ptr<scalar_t>();
   scalar_t* gcp = grad_codes.data_ptr<scalar_t>();
-  // coef = [commitment (k) | codebook (k) | disentangle (1)], see fqgan_kernels/vq_loss.py.
+  // coef = [commitment (k) | codebook (k) | disentangle (1)], see fqgan_kernels/vq_losses.py.
   const at::Tensor coef_acc = coef.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* cf = coef_acc.data_ptr<acc_t>();
   const acc_t cdis = cf[2 * k];

@@ -1,7 +1,7 @@
 """Fused codebook, commitment and disentanglement losses: the public op, custom ops and autograd.
 
-Backends: ``reference`` (plain PyTorch, this file), ``cpu`` (csrc/cpu/vq_loss.cpp), ``triton``
-(fqgan_kernels/triton/vq_loss.py), ``cuda`` (csrc/cuda/vq_loss.cu).
+Backends: ``reference`` (plain PyTorch, this file), ``cpu`` (csrc/cpu/vq_losses.cpp), ``triton``
+(fqgan_kernels/triton/vq_losses.py), ``cuda`` (csrc/cuda/vq_losses.cu).
 
 Maths, with z the (normalised) encoder output and c the chosen (normalised) codes, both (N, k, D),
 ``P = k (k - 1) / 2`` pairs, ``q = normalize(c)`` per token and sub-codebook::
@@ -94,13 +94,13 @@ def _cpu_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> 
 
 
 def _triton_forward(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
-    from .triton import vq_loss as tk
+    from .triton import vq_losses as tk
 
     return tk.vq_losses_forward(z, codes, disentangle)
 
 
 def _triton_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
-    from .triton import vq_loss as tk
+    from .triton import vq_losses as tk
 
     return tk.vq_losses_backward(z, codes, coef, disentangle)
 

@@ -1,4 +1,4 @@
-"""Streaming entropy loss, Triton: the four sweeps of fqgan_kernels/entropy.py.
+"""Streaming entropy loss, Triton: the four sweeps of fqgan_kernels/entropy_loss.py.
 
 ``a_nj = zs_n . e_j + eb_j`` with ``zs = (2/T) z`` (prepared in torch as [k, N, D]) and
 ``eb_j = -|e_j|^2 / T``; tiles [BLOCK_N, BLOCK_K] are recomputed in every sweep, never stored.
@@ -121,7 +121,7 @@ def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GLSE_ptr, GENT_ptr,
         sq += tl.sum(q, axis=1)
         acc_a += tl.dot(q, e, input_precision="ieee")
         acc_b += tl.dot(p, e, input_precision="ieee")
-    # renormalised by W = sum_j p (fqgan_kernels/entropy.py, "Rounding")
+    # renormalised by W = sum_j p (fqgan_kernels/entropy_loss.py, "Rounding")
     u = tl.load(GLSE_ptr + i * N + rows, mask=rmask, other=0.0)
     sw = tl.where(rmask, sw, 1.0)  # padding rows: keep them finite
     inv_w = 1.0 / sw
@@ -212,7 +212,7 @@ def _prepare(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor
 
 
 def entropy_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse [k, N], H [k, N], S [k, K]) float32; see fqgan_kernels/entropy.py."""
+    """(lse [k, N], H [k, N], S [k, K]) float32; see fqgan_kernels/entropy_loss.py."""
     N, k, D = zn.shape
     K = en.shape[1]
     zs, e, eb, block_d = _prepare(zn, en, temperature)
@@ -232,7 +232,7 @@ def entropy_backward(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse:
     N, k, D = zn.shape
     K = en.shape[1]
     zs, e, eb, block_d = _prepare(zn, en, temperature)
-    # H (ent) is not needed: the backward renormalises p itself (fqgan_kernels/entropy.py, "Rounding").
+    # H (ent) is not needed: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
     lse, grad_lse, grad_ent, grad_colsum = (t.float().contiguous() for t in (lse, grad_lse, grad_ent, grad_colsum))
     grad_z = torch.empty(N, k, D, device=zn.device, dtype=torch.float32)
     grad_e = torch.zeros(k, K, D, device=zn.device, dtype=torch.float32)

@@ -1,6 +1,6 @@
 // Fused codebook / commitment / disentanglement losses, CUDA: torch-facing glue (outputs, workspace,
-// device, stream) around the plain launchers of vq_loss.cu. Declared in cuda/ops.h, bound in
-// bindings_cuda.cpp. Inputs are validated by the Python front door (fqgan_kernels/vq_loss.py); the
+// device, stream) around the plain launchers of vq_losses.cu. Declared in cuda/ops.h, bound in
+// bindings_cuda.cpp. Inputs are validated by the Python front door (fqgan_kernels/vq_losses.py); the
 // checks here only keep a direct call from reading out of bounds.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +8,7 @@
 #include <ATen/ATen.h>
 
 #include "cuda/ops.h"
-#include "cuda/vq_loss.cuh"
+#include "cuda/vq_losses.cuh"
 
 namespace fqgan::cuda {
 namespace {

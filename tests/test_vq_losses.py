@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fqgan_kernels as fk
 from fqgan_kernels import reference
-from fqgan_kernels.vq_loss import _vq_losses_backward_op, _vq_losses_op
+from fqgan_kernels.vq_losses import _vq_losses_backward_op, _vq_losses_op
 
 # (N, k, D): 1 row, odd sizes, the Triton forward tile edge (256) +- 1, the real config (k=3, D=8).
 SHAPES = [(1, 1, 8), (1, 3, 8), (7, 2, 5), (255, 3, 8), (257, 4, 3), (513, 3, 8)]

@@ -1,4 +1,4 @@
-// Streaming entropy loss, CUDA kernels: the four sweeps of fqgan_kernels/entropy.py.
+// Streaming entropy loss, CUDA kernels: the four sweeps of fqgan_kernels/entropy_loss.py.
 //
 // Simple and deterministic: one thread owns one row (row sweeps) or one code (code sweeps), so
 // every output is reduced by a single thread in a fixed order (no atomics). A thread block of
@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "cuda/entropy.cuh"
+#include "cuda/entropy_loss.cuh"
 
 namespace fqgan::cuda {
 namespace {
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) entropy_colsum_kernel(const float* _
 }
 
 // Sweep 3: per row, s = sum_j p c_j, A = sum_j p (c_j - w lp) e_j, B = sum_j p e_j;
-// renormalised by W = sum_j p (fqgan_kernels/entropy.py, "Rounding"): beta = u - Q / W,
+// renormalised by W = sum_j p (fqgan_kernels/entropy_loss.py, "Rounding"): beta = u - Q / W,
 // grad_z = (2/T)(A + beta B) / W; row_scratch[0] = beta, row_scratch[1] = 1 / W.
 template <int DMAX>
 __global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(

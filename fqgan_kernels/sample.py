@@ -1,8 +1,8 @@
 """Fused CFG + temperature + top-k/top-p sampling: the public op and its custom-op registration.
 
 Backends: ``reference`` (fqgan_kernels/reference.py, one call per row), ``cpu``
-(csrc/cpu/sampling.cpp), ``triton`` (fqgan_kernels/triton/sampling.py), ``cuda``
-(csrc/cuda/sampling.cu). Every compiled backend runs the same per-row algorithm:
+(csrc/cpu/sample.cpp), ``triton`` (fqgan_kernels/triton/sample.py), ``cuda``
+(csrc/cuda/sample.cu). Every compiled backend runs the same per-row algorithm:
 
 1. ``x = (uncond + cfg * (cond - uncond)) / temperature`` in float32 (the reference's op order and
    rounding), ``m = max x``; each x also gets an order-preserving 32-bit key (float bits, sign
@@ -24,7 +24,7 @@ Backends: ``reference`` (fqgan_kernels/reference.py, one call per row), ``cpu``
 So no sort and no V-sized temporary besides the guided logits (CPU: V keys + V exps per thread;
 Triton/CUDA: a [B, V] float32 workspace). Kernel and reference decide with their own roundings (float32
 exps, float64 sums), so they can only differ where a decision sits within rounding of its threshold
-(tests/test_sampling.py checks that this is the only kind of difference).
+(tests/test_sample.py checks that this is the only kind of difference).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _cpu_impl(cond, uncond, cfg, temperature, top_k, top_p, uniform) -> Tensor:
 
 
 def _triton_impl(cond, uncond, cfg, temperature, top_k, top_p, uniform) -> Tensor:
-    from .triton import sampling as tk
+    from .triton import sample as tk
 
     return tk.sample(cond, uncond, cfg, temperature, top_k, top_p, uniform)
 

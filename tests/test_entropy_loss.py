@@ -1,7 +1,7 @@
 """entropy_loss (streaming) against reference.entropy_loss: values and gradients to z and the
 codebooks, on the reference (chunked torch), cpu and -- on tiny shapes, under the interpreter --
 triton backends; float64 gradcheck, opcheck, torch.compile, all-equal-distance rows, peak memory,
-bad input. The 2-rank DDP test is tests/test_entropy_ddp.py.
+bad input. The 2-rank DDP test is tests/test_entropy_loss_ddp.py.
 
 Accuracy rule (as apple/ml-cross-entropy): against the float64 reference on the same inputs, the
 kernel's error must be no worse than twice eager PyTorch's error in the same dtype, plus the dtype's
@@ -107,7 +107,7 @@ def equal_distance_inputs(N, K, on_code=True):
 def check_equal_distance_rows(backend, N, K):
     # already normalised, l2 off: compares dL/dzn (through F.normalize, z = 0 has a 1/eps = 1e12 gradient).
     # On these degenerate rows (uniform p, or p one-hot on a code) dL/dz = (2/T)(A + beta B) / W cancels;
-    # the backward's renormalisation by W (entropy.py, "Rounding") keeps it within the rule.
+    # the backward's renormalisation by W (entropy_loss.py, "Rounding") keeps it within the rule.
     for on_code in (False, True):
         check(backend, *equal_distance_inputs(N, K, on_code=on_code), 0.01, False)
     z, e = equal_distance_inputs(N, K)
@@ -187,7 +187,7 @@ def test_gpu_memory_is_not_n_by_k():
 @pytest.mark.parametrize("l2", [True, False])
 @pytest.mark.parametrize("temperature", [0.05, 1.0])
 def test_gradcheck_float64(l2, temperature):
-    """The hand-derived backward (entropy.py docstring) against finite differences, float64."""
+    """The hand-derived backward (entropy_loss.py docstring) against finite differences, float64."""
     z = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
     e = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
     fn = lambda a, b: fk.entropy_loss(a, b, temperature, l2, backend="reference")

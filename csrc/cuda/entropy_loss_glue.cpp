@@ -1,10 +1,10 @@
 // Streaming entropy loss, CUDA: torch-facing glue (validation, preparation, stream) around the plain
-// launchers of entropy.cu. Declared in cuda/ops.h, bound in bindings_cuda.cpp.
+// launchers of entropy_loss.cu. Declared in cuda/ops.h, bound in bindings_cuda.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/ATen.h>
 
-#include "cuda/entropy.cuh"
+#include "cuda/entropy_loss.cuh"
 #include "cuda/ops.h"
 
 namespace fqgan::cuda {
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const 
                   grad_ent.numel() == k * N && grad_colsum.numel() == k * K,
               "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
   const Prepared p = prepare(zn, en, temperature);
-  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy.py, "Rounding").
+  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
   at::Tensor l = f32(lse), gl = f32(grad_lse), gh = f32(grad_ent), gc = f32(grad_colsum);
   auto opts = zn.options().dtype(at::kFloat);
   at::Tensor grad_z = at::empty({N, k, D}, opts), grad_e = at::zeros({k, K, D}, opts);

@@ -1,5 +1,5 @@
 // Fused CFG + temperature + top-k/top-p sampling, CUDA: one block per row, block reductions.
-// The per-row algorithm is described in fqgan_kernels/sampling.py:
+// The per-row algorithm is described in fqgan_kernels/sample.py:
 //   pass 1       x = (uncond + cfg * (cond - uncond)) / T in float32 (explicit _rn intrinsics: no FMA
 //                contraction and a correctly rounded divide even under --use_fast_math, so x is
 //                bit-identical to the CPU reference's), written to the workspace; block max.
@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-#include "cuda/sampling.cuh"
+#include "cuda/sample.cuh"
 
 namespace fqgan::cuda {
 namespace {

@@ -1,6 +1,6 @@
 """Fused CFG + temperature + top-k/top-p sampling, Triton: one program per row, loops over V tiles.
 
-The per-row algorithm is the one of fqgan_kernels/sampling.py: pass 1 writes the float32 guided
+The per-row algorithm is the one of fqgan_kernels/sample.py: pass 1 writes the float32 guided
 logits ``x = (uncond + cfg * (cond - uncond)) / T`` to a [B, V] workspace (re-read from L2 by the
 later passes) and finds the max; top-k and top-p are 32-step bisections on the order-preserving
 keys of x (``key = bits ^ 0x7fffffff`` for negative floats, as int32, then offset to [0, 2^32) in
@@ -162,7 +162,7 @@ def _autotuned():
 
 def sample(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
            uniform: Tensor) -> Tensor:
-    """Kernel launch; inputs as prepared by fqgan_kernels/sampling.py (contiguous, per-row [B] parameters:
+    """Kernel launch; inputs as prepared by fqgan_kernels/sample.py (contiguous, per-row [B] parameters:
     cfg/temperature/top_p float32, top_k int64, uniform float64). Extra memory: a [B, V] float32
     workspace."""
     B, V = cond.shape

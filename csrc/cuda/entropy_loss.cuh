@@ -1,5 +1,5 @@
-// Streaming entropy loss, CUDA launchers (plain pointers, CUDA headers only; torch glue in entropy.cpp).
-// The maths and the four sweeps are described in fqgan_kernels/entropy.py. All buffers are float32,
+// Streaming entropy loss, CUDA launchers (plain pointers, CUDA headers only; torch glue in entropy_loss_glue.cpp).
+// The maths and the four sweeps are described in fqgan_kernels/entropy_loss.py. All buffers are float32,
 // contiguous: zs [k, N, D] = (2/T) z, e [k, K, D], eb [k, K] = -|e|^2 / T, per-row tensors [k, N],
 // per-code tensors [k, K], grad_z [N, k, D], grad_e [k, K, D]. D <= kEntropyMaxD.
 #pragma once

@@ -1,7 +1,7 @@
 """Streaming entropy loss per sub-codebook: the public op, its custom ops, autograd and DDP.
 
-Backends: ``reference`` (plain PyTorch in row chunks, this file), ``cpu`` (csrc/cpu/entropy.cpp),
-``triton`` (fqgan_kernels/triton/entropy.py), ``cuda`` (csrc/cuda/entropy.cu).
+Backends: ``reference`` (plain PyTorch in row chunks, this file), ``cpu`` (csrc/cpu/entropy_loss.cpp),
+``triton`` (fqgan_kernels/triton/entropy_loss.py), ``cuda`` (csrc/cuda/entropy_loss.cu).
 
 Maths (per sub-codebook; z and e L2-normalised first when ``l2_normalize``, in torch, outside the
 custom ops, so autograd handles the normalisation; that costs O(N*D + K*D))::
@@ -25,7 +25,7 @@ u_n = dL/dlse_n, w_n = dL/dH_n, c_j = dL/dS_j and recomputes the tiles::
     dL/de_j = (2/T) (sum_n G_nj z_n - e_j sum_n G_nj)
 
 (from dH_n/da_nj = -p_nj (log p_nj + H_n) and dS_j/da_nj' = p_nj (delta_jj' - p_nj'); verified
-against torch autograd of ``reference.entropy_loss`` in float64 by tests/test_entropy.py).
+against torch autograd of ``reference.entropy_loss`` in float64 by tests/test_entropy_loss.py).
 
 Rounding: in fp32 at T = 0.01 the logits reach hundreds, so lse_n carries an absolute error of
 ~1e-5 and the recomputed p_nj = exp(a_nj - lse_n) sum to W_n = 1 + O(1e-5) instead of 1. G_nj
@@ -141,13 +141,13 @@ def _cpu_backward(*args) -> tuple[Tensor, Tensor]:
 
 
 def _triton_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    from .triton import entropy as tk
+    from .triton import entropy_loss as tk
 
     return tk.entropy_stats(zn, en, temperature)
 
 
 def _triton_backward(*args) -> tuple[Tensor, Tensor]:
-    from .triton import entropy as tk
+    from .triton import entropy_loss as tk
 
     return tk.entropy_backward(*args)
 
