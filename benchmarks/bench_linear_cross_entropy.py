@@ -176,11 +176,14 @@ def test_fused_cpu(benchmark, shape, inputs):
 
 
 @pytest.mark.skipif(not HAS_CCE, reason="cut-cross-entropy not installed (pip install cut-cross-entropy)")
-def test_cce_torch_compile(benchmark, shape, inputs):
+def test_cce_torch_compile(benchmark, shape, inputs, request):
     """cut-cross-entropy's ``impl='torch_compile'`` (the one that runs on CPU), one call per head,
     averaged over heads as the others."""
     from cut_cross_entropy import linear_cross_entropy as cce
 
+    if shape[-1] != torch.float32 and not is_smoke(request.config):
+        pytest.skip("cut-cross-entropy's torch_compile in bf16 did not finish one full shape in 14 min on a "
+                    "2-core CPU (benchmarks/RESULTS.md)")
     torch._dynamo.reset()
 
     run(benchmark, _per_head(lambda x, w, t: cce(x, w, t, impl="torch_compile")), shape, inputs,
