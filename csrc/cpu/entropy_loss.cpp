@@ -22,6 +22,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/fpstate.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -269,7 +270,7 @@ bool use_avx2() {
 // rows: tasks (i, block of RB rows), kernel(c, i, n0, n1)
 void for_rows(const Ctx& c, Kernel kern) {
   const int64_t blocks = (c.N + RB - 1) / RB;
-  at::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
+  fpstate::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / blocks, n0 = (t % blocks) * RB;
       kern(c, i, n0, std::min(c.N, n0 + RB));
@@ -280,7 +281,7 @@ void for_rows(const Ctx& c, Kernel kern) {
 // codes: tasks (i, block of CH codes), kernel(c, i, j0, count)
 void for_codes(const Ctx& c, Kernel kern) {
   const int64_t blocks = (c.K + CH - 1) / CH;
-  at::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
+  fpstate::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / blocks, j0 = (t % blocks) * CH;
       kern(c, i, j0, std::min(CH, c.K - j0));
@@ -329,6 +330,7 @@ void check_inputs(const at::Tensor& zn, const at::Tensor& en, double temperature
 std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& zn, const at::Tensor& en,
                                                              double temperature) {
   check_inputs(zn, en, temperature);
+  const fpstate::FlushDenormals fp_guard;
   const Prepared p = prepare(zn, en, temperature);
   Ctx c = make_ctx(zn, en, temperature, p);
   auto opts = zn.options().dtype(at::kFloat);
@@ -351,6 +353,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const 
                                                     const at::Tensor& grad_lse, const at::Tensor& grad_ent,
                                                     const at::Tensor& grad_colsum, double temperature) {
   check_inputs(zn, en, temperature);
+  const fpstate::FlushDenormals fp_guard;
   const Prepared p = prepare(zn, en, temperature);
   Ctx c = make_ctx(zn, en, temperature, p);
   TORCH_CHECK(lse.numel() == c.k * c.N && ent.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&

@@ -50,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/fpstate.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -165,7 +166,7 @@ template <typename scalar_t>
 void pack_codebooks(const scalar_t* cb, int64_t k, int64_t K, int64_t D, int64_t T, int64_t Kpad,
                     bool l2_normalize, float* packed, float* bias) {
   const int64_t ntiles = Kpad / T;
-  at::parallel_for(0, k * ntiles, 16, [&](int64_t begin, int64_t end) {
+  fpstate::parallel_for(0, k * ntiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / ntiles, t = item % ntiles;
       float* tile = packed + (i * Kpad + t * T) * D;
@@ -202,7 +203,7 @@ void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* pac
   rb = std::max<int64_t>(R, (rb + R - 1) / R * R);
   const int64_t nblk = (N + rb - 1) / rb;
 
-  at::parallel_for(0, k * nblk, 1, [&](int64_t begin, int64_t end) {
+  fpstate::parallel_for(0, k * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> zbuf(rb * D), best(rb);
     std::vector<int64_t> arg(rb);
     for (int64_t item = begin; item < end; ++item) {
@@ -255,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::T
   TORCH_CHECK(K > 0, "nearest_code: empty codebooks (K = 0)");
   TORCH_CHECK(D > 0, "nearest_code: D = 0");
 
+  const fpstate::FlushDenormals fp_guard;
   const at::Tensor zc = z.contiguous(), cbc = codebooks.contiguous();
   const Kernel kern = kernel_for(chosen_isa());
   const int64_t Kpad = (K + kern.tile_codes - 1) / kern.tile_codes * kern.tile_codes;

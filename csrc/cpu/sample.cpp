@@ -17,6 +17,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/fpstate.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -228,7 +229,7 @@ void sample_rows(const at::Tensor& cond, const std::optional<at::Tensor>& uncond
   const int64_t B = cond.size(0), V = cond.size(1);
   const T* c = cond.data_ptr<T>();
   const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  fpstate::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint32_t> key(V);
     std::vector<float> e(V);
     for (int64_t b = b0; b < b1; ++b) {
@@ -261,6 +262,7 @@ at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncon
   check_param(top_k, at::kLong, "top_k");
   check_param(top_p, at::kFloat, "top_p");
   check_param(uniform, at::kDouble, "uniform");
+  const fpstate::FlushDenormals fp_guard;
   at::Tensor out = at::empty({B}, cond.options().dtype(at::kLong));
   const float* cf = cfg.data_ptr<float>();
   const float* tp = temperature.data_ptr<float>();

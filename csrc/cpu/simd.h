@@ -39,11 +39,15 @@ inline bool has_avx2_fma() {
 #endif
 }
 
-// exp(x) for x <= ~88, ~2 ulp (Cephes expf polynomial). Results below 2^-126 are flushed to 0 with an
-// integer mask: float compares/clamps would keep GCC from vectorising loops that store (it will not
-// if-convert them under the default -ftrapping-math). Callers pass x = a - max or a - lse <= ~0;
-// x = -inf gives 0 (the out-of-range float -> int conversion yields INT_MIN on x86-64 and aarch64,
-// which the mask drops).
+// exp(x) for x <= ~88, ~2 ulp (Cephes expf polynomial), never subnormal: y * 2^n with y in
+// [0.7, 1.42] is formed with n clamped to >= -125 (so the product is >= 0.7 * 2^-125, a normal
+// float) and results for n < -125 (x below about -86.6) are then zeroed with an integer mask. A
+// subnormal result, even one masked away afterwards, costs a microcode assist per element on Intel
+// cores (see cpu/fpstate.h), and exp of very negative arguments is the common case in peaked
+// softmaxes. Integer masking because float compares/clamps would keep GCC from vectorising loops
+// that store (it will not if-convert them under the default -ftrapping-math). Callers pass
+// x = a - max or a - lse <= ~0; x = -inf gives 0 (the out-of-range float -> int conversion yields
+// INT_MIN on x86-64 and aarch64, which the mask drops).
 __attribute__((always_inline)) inline float fexp(float x) {
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -55,8 +59,8 @@ __attribute__((always_inline)) inline float fexp(float x) {
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
   int32_t ni = static_cast<int32_t>(n);
-  const int32_t keep = -static_cast<int32_t>(ni >= -126);
-  ni = ni < -126 ? -126 : ni;
+  const int32_t keep = -static_cast<int32_t>(ni >= -125);
+  ni = ni < -125 ? -125 : ni;
   const int32_t bits = (ni + 127) << 23;
   float scale, v;
   std::memcpy(&scale, &bits, sizeof(scale));

@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu/fpstate.h"
 #include "cpu/ops.h"
 
 namespace fqgan::cpu {
@@ -46,7 +47,7 @@ at::Tensor forward_impl(const at::Tensor& z, const at::Tensor& codes, bool disen
   std::vector<acc_t> partial(static_cast<size_t>(std::max<int64_t>(blocks, 1) * slots), acc_t(0));
   const scalar_t* zp = z.data_ptr<scalar_t>();
   const scalar_t* cp = codes.data_ptr<scalar_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  fpstate::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> q(static_cast<size_t>(k * D)), inv(static_cast<size_t>(k));
     std::unique_ptr<bool[]> big(new bool[k]);
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& z, const at::
   const at::Tensor coef_acc = coef.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* cf = coef_acc.data_ptr<acc_t>();
   const acc_t cdis = cf[2 * k];
-  at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+  fpstate::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
     std::vector<acc_t> q(static_cast<size_t>(k * D)), inv(static_cast<size_t>(k)), dots(static_cast<size_t>(k * k));
     std::vector<acc_t> gq(static_cast<size_t>(D));
     std::unique_ptr<bool[]> big(new bool[k]);
@@ -148,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& z, const at::
 at::Tensor vq_losses_forward(const at::Tensor& z, const at::Tensor& codes, bool disentangle) {
   TORCH_CHECK(z.dim() == 3 && z.sizes() == codes.sizes(), "vq_losses: z and codes must both be [N, k, D]");
   TORCH_CHECK(z.scalar_type() == codes.scalar_type(), "vq_losses: z and codes must have the same dtype");
+  const fpstate::FlushDenormals fp_guard;
   const at::Tensor zc = z.contiguous(), cc = codes.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_losses_forward",
@@ -159,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor> vq_losses_backward(const at::Tensor& z, const
                                                       const at::Tensor& coef, bool disentangle) {
   TORCH_CHECK(z.dim() == 3 && z.sizes() == codes.sizes(), "vq_losses: z and codes must both be [N, k, D]");
   TORCH_CHECK(coef.numel() == 2 * z.size(1) + 1, "vq_losses_backward: coef must have 2k + 1 entries");
+  const fpstate::FlushDenormals fp_guard;
   const at::Tensor zc = z.contiguous(), cc = codes.contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "vq_losses_backward",
