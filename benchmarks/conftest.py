@@ -92,12 +92,17 @@ def machine_line() -> str:
 def pytest_report_header(config) -> list[str]:
     import fqgan_kernels as fk
 
-    return [f"machine: {machine_line()}"] + [f"  {line}" for line in str(fk.backends()).splitlines()]
+    lib = os.path.dirname(os.path.dirname(os.path.abspath(fk.__file__)))
+    return ([f"machine: {machine_line()}", f"fqgan_kernels from {lib}"]
+            + [f"  {line}" for line in str(fk.backends()).splitlines()])
 
 
 def pytest_benchmark_update_machine_info(config, machine_info) -> None:
     machine_info["cpu_model"] = cpu_model()
     machine_info["fqgan_kernels_isa"] = cpu_isa()
+    import fqgan_kernels as fk
+
+    machine_info["fqgan_kernels_path"] = os.path.dirname(os.path.abspath(fk.__file__))
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["loadavg_at_save"] = os.getloadavg()
