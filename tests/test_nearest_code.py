@@ -79,6 +79,28 @@ def test_ties_go_to_lowest_index(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("l2", [True, False])
+def test_all_zero_codebook_rows(backend, l2):
+    """All-zero codebook rows (e.g. codes zeroed by hand) stay zero when normalised, at distance
+    ||z_hat||^2 = 1 from every z_hat: they win for the rows that no code comes within 60 degrees of
+    (raw: where every z.e_j < ||e_j||^2 / 2). Of two zero rows the lower index wins."""
+    N, K, D, k = 2000, 9, 8, 2
+    codebooks = torch.randn(k, K, D)
+    codebooks[0, 2] = 0.0
+    codebooks[0, 6] = 0.0
+    codebooks[1, K - 1] = 0.0
+    z = torch.randn(N, k, D)
+    codes, idx = fk.nearest_code(z, codebooks, l2, backend=backend)
+    check_against_reference(z, codebooks, l2, codes, idx)
+    want = ref.nearest_code(z, codebooks, l2).indices
+    for i, j in ((0, 2), (1, K - 1)):
+        assert (want[:, i] == j).sum() > N // 10  # the inputs exercise the case
+        assert (idx[:, i] == j).sum() >= (want[:, i] == j).sum() - N // 1000
+    assert not (idx[:, 0] == 6).any()
+    assert (codes[idx[:, 0] == 2, 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_near_ties(backend):
     codebooks = torch.randn(2, 4096, 8)
     # z midway between two codes: a tie up to rounding, the distance check decides

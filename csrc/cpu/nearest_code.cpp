@@ -1,10 +1,14 @@
 // Nearest code per sub-codebook on the CPU: idx[n, i] = argmin_j ||z_hat[n, i] - e_hat[i, j]||^2.
 //
 // Maths. ||z - e_j||^2 = ||z||^2 + ||e_j||^2 - 2 z.e_j, so the argmin is argmax_j (z.e_j - 0.5 ||e_j||^2):
-// a dot product plus a per-code bias, no N x K matrix. With l2_normalize the codes are unit length and
-// z's (positive) norm scales every score of a row alike, so the argmax is argmax_j z.e_hat_j with raw z
-// and bias 0. Ties go to the lowest j because every comparison below is a strict `>` taken in
-// ascending code order. All arithmetic is fp32; bf16/fp16 inputs are widened when loaded.
+// a dot product plus a per-code bias, no N x K matrix. With l2_normalize, z and the codes are
+// normalised first (x / max(||x||, 1e-12), as F.normalize) and the bias is still -0.5 ||e_hat_j||^2:
+// -0.5 for a unit code (exactly, not its rounded norm), but 0 for an all-zero codebook row,
+// whose distance to z_hat is ||z_hat||^2 = 1, as in the reference, Triton and CUDA kernels (with
+// bias 0 such a row would lose to every code less than 90 degrees from z, instead of only to those
+// within 60 degrees; with raw z the bias would not weigh alike on every row). Ties go to the lowest
+// j because every comparison below is a strict `>` taken in ascending code order. All arithmetic is
+// fp32; bf16/fp16 inputs are widened when loaded.
 //
 // Layout. Per call, each sub-codebook is normalised (if asked) and packed once into tiles of T codes
 // stored D-major: packed[i][tile][d][0..T), plus bias[i][code] (-inf for the padding codes of the last
@@ -12,7 +16,8 @@
 // codes sit in the SIMD lanes whatever D is: D = 8 costs 8 FMAs per W (row, code) pairs on AVX2 (W = 8)
 // and on AVX-512 (W = 16, i.e. two D = 8 codes' worth of data per vector), with no horizontal sums.
 // The packed copy is k*K*D floats (1.5 MiB at k=3, K=16384, D=8); the only other memory is per
-// block: an fp32 copy of that block's z rows, and the running best score / index per row.
+// block: an fp32 copy of that block's z rows (normalised when asked), and the running best score /
+// index per row.
 //
 // Micro-kernel (tile()): R rows x C vectors of codes (T = C*W codes) of accumulators in registers,
 // started at the bias, then one loop over d: C code-vector loads, R broadcasts of z[r][d], R*C FMAs.
@@ -183,17 +188,29 @@ void pack_codebooks(const scalar_t* cb, int64_t k, int64_t K, int64_t D, int64_t
           const float x = static_cast<float>(e[d]);
           ss += x * x;
         }
-        const float denom = l2_normalize ? std::max(std::sqrt(ss), 1e-12f) : 1.f;
-        for (int64_t d = 0; d < D; ++d) tile[d * T + lane] = static_cast<float>(e[d]) / denom;
-        bias[i * Kpad + j] = l2_normalize ? 0.f : -0.5f * ss;
+        if (!l2_normalize) {
+          for (int64_t d = 0; d < D; ++d) tile[d * T + lane] = static_cast<float>(e[d]);
+          bias[i * Kpad + j] = -0.5f * ss;
+          continue;
+        }
+        const float norm = std::sqrt(ss), denom = std::max(norm, 1e-12f);
+        float ss_hat = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float x = static_cast<float>(e[d]) / denom;
+          tile[d * T + lane] = x;
+          ss_hat += x * x;
+        }
+        // A code divided by its own norm has unit length: exactly -0.5, so that equal distances
+        // (z_hat = 0) stay exact ties; below eps the code keeps its shorter length (0 if all zero).
+        bias[i * Kpad + j] = norm >= 1e-12f ? -0.5f : -0.5f * ss_hat;
       }
     }
   });
 }
 
 template <typename scalar_t>
-void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* packed, const float* bias,
-            int64_t Kpad, const Kernel& kern, scalar_t* codes, int64_t* indices) {
+void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, bool l2_normalize, const float* packed,
+            const float* bias, int64_t Kpad, const Kernel& kern, scalar_t* codes, int64_t* indices) {
   const int64_t T = kern.tile_codes, R = kern.tile_rows;
   // Blocks of 256 rows keep z in L1 next to a code chunk; smaller blocks only when there would
   // otherwise be too few work items to keep every thread busy (small N).
@@ -211,7 +228,16 @@ void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* pac
       const int64_t rows = std::min(rb, N - n0), prows = (rows + R - 1) / R * R;
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* src = z + ((n0 + r) * k + i) * D;
-        for (int64_t d = 0; d < D; ++d) zbuf[r * D + d] = static_cast<float>(src[d]);
+        float* dst = zbuf.data() + r * D;
+        float ss = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          dst[d] = static_cast<float>(src[d]);
+          ss += dst[d] * dst[d];
+        }
+        if (l2_normalize) {
+          const float denom = std::max(std::sqrt(ss), 1e-12f);
+          for (int64_t d = 0; d < D; ++d) dst[d] /= denom;
+        }
       }
       std::fill(zbuf.begin() + rows * D, zbuf.begin() + prows * D, 0.f);
       std::fill(best.begin(), best.begin() + prows, -std::numeric_limits<float>::infinity());
@@ -266,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "nearest_code_cpu", [&] {
     pack_codebooks<scalar_t>(cbc.data_ptr<scalar_t>(), k, K, D, kern.tile_codes, Kpad, l2_normalize,
                              packed.data_ptr<float>(), bias.data_ptr<float>());
-    search<scalar_t>(zc.data_ptr<scalar_t>(), N, k, D, packed.data_ptr<float>(), bias.data_ptr<float>(), Kpad,
-                     kern, codes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+    search<scalar_t>(zc.data_ptr<scalar_t>(), N, k, D, l2_normalize, packed.data_ptr<float>(),
+                     bias.data_ptr<float>(), Kpad, kern, codes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
   });
   return {codes, indices};
 }
