@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 
 namespace {
@@ -36,7 +37,8 @@ void set_flush_denormal_all_threads(bool on) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fqgan_kernels CPU kernels";
   m.def("sources_digest", [] { return std::string(FQGAN_DIGEST_STRING); });
-  m.def("isa", &fqgan::cpu::isa, "instruction set the kernels use on this CPU");
+  m.def("isa", [] { return std::string(fqgan::cpu::isa::name(fqgan::cpu::isa::chosen())); },
+        "instruction set every CPU kernel runs on (portable, avx2, avx512; FQGAN_CPU_ISA can force a lower one)");
   m.def("fpstate", [] { return static_cast<int64_t>(fqgan::cpu::fpstate::get()); },
         "floating-point control register of the calling thread (x86: MXCSR, aarch64: FPCR; 0 elsewhere)");
   m.def("fpstate_all_threads", &fpstate_all_threads,

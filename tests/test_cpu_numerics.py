@@ -9,7 +9,9 @@ state back afterwards. Checked here:
   (``torch.set_flush_denormal(True)``) and on in every thread;
 * the kernels do flush (a result made only of subnormal terms comes out 0, in every thread);
 * on peaked inputs, where the kernels used to make subnormals in bulk, results still match the
-  references within the accuracy rules of the op's own test file.
+  references within the accuracy rules of the op's own test file;
+* every instruction-set path (``FQGAN_CPU_ISA=portable|avx2|avx512``, read once per process, so
+  each forced path runs in a subprocess) gives the results of the native one, for every op.
 
 The sticky exception flags (MXCSR bits 0-5) are status, not control: any float operation may set
 them, so the comparison masks them out.
@@ -17,7 +19,11 @@ them, so the comparison masks them out.
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -29,6 +35,7 @@ from test_linear_cross_entropy import (
     make_inputs,
     truth_of,
 )
+from test_nearest_code import check_against_reference as check_nearest
 from test_sample import assert_same_draws, make_logits
 
 import fqgan_kernels as fk
@@ -197,3 +204,103 @@ def test_sample_large_logits_match_reference(top_k, top_p):
                     backend="cpu")
     assert_same_draws(got, want, (cond, uncond, 1.75, 1.0, top_k, top_p, u), "sample x100")
 
+
+# -- every ISA path, forced with FQGAN_CPU_ISA in a subprocess ------------------------------------
+# The child process runs this source alone (importing only torch and fqgan_kernels: a light
+# start); the parent execs the same source for the native path.
+_RUN_OPS_SRC = textwrap.dedent("""
+    import torch
+    import fqgan_kernels as fk
+    from fqgan_kernels import _ext
+
+
+    def isa_inputs():
+        # Small inputs for every op: tile edges (K = 1000 codes, odd D, N not a multiple of a row
+        # block) and the real D = 8 fast paths; nearest_code gets an all-zero codebook row.
+        g = torch.Generator().manual_seed(1)
+        x = {}
+        for D in (8, 5):
+            cb = torch.randn(3, 1000, D, generator=g)
+            cb[0, 7] = 0.0
+            x[f"nc{D}"] = (torch.randn(301, 3, D, generator=g), cb)
+            x[f"ent{D}"] = (torch.randn(70, 2, D, generator=g), torch.randn(2, 600, D, generator=g))
+        z = torch.randn(600, 3, 8, generator=g)
+        x["vq"] = (z, z + 0.1 * torch.randn(600, 3, 8, generator=g))
+        x["lce"] = (torch.randn(2, 50, 24, generator=g), torch.randn(2, 700, 24, generator=g) * 0.4,
+                    torch.randint(0, 700, (2, 50), generator=g), torch.randn(2, 700, generator=g))
+        x["sample"] = (torch.randn(32, 3000, generator=g) * 3, torch.randn(32, 3000, generator=g) * 3,
+                       torch.rand(32, generator=g, dtype=torch.float64))
+        return x
+
+
+    def run_ops(x):
+        # Every CPU op (forward and backward) on isa_inputs(), in whichever ISA the process runs.
+        out = {}
+        for D in (8, 5):
+            for l2 in (True, False):
+                out[f"nc{D}-{l2}"] = tuple(fk.nearest_code(*x[f"nc{D}"], l2, backend="cpu"))
+            z, e = (t.clone().requires_grad_() for t in x[f"ent{D}"])
+            loss = fk.entropy_loss(z, e, 0.01, backend="cpu")
+            (loss * torch.tensor([1.0, 0.5])).sum().backward()
+            out[f"ent{D}"] = (loss.detach(), z.grad, e.grad)
+        z, codes = (t.clone().requires_grad_() for t in x["vq"])
+        parts = fk.vq_losses(z, codes, disentangle_weight=0.1, backend="cpu")
+        sum(p.sum() for p in parts).backward()
+        out["vq"] = (*(p.detach() for p in parts), z.grad, codes.grad)
+        hidden, weight, targets, bias = x["lce"]
+        hidden, weight, bias = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        lce = fk.linear_cross_entropy(hidden, weight, targets, bias, label_smoothing=0.1, backend="cpu")
+        lce.loss.backward()
+        out["lce"] = (lce.loss.detach(), hidden.grad, weight.grad, bias.grad)
+        cond, uncond, u = x["sample"]
+        for top_k, top_p in ((0, 1.0), (20, 0.9)):
+            out[f"sample-{top_k}-{top_p}"] = fk.sample(cond, uncond, cfg_scale=1.5, top_k=top_k, top_p=top_p,
+                                                       uniform=u, backend="cpu")
+        out["isa"] = _ext.cpu().isa()
+        return out
+
+
+    if __name__ == "__main__":
+        import sys
+
+        torch.save(run_ops(isa_inputs()), sys.argv[1])
+""")
+_run_ops = {"__name__": "run_ops"}
+exec(compile(_RUN_OPS_SRC, "<test_cpu_numerics run_ops>", "exec"), _run_ops)
+
+
+@pytest.fixture(scope="module")
+def native_ops():
+    x = _run_ops["isa_inputs"]()
+    return x, _run_ops["run_ops"](x)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_isa_path_matches_native(isa, native_ops, tmp_path):
+    x, native = native_ops
+    if isa == native["isa"]:
+        pytest.skip(f"{isa} is the native path (the other tests run it)")
+    env = {**os.environ, "FQGAN_CPU_ISA": isa}
+    proc = subprocess.run([sys.executable, "-c", _RUN_OPS_SRC, str(tmp_path / "out.pt")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    if got["isa"] != isa:
+        pytest.skip(f"this CPU has no {isa} (forcing it runs {got['isa']})")
+    for D in (8, 5):
+        for l2 in (True, False):
+            codes, idx = got[f"nc{D}-{l2}"]
+            check_nearest(*x[f"nc{D}"], l2, codes, idx)
+            assert (idx == native[f"nc{D}-{l2}"][1]).float().mean() > 0.99
+    # Sums run in other orders (other vector widths, FMA or not): equal up to float32 rounding,
+    # relative to each output's largest magnitude.
+    for name in ("ent8", "ent5", "vq", "lce"):
+        for i, (a, b) in enumerate(zip(got[name], native[name])):
+            scale = b.abs().max().item()
+            what = f"{isa} {name}[{i}]"
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale + 1e-7, msg=lambda m, what=what: f"{what}: {m}")
+    cond, uncond, u = x["sample"]
+    for top_k, top_p in ((0, 1.0), (20, 0.9)):
+        want = ref.sample(cond, uncond, 1.5, 1.0, top_k, top_p, uniform=u)
+        assert_same_draws(got[f"sample-{top_k}-{top_p}"], want, (cond, uncond, 1.5, 1.0, top_k, top_p, u),
+                          f"sample {isa}")

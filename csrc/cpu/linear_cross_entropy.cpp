@@ -18,6 +18,11 @@
 // row, every page of the chunk touched per block, and the TLB thrashed: ~1 s per head).
 // Low-precision inputs are converted to float32 per head (weight) and per chunk (hidden): on CPUs
 // without native bf16 GEMMs the float32 MKL GEMM is both faster and exact in its accumulation.
+//
+// ISA: the epilogue's block body is the kernel pass at the bottom of this file, compiled once per
+// instruction set (cpu/isa.h), for float and double.
+#ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -26,9 +31,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -67,104 +72,14 @@ struct Args {
   double z_loss;  // weight of lse^2
 };
 
-// One block of cb (<= kMaxBlock) columns of LT starting at L: the logits of cb rows, one per column.
-// bias [V] or null; targets, row_grad (or null), loss, lse: [cb]. Sums over V are float64 per column
-// (the float32 exps are converted; the loops still vectorise).
-template <typename T>
-__attribute__((always_inline)) inline void block_body(T* __restrict L, int64_t cb, const T* __restrict bias,
-                                                      const int64_t* targets, const T* row_grad, const Args& a,
-                                                      T* loss, T* lse) {
-  const int64_t V = a.V, ld = a.ld;
-  alignas(64) T m[kMaxBlock];
-  alignas(64) double sz[kMaxBlock], s[kMaxBlock];
-  for (int64_t c = 0; c < cb; ++c) {
-    m[c] = -std::numeric_limits<T>::infinity();
-    sz[c] = 0.0;
-    s[c] = 0.0;
-  }
-  // Pass 1: + bias (stored), max and plain sum (label smoothing) per column.
-  for (int64_t v = 0; v < V; ++v) {
-    T* __restrict row = L + v * ld;
-    if (bias != nullptr) {
-      const T b = bias[v];
-#pragma omp simd
-      for (int64_t c = 0; c < cb; ++c) {
-        const T x = row[c] + b;
-        row[c] = x;
-        m[c] = m[c] > x ? m[c] : x;
-        sz[c] += x;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < cb; ++c) {
-        const T x = row[c];
-        m[c] = m[c] > x ? m[c] : x;
-        sz[c] += x;
-      }
-    }
-  }
-  alignas(64) T zt[kMaxBlock];  // the target's logit, read before pass 2 may overwrite it
-  for (int64_t c = 0; c < cb; ++c) {
-    const int64_t t = targets[c];
-    zt[c] = t != a.ignore_index ? L[t * ld + c] : T(0);
-  }
-  // Pass 2: exps (kept in place when the gradient follows, i.e. row_grad is given) and their sums.
-  const bool store = row_grad != nullptr;
-  for (int64_t v = 0; v < V; ++v) {
-    T* __restrict row = L + v * ld;
-    if (store) {
-#pragma omp simd
-      for (int64_t c = 0; c < cb; ++c) {
-        const T e = exp_nonpos(row[c] - m[c]);
-        row[c] = e;
-        s[c] += e;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < cb; ++c) s[c] += exp_nonpos(row[c] - m[c]);
-    }
-  }
-  const T eps = static_cast<T>(a.eps), zl = static_cast<T>(a.z_loss), inv_v = T(1) / static_cast<T>(V);
-  alignas(64) T scale[kMaxBlock], shift[kMaxBlock];
-  alignas(64) uint32_t keep[kMaxBlock];
-  for (int64_t c = 0; c < cb; ++c) {
-    const bool valid = targets[c] != a.ignore_index;
-    const T l = m[c] + static_cast<T>(std::log(s[c]));
-    lse[c] = l;
-    loss[c] = valid ? l - (T(1) - eps) * zt[c] - eps * inv_v * static_cast<T>(sz[c]) + zl * l * l : T(0);
-    const T gr = valid && store ? row_grad[c] : T(0);  // ignored rows: zero gradient
-    scale[c] = shift[c] = T(0);
-    keep[c] = 0u;
-    if (gr != T(0)) {
-      scale[c] = gr * (T(1) + T(2) * zl * l) / static_cast<T>(s[c]);  // p = e / s
-      shift[c] = -gr * eps * inv_v;
-      keep[c] = ~0u;
-    }
-  }
-  if (!store) return;
-  // Pass 3: dlogits in place (columns with a zero row gradient become exactly 0, even if not finite).
-  for (int64_t v = 0; v < V; ++v) {
-    T* __restrict row = L + v * ld;
-#pragma omp simd
-    for (int64_t c = 0; c < cb; ++c) row[c] = keep_if(scale[c] * row[c] + shift[c], keep[c]);
-  }
-  for (int64_t c = 0; c < cb; ++c) {
-    if (keep[c] != 0u) L[targets[c] * ld + c] -= row_grad[c] * (T(1) - eps);
-  }
-}
+}  // namespace
+}  // namespace fqgan::cpu
 
-template <typename T>
-void block_portable(T* L, int64_t cb, const T* bias, const int64_t* t, const T* g, const Args& a, T* loss, T* lse) {
-  block_body<T>(L, cb, bias, t, g, a, loss, lse);
-}
+#define FQGAN_ISA_SELF "cpu/linear_cross_entropy.cpp"
+#include "cpu/isa_passes.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-__attribute__((target("avx2,fma"))) void block_avx2(float* L, int64_t cb, const float* bias, const int64_t* t,
-                                                     const float* g, const Args& a, float* loss, float* lse) {
-  block_body<float>(L, cb, bias, t, g, a, loss, lse);
-}
-
-#endif
+namespace fqgan::cpu {
+namespace {
 
 // Epilogue over a chunk LT [V, n] (contiguous), bias [V] or null, targets [n], row_grad [n] or null,
 // loss/lse [n]: one block of columns per thread (a multiple of kMinBlock, at most kMaxBlock).
@@ -175,20 +90,13 @@ void epilogue(T* L, int64_t n, const T* bias, const int64_t* targets, const T* r
   int64_t width = (n + threads - 1) / threads;
   width = std::min(kMaxBlock, (width + kMinBlock - 1) / kMinBlock * kMinBlock);
   const int64_t blocks = (n + width - 1) / width;
+  const auto block_fn = FQGAN_ISA_PICK(block<T>);
   fpstate::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * width;
       const int64_t cb = std::min(width, n - c0);
       const T* g = row_grad != nullptr ? row_grad + c0 : nullptr;
-#if defined(__x86_64__) || defined(_M_X64)
-      if constexpr (std::is_same<T, float>::value) {
-        if (simd::has_avx2_fma()) {
-          block_avx2(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
-          continue;
-        }
-      }
-#endif
-      block_portable<T>(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
+      block_fn(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
     }
   });
 }
@@ -277,3 +185,92 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 }
 
 }  // namespace fqgan::cpu
+
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
+
+// One block of cb (<= kMaxBlock) columns of LT starting at L: the logits of cb rows, one per column.
+// bias [V] or null; targets, row_grad (or null), loss, lse: [cb]. Sums over V are float64 per column
+// (the float32 exps are converted; the loops still vectorise).
+template <typename T>
+void block(T* __restrict L, int64_t cb, const T* __restrict bias, const int64_t* targets, const T* row_grad,
+           const Args& a, T* loss, T* lse) {
+  const int64_t V = a.V, ld = a.ld;
+  alignas(64) T m[kMaxBlock];
+  alignas(64) double sz[kMaxBlock], s[kMaxBlock];
+  for (int64_t c = 0; c < cb; ++c) {
+    m[c] = -std::numeric_limits<T>::infinity();
+    sz[c] = 0.0;
+    s[c] = 0.0;
+  }
+  // Pass 1: + bias (stored), max and plain sum (label smoothing) per column.
+  for (int64_t v = 0; v < V; ++v) {
+    T* __restrict row = L + v * ld;
+    if (bias != nullptr) {
+      const T b = bias[v];
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) {
+        const T x = row[c] + b;
+        row[c] = x;
+        m[c] = m[c] > x ? m[c] : x;
+        sz[c] += x;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) {
+        const T x = row[c];
+        m[c] = m[c] > x ? m[c] : x;
+        sz[c] += x;
+      }
+    }
+  }
+  alignas(64) T zt[kMaxBlock];  // the target's logit, read before pass 2 may overwrite it
+  for (int64_t c = 0; c < cb; ++c) {
+    const int64_t t = targets[c];
+    zt[c] = t != a.ignore_index ? L[t * ld + c] : T(0);
+  }
+  // Pass 2: exps (kept in place when the gradient follows, i.e. row_grad is given) and their sums.
+  const bool store = row_grad != nullptr;
+  for (int64_t v = 0; v < V; ++v) {
+    T* __restrict row = L + v * ld;
+    if (store) {
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) {
+        const T e = exp_nonpos(row[c] - m[c]);
+        row[c] = e;
+        s[c] += e;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < cb; ++c) s[c] += exp_nonpos(row[c] - m[c]);
+    }
+  }
+  const T eps = static_cast<T>(a.eps), zl = static_cast<T>(a.z_loss), inv_v = T(1) / static_cast<T>(V);
+  alignas(64) T scale[kMaxBlock], shift[kMaxBlock];
+  alignas(64) uint32_t keep[kMaxBlock];
+  for (int64_t c = 0; c < cb; ++c) {
+    const bool valid = targets[c] != a.ignore_index;
+    const T l = m[c] + static_cast<T>(std::log(s[c]));
+    lse[c] = l;
+    loss[c] = valid ? l - (T(1) - eps) * zt[c] - eps * inv_v * static_cast<T>(sz[c]) + zl * l * l : T(0);
+    const T gr = valid && store ? row_grad[c] : T(0);  // ignored rows: zero gradient
+    scale[c] = shift[c] = T(0);
+    keep[c] = 0u;
+    if (gr != T(0)) {
+      scale[c] = gr * (T(1) + T(2) * zl * l) / static_cast<T>(s[c]);  // p = e / s
+      shift[c] = -gr * eps * inv_v;
+      keep[c] = ~0u;
+    }
+  }
+  if (!store) return;
+  // Pass 3: dlogits in place (columns with a zero row gradient become exactly 0, even if not finite).
+  for (int64_t v = 0; v < V; ++v) {
+    T* __restrict row = L + v * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cb; ++c) row[c] = keep_if(scale[c] * row[c] + shift[c], keep[c]);
+  }
+  for (int64_t c = 0; c < cb; ++c) {
+    if (keep[c] != 0u) L[targets[c] * ld + c] -= row_grad[c] * (T(1) - eps);
+  }
+}
+
+#endif  // FQGAN_ISA_PASS

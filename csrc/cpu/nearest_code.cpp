@@ -33,15 +33,13 @@
 // an item, codes go in chunks of ~16 KiB of packed data (512 codes at D = 8): the chunk stays in L1
 // while all row groups of the block pass over it, and the block's z rows (8 KiB) stay in L1 too.
 //
-// ISA. The kernel section at the bottom of this file is compiled three times, by re-including the
-// file inside a `#pragma GCC target` region (portable, avx2+fma, avx512f/vl/bw/dq), with the vector
-// type from cpu/simd.h. One source of the kernel logic, one build with no -march flag, and the
-// instruction set picked at run time with __builtin_cpu_supports (see chosen_isa()).
+// ISA. The kernel pass at the bottom of this file is compiled once per instruction set (cpu/isa.h),
+// with that set's vector type V from cpu/simd.h and its tile shape (R, C above).
 //
 // Fast paths are templated on D in {4, 8, 16, 32} (the d loop fully unrolled); any other D takes the
 // same code with a run-time loop.
 
-#ifndef FQGAN_NC_KERNEL_PASS  // ======================= driver (compiled once) =======================
+#ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -49,121 +47,35 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
-
-// Each kernel pass defines, in namespace fqgan::cpu::<isa>: tile_codes(), tile_rows(), scan().
-#define FQGAN_NC_KERNEL_PASS
-
-#define FQGAN_NC_NS nc_portable
-#define FQGAN_NC_VEC Portable
-#define FQGAN_NC_ROWS 4
-#define FQGAN_NC_VECS 2
-#include "nearest_code.cpp"
-#undef FQGAN_NC_NS
-#undef FQGAN_NC_VEC
-#undef FQGAN_NC_ROWS
-#undef FQGAN_NC_VECS
-
-#if FQGAN_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define FQGAN_NC_NS nc_avx2
-#define FQGAN_NC_VEC Avx2
-#define FQGAN_NC_ROWS 4
-#define FQGAN_NC_VECS 3
-#include "nearest_code.cpp"
-#undef FQGAN_NC_NS
-#undef FQGAN_NC_VEC
-#undef FQGAN_NC_ROWS
-#undef FQGAN_NC_VECS
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#define FQGAN_NC_NS nc_avx512
-#define FQGAN_NC_VEC Avx512
-#define FQGAN_NC_ROWS 6
-#define FQGAN_NC_VECS 4
-#include "nearest_code.cpp"
-#undef FQGAN_NC_NS
-#undef FQGAN_NC_VEC
-#undef FQGAN_NC_ROWS
-#undef FQGAN_NC_VECS
-#pragma GCC pop_options
-#endif  // FQGAN_X86
-
-#undef FQGAN_NC_KERNEL_PASS
 
 namespace fqgan::cpu {
 namespace {
 
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa best_supported_isa() {
-#if FQGAN_X86
-  __builtin_cpu_init();
-  // libgcc's checks include the OS (XCR0) support for the wider register state.
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kPortable;
-}
-
-// The path the kernels take, decided once per process. FQGAN_CPU_ISA=portable|avx2|avx512 forces a
-// path, so tests can check the paths against each other on one machine. Forcing a path this CPU
-// lacks (or an unknown name) falls back to the best path it has, instead of dying on an illegal
-// instruction: isa() tells which one actually runs.
-Isa chosen_isa() {
-  static const Isa isa = [] {
-    const Isa best = best_supported_isa();
-    const char* env = std::getenv("FQGAN_CPU_ISA");
-    if (env == nullptr) return best;
-    const std::string want(env);
-    Isa forced;
-    if (want == "portable") {
-      forced = Isa::kPortable;
-    } else if (want == "avx2") {
-      forced = Isa::kAvx2;
-    } else if (want == "avx512") {
-      forced = Isa::kAvx512;
-    } else {
-      return best;
-    }
-    return static_cast<int>(forced) <= static_cast<int>(best) ? forced : best;
-  }();
-  return isa;
-}
-
 using ScanFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, float*, int64_t*);
 
+// What a kernel pass provides: its tile shape and the scan of a block of rows over one sub-codebook.
 struct Kernel {
   int64_t tile_codes;  // T: codes per packed tile
   int64_t tile_rows;   // R: rows per micro-kernel call; row blocks are padded to a multiple
   ScanFn scan;
 };
 
-Kernel kernel_for(Isa isa) {
-  switch (isa) {
-#if FQGAN_X86
-    case Isa::kAvx512:
-      return {nc_avx512::tile_codes(), nc_avx512::tile_rows(), &nc_avx512::scan};
-    case Isa::kAvx2:
-      return {nc_avx2::tile_codes(), nc_avx2::tile_rows(), &nc_avx2::scan};
-#endif
-    default:
-      return {nc_portable::tile_codes(), nc_portable::tile_rows(), &nc_portable::scan};
-  }
-}
+}  // namespace
+}  // namespace fqgan::cpu
+
+#define FQGAN_ISA_SELF "cpu/nearest_code.cpp"
+#include "cpu/isa_passes.h"
+
+namespace fqgan::cpu {
+namespace {
 
 // Normalises (if asked) and packs codebooks [k, K, D] into tiles [k][Kpad / T][D][T] (fp32) and the
 // per-code bias [k][Kpad]. The normalisation follows F.normalize(eps=1e-12): e / max(||e||, eps).
@@ -258,17 +170,6 @@ void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, bool l2_normaliz
 
 }  // namespace
 
-std::string isa() {
-  switch (chosen_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "portable";
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::Tensor& codebooks, bool l2_normalize) {
   TORCH_CHECK(z.dim() == 3 && codebooks.dim() == 3, "nearest_code: z [N,k,D] and codebooks [k,K,D], got ",
               z.sizes(), " and ", codebooks.sizes());
@@ -284,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::T
 
   const fpstate::FlushDenormals fp_guard;
   const at::Tensor zc = z.contiguous(), cbc = codebooks.contiguous();
-  const Kernel kern = kernel_for(chosen_isa());
+  const Kernel& kern = *FQGAN_ISA_PICK(kernel);
   const int64_t Kpad = (K + kern.tile_codes - 1) / kern.tile_codes * kern.tile_codes;
   at::Tensor packed = at::empty({k * Kpad * D}, z.options().dtype(at::kFloat));
   at::Tensor bias = at::empty({k * Kpad}, z.options().dtype(at::kFloat));
@@ -300,17 +201,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::T
 
 }  // namespace fqgan::cpu
 
-#else  // ============ kernel pass: compiled once per ISA, inside that ISA's target region ============
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
 
-namespace fqgan::cpu::FQGAN_NC_NS {
-
-using V = simd::FQGAN_NC_VEC;
-constexpr int kRows = FQGAN_NC_ROWS;    // R
-constexpr int kVecs = FQGAN_NC_VECS;    // C
-constexpr int kTile = kVecs * V::W;     // T codes per packed tile
-
-int64_t tile_codes() { return kTile; }
-int64_t tile_rows() { return kRows; }
+constexpr int kRows = kIsa == isa::Isa::kAvx512 ? 6 : 4;                           // R
+constexpr int kVecs = kIsa == isa::Isa::kAvx512 ? 4 : kIsa == isa::Isa::kAvx2 ? 3 : 2;  // C
+constexpr int kTile = kVecs * V::W;                                                // T codes per packed tile
 
 // Scores of kRows rows (z, row stride D) against one packed tile (D x kTile, starting at code `code0`),
 // folded into the rows' running best score / index.
@@ -391,6 +286,6 @@ void scan(const float* z, int64_t rows, int64_t D, const float* pk, const float*
   }
 }
 
-}  // namespace fqgan::cpu::FQGAN_NC_NS
+const Kernel kernel{kTile, kRows, &scan};
 
-#endif  // FQGAN_NC_KERNEL_PASS
+#endif  // FQGAN_ISA_PASS

@@ -8,13 +8,14 @@
 //   any_gt(a, x)           true when some lane of a is > x (strict: ties never count)
 //
 // Each struct lives inside a `#pragma GCC target` region, so its functions carry that ISA's target
-// attribute and inline only into kernels compiled for the same target (see nearest_code.cpp, which
-// re-includes its kernel section once per ISA). Nothing here runs unless the dispatcher checked the
-// CPU first. Plain C++ `Portable` is the fallback on every architecture; it is written as W = 8
-// scalar loops so that the baseline compiler (SSE2 on x86-64, NEON on aarch64) can vectorise it.
+// attribute and inline only into code compiled for the same target: the kernel passes of
+// cpu/isa.h, which see the struct of their ISA as `V`. Nothing here runs unless isa::chosen()
+// picked that ISA. Plain C++ `Portable` is the fallback on every architecture; it is written as
+// W = 8 scalar loops so that the baseline compiler (SSE2 on x86-64, NEON on aarch64) can
+// vectorise it.
 //
 // fexp(x): a scalar float exp written so that loops calling it auto-vectorise (entropy, linear
-// cross-entropy and sampling use it inside their AVX2-target clones).
+// cross-entropy and sampling call it in their kernel passes).
 #pragma once
 
 #include <cstdint>
@@ -28,16 +29,6 @@
 #endif
 
 namespace fqgan::cpu::simd {
-
-// True when the CPU runs AVX2 + FMA code (the target of the kernels' AVX2 clones); checked once.
-inline bool has_avx2_fma() {
-#if FQGAN_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // exp(x) for x <= ~88, ~2 ulp (Cephes expf polynomial), never subnormal: y * 2^n with y in
 // [0.7, 1.42] is formed with n clamped to >= -125 (so the product is >= 0.7 * 2^-125, a normal
