@@ -6,6 +6,8 @@
 //   fmadd(a, b, c)         a * b + c
 //   max(a, b)              lane-wise max
 //   any_gt(a, x)           true when some lane of a is > x (strict: ties never count)
+//   hmax(a)                the largest lane of a (no NaN lanes)
+//   eq_mask(a, x)          bit l set iff lane l of a == x
 //
 // Each struct lives inside a `#pragma GCC target` region, so its functions carry that ISA's target
 // attribute and inline only into code compiled for the same target: the kernel passes of
@@ -96,6 +98,16 @@ struct Portable {
     for (int l = 0; l < W; ++l) any |= a.v[l] > x;
     return any;
   }
+  static inline float hmax(const reg& a) {
+    float m = a.v[0];
+    for (int l = 1; l < W; ++l) m = a.v[l] > m ? a.v[l] : m;
+    return m;
+  }
+  static inline uint32_t eq_mask(const reg& a, float x) {
+    uint32_t bits = 0;
+    for (int l = 0; l < W; ++l) bits |= static_cast<uint32_t>(a.v[l] == x) << l;
+    return bits;
+  }
 };
 
 #if FQGAN_X86
@@ -114,6 +126,15 @@ struct Avx2 {
     // Ordered, non-signalling compare: NaN lanes never count as greater.
     return _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(x), _CMP_GT_OQ)) != 0;
   }
+  static inline float hmax(reg a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static inline uint32_t eq_mask(reg a, float x) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(x), _CMP_EQ_OQ)));
+  }
 };
 #pragma GCC pop_options
 
@@ -130,6 +151,18 @@ struct Avx512 {
   static inline reg max(reg a, reg b) { return _mm512_mask_max_ps(a, static_cast<__mmask16>(0xFFFF), a, b); }
   static inline bool any_gt(reg a, float x) {
     return _mm512_cmp_ps_mask(a, _mm512_set1_ps(x), _CMP_GT_OQ) != 0;
+  }
+  // Zero-masked extracts: GCC 12's _mm512_reduce_max_ps and even _mm512_castps512_ps256 trip
+  // -Wmaybe-uninitialized on their own _mm256_undefined_pd().
+  static inline float hmax(reg a) {
+    const __m256 h = _mm256_max_ps(_mm512_maskz_extractf32x8_ps(0xFF, a, 0), _mm512_maskz_extractf32x8_ps(0xFF, a, 1));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static inline uint32_t eq_mask(reg a, float x) {
+    return static_cast<uint32_t>(_mm512_cmp_ps_mask(a, _mm512_set1_ps(x), _CMP_EQ_OQ));
   }
 };
 #pragma GCC pop_options
