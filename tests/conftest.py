@@ -47,3 +47,18 @@ def triton_available():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     return True
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Every backend's kernel raises: for bad-input tests, which must fail in validation, before any
+    kernel runs (the kernels are reached through the ops' dispatch tables, fqgan_kernels/_backend.py)."""
+    from fqgan_kernels import _backend
+
+    def boom(*a, **kw):
+        raise AssertionError("a kernel ran before validation")
+
+    for op in _backend._OPS.values():
+        for table in op.routes.values():
+            for name in table:
+                monkeypatch.setitem(table, name, _backend.Route(boom))
