@@ -5,10 +5,13 @@
     out = model(indices, labels)          # indices [B, k, T], labels [B] -> FARLoss(loss, per_head)
     logits = model.logits(indices, labels)  # [B, k, T, V] (materialised; tests and small inputs)
     codes = generate(model, labels, cfg_scale=[4.0, 2.0], top_k=0, seed=0)  # [B, k, T]
+    model = from_official("FAR-B-dual.pt")   # released / official-training checkpoints, by key mapping
 """
 
 from .config import PRESETS, FARConfig
 from .generate import generate
 from .model import FAR, FARCache, FARLoss, KVCache
+from .official import from_official, to_official_state_dict
 
-__all__ = ["FAR", "PRESETS", "FARCache", "FARConfig", "FARLoss", "KVCache", "generate"]
+__all__ = ["FAR", "PRESETS", "FARCache", "FARConfig", "FARLoss", "KVCache", "from_official", "generate",
+           "to_official_state_dict"]

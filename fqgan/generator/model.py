@@ -223,9 +223,10 @@ class FAR(nn.Module):
         self.tok_embed = nn.Parameter(torch.empty(k, V, D))  # [k, V, D]
         self.aggregate = nn.Linear(k * D, D)  # cat of the k sub-token embeddings -> one input per position
         self.tok_dropout = nn.Dropout(c.token_dropout_p)
-        dpr = torch.linspace(0, c.drop_path_rate, c.n_layer).tolist()
+        # float32 rates as the official linspace(...).item() (device given: works under a meta device context)
+        dpr = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
         self.layers = nn.ModuleList(TransformerBlock(c, p) for p in dpr)
-        dpr = torch.linspace(0, c.drop_path_rate, c.ar_n_layer).tolist()
+        dpr = torch.linspace(0, c.drop_path_rate, c.ar_n_layer, device="cpu").tolist()
         self.ar_layers = nn.ModuleList(TransformerBlock(c, p) for p in dpr)
         self.norm = RMSNorm(D, eps=c.norm_eps)
         self.head = nn.Parameter(torch.empty(k, V, D))  # [k, V, D]
