@@ -142,13 +142,25 @@ def load_teacher(name_or_path: str | os.PathLike, root: str | os.PathLike | None
     directory = find_teacher(name_or_path, root)
     kind = _model_type(directory)
     from transformers import CLIPVisionModel, Dinov2Model
+    from transformers.utils import logging as hf_logging
 
     cls = CLIPVisionModel if kind == "clip" else Dinov2Model
+    verbosity = hf_logging.get_verbosity()
+    # A full CLIP directory (text + vision) makes transformers print every text key as unexpected;
+    # we check the keys that matter -- the missing ones -- ourselves.
+    hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(str(directory), local_files_only=True, **({"dtype": dtype} if dtype else {}))
+        model, info = cls.from_pretrained(str(directory), local_files_only=True, output_loading_info=True,
+                                          **({"dtype": dtype} if dtype else {}))
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"teacher directory {directory}: cannot load a {cls.__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", ())) + [str(m) for m in info.get("mismatched_keys", ())]
+    if missing:
+        raise CheckpointError(f"teacher directory {directory}: the {cls.__name__} weights are incomplete (they would "
+                              f"be random): missing or misshapen {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     return FeatureTeacher(model, kind, input_size)
 
 
