@@ -36,6 +36,34 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
+# One error type for unusable weight files across fqgan (a ValueError): corrupted, truncated, wrong kind.
+from fqgan.tokenizer.weights import CheckpointError
+
+__all__ = [
+    "EMA",
+    "CheckpointError",
+    "DistInfo",
+    "MetricsLogger",
+    "Progress",
+    "ResumableSampler",
+    "StepTimer",
+    "all_reduce_mean",
+    "autocast",
+    "barrier",
+    "capture_rng",
+    "gather_rng",
+    "init_distributed",
+    "load_checkpoint",
+    "read_metrics",
+    "resolve_device",
+    "resolve_precision",
+    "restore_rng",
+    "save_checkpoint",
+    "seed_everything",
+    "teardown_distributed",
+    "unwrap",
+]
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -163,10 +191,6 @@ class ResumableSampler(DistributedSampler):
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint file that exists but cannot be used (corrupted, truncated, wrong kind)."""
-
-
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], kind: str) -> str:
     """Write ``state`` (plus ``kind`` and ``format``) to ``path`` atomically: a temporary file in the
     same folder, flushed and fsynced, then ``os.replace`` -- a crash leaves the old file or the new

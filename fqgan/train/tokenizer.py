@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from fqgan.data import build_dataset, collate
-from fqgan.tokenizer import FQTokenizer, TokenizerConfig
+from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.losses import TokenizerLoss
 
 from .common import (
@@ -352,16 +352,3 @@ def _train(cfg: TokenizerTrainConfig, info: DistInfo, teachers, lpips, on_step) 
         progress.close()
         logger.close()
     return TrainResult(step, cfg.out_dir, ckpt_path, metrics_path, last_metrics, time.perf_counter() - t_start)
-
-
-def load_tokenizer(path: str | os.PathLike, use_ema: bool = True,
-                   device: str | torch.device = "cpu") -> FQTokenizer:
-    """The tokenizer of a ``train-tokenizer`` checkpoint (its EMA weights when present and ``use_ema``),
-    in eval mode on ``device``."""
-    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, map_location="cpu")
-    if "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} lacks its model config or weights")
-    model = FQTokenizer(TokenizerConfig.from_dict(ckpt["model_config"]))
-    weights = ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"]
-    model.load_state_dict(weights)
-    return model.to(device).eval()

@@ -9,10 +9,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from fqgan.eval.tokenizer import load_tokenizer_checkpoint
 from fqgan.tokenizer.config import TINY, TokenizerLossConfig
 from fqgan.train.common import CheckpointError, load_checkpoint, read_metrics
 from fqgan.train.config import TokenizerTrainConfig
-from fqgan.train.tokenizer import load_tokenizer, train_tokenizer
+from fqgan.train.tokenizer import train_tokenizer
 
 # Smaller than TINY (fast on 2 shared cores), same structure: 32x32 images, 8x8 grid, k = 2.
 MODEL = TINY.replace(codebook_size=64, ch=16, z_channels=16, norm_groups=4, adapter_heads=2,
@@ -85,7 +86,7 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(t, b[key][name]), f"{key}.{name}"
     # The resumed run's metrics file reads as one run.
     assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [1, 2, 3, 4]
-    tok = load_tokenizer(tmp_path / "part" / "last.pt")
+    tok = load_tokenizer_checkpoint(tmp_path / "part" / "last.pt")
     assert not tok.training
     assert tok.encode(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 2, 8, 8)
 

@@ -1,0 +1,234 @@
+"""The ``fqgan`` command line: ``fqgan <command> --help`` documents each command.
+
+Commands: ``train-tokenizer``, ``eval-tokenizer``, ``reconstruct``. Every command also runs as
+``python -m fqgan <command>``, and under torchrun (``torchrun --nproc_per_node N -m fqgan <command>``)
+where it trains or evaluates with one process per device.
+
+Bad input (a missing file, an empty folder, a corrupted checkpoint, an unknown preset, ...) ends
+with ``fqgan <command>: error: <what to fix>`` and exit status 2, without a traceback
+(``FQGAN_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_EPILOG = """examples:
+  fqgan train-tokenizer --preset tiny --data sample --steps 300 --perceptual-weight 0 --semantic-weight 0
+  torchrun --nproc_per_node 8 -m fqgan train-tokenizer --data /data/imagenet/train --teacher /ckpt/clip-vit-l14
+  fqgan eval-tokenizer --checkpoint runs/tokenizer/last.pt --data sample
+  fqgan reconstruct photo.jpg --checkpoint runs/tokenizer/last.pt --out recon/
+"""
+
+
+# -- train-tokenizer --------------------------------------------------------------------------------
+def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan train-tokenizer`` (defaults: the official FQGAN-Dual recipe)."""
+    from fqgan.tokenizer.config import PRESETS, TokenizerLossConfig
+    from fqgan.train.config import TokenizerTrainConfig
+
+    run, loss = TokenizerTrainConfig(), TokenizerLossConfig()
+    g = p.add_argument_group("model (a preset, then overrides)")
+    g.add_argument("--preset", default="fqgan-dual-16", choices=sorted(PRESETS),
+                   help="tokenizer architecture (default: %(default)s = FQGAN-Dual, 256 px, downsample 16; "
+                        "'tiny': 32 px, for tests and the demo)")
+    g.add_argument("--image-size", type=int, default=None, help="image side (default: the preset's)")
+    g.add_argument("--codebook-size", type=int, default=None, help="codes per sub-codebook K (default: the preset's)")
+    g.add_argument("--codebook-dim", type=int, default=None, help="code dimension D (default: the preset's, 8)")
+    g.add_argument("--entropy-loss-ratio", type=float, default=None,
+                   help="entropy loss weight (default: the preset's, 0.03 as the released runs)")
+    g.add_argument("--disentanglement-ratio", type=float, default=None,
+                   help="disentanglement loss weight (default: the preset's, 0.1; 0 disables)")
+    g.add_argument("--commit-loss-beta", type=float, default=None, help="commitment weight beta (default: 0.25)")
+    g.add_argument("--dropout-p", type=float, default=None, help="dropout in the encoder/decoder (default: 0)")
+    g.add_argument("--quantizer-distributed", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun, take the entropy loss's statistics over the global batch "
+                        "(default: per process, as FQGAN's training)")
+    g.add_argument("--quantizer-backend", default=None,
+                   help="kernel backend of the quantizer: auto, reference, cpu, triton, cuda (default: auto)")
+
+    g = p.add_argument_group("losses (official VQLoss options)")
+    g.add_argument("--reconstruction-loss", choices=("l2", "l1"), default=loss.reconstruction_loss,
+                   help="pixel loss (default: %(default)s)")
+    g.add_argument("--reconstruction-weight", type=float, default=loss.reconstruction_weight,
+                   help="(default: %(default)s)")
+    g.add_argument("--perceptual-weight", type=float, default=loss.perceptual_weight,
+                   help="LPIPS weight (default: %(default)s; needs --vgg16-weights and the lpips heads; 0 disables)")
+    g.add_argument("--no-lpips-dropout", action="store_true",
+                   help="turn off the LPIPS heads' dropout (the official loss keeps it live in training)")
+    g.add_argument("--disc-loss", choices=("hinge", "vanilla", "non-saturating", "non-saturating-llamagen"),
+                   default=loss.disc_loss, help="discriminator loss (default: %(default)s)")
+    g.add_argument("--gen-loss", choices=("hinge", "non-saturating", "non-saturating-llamagen"),
+                   default=loss.gen_loss, help="generator adversarial loss (default: %(default)s)")
+    g.add_argument("--disc-weight", type=float, default=loss.disc_weight, help="GAN weight (default: %(default)s)")
+    g.add_argument("--disc-start", type=int, default=loss.disc_start,
+                   help="step from which the GAN terms count (default: %(default)s)")
+    g.add_argument("--disc-adaptive-weight", action="store_true",
+                   help="scale the GAN term by ||grad nll|| / ||grad gan|| at the decoder's last layer "
+                        "(off in the official runs)")
+    g.add_argument("--disc-dim", type=int, default=loss.disc_dim, help="PatchGAN width (default: %(default)s)")
+    g.add_argument("--disc-num-layers", type=int, default=loss.disc_num_layers,
+                   help="PatchGAN depth (default: %(default)s)")
+    g.add_argument("--semantic-weight", type=float, default=loss.semantic_weight,
+                   help="feature-prediction (InfoNCE) weight (default: %(default)s; needs the teachers; "
+                        "0 disables)")
+
+    g = p.add_argument_group("weight files (local only: nothing is downloaded)")
+    g.add_argument("--teacher", action="append", default=None, metavar="DIR",
+                   help="a teacher's save_pretrained folder, once per feature head in sub-codebook order "
+                        "(default: the preset's teacher names, looked up under $FQGAN_TEACHERS_DIR and the "
+                        "Hugging Face cache)")
+    g.add_argument("--vgg16-weights", default=None, metavar="FILE",
+                   help="torchvision vgg16-397923af.pth for LPIPS (default: $FQGAN_VGG16_WEIGHTS, torch hub cache)")
+    g.add_argument("--lpips-weights", default=None, metavar="FILE",
+                   help="LPIPS v0.1 vgg.pth heads (default: $FQGAN_LPIPS_WEIGHTS, the lpips wheel's copy)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=run.data,
+                   help="image folder (any depth; labels from the first-level folders) or 'sample' for the "
+                        "built-in photographs (default: %(default)s)")
+    g.add_argument("--sample-length", type=int, default=run.sample_length,
+                   help="random crops per epoch of the sample set (default: %(default)s)")
+    g.add_argument("--num-workers", type=int, default=run.num_workers,
+                   help="data-loading processes per training process (default: %(default)s)")
+
+    g = p.add_argument_group("optimisation (official defaults)")
+    g.add_argument("--batch-size", type=int, default=run.global_batch_size,
+                   help="global batch size, split over the processes (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
+    g.add_argument("--epochs", type=int, default=run.epochs, help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=run.lr,
+                   help="Adam learning rate, both optimizers (default: %(default)s)")
+    g.add_argument("--beta1", type=float, default=run.beta1, help="(default: %(default)s)")
+    g.add_argument("--beta2", type=float, default=run.beta2, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=run.weight_decay,
+                   help="> 0 switches Adam to AdamW (default: %(default)s: the official scripts never pass theirs)")
+    g.add_argument("--max-grad-norm", type=float, default=run.max_grad_norm,
+                   help="gradient clipping, 0 disables (default: %(default)s)")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
+    g.add_argument("--ema-decay", type=float, default=run.ema_decay, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=run.seed, help="(default: %(default)s)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default=run.out_dir,
+                   help="writes last.pt, metrics.jsonl, config.json here (default: %(default)s)")
+    g.add_argument("--resume", default=None, metavar="CKPT|auto",
+                   help="continue from a checkpoint; 'auto': OUT_DIR/last.pt when it exists")
+    g.add_argument("--device", default=run.device, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=run.precision,
+                   help="autocast dtype (default: %(default)s = bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
+    g.add_argument("--log-every", type=int, default=run.log_every,
+                   help="steps per metrics.jsonl record (default: %(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=run.ckpt_every,
+                   help="steps between rewrites of last.pt, 0: only at the end (default: %(default)s)")
+    g.add_argument("--keep-every", type=int, default=run.keep_every,
+                   help="also keep step_XXXXXXX.pt every this many steps (default: %(default)s = no)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def tokenizer_config_from_args(args: argparse.Namespace):
+    """The :class:`TokenizerTrainConfig` of parsed ``train-tokenizer`` arguments."""
+    from fqgan.tokenizer.config import TokenizerLossConfig, get_preset
+    from fqgan.train.config import TokenizerTrainConfig
+
+    names = ("image_size", "codebook_size", "codebook_dim", "entropy_loss_ratio", "disentanglement_ratio",
+             "commit_loss_beta", "dropout_p", "quantizer_distributed", "quantizer_backend")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    model = get_preset(args.preset, **overrides)
+    loss = TokenizerLossConfig(
+        reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
+        perceptual_weight=args.perceptual_weight, lpips_dropout=not args.no_lpips_dropout,
+        disc_loss=args.disc_loss, gen_loss=args.gen_loss, disc_weight=args.disc_weight, disc_start=args.disc_start,
+        disc_adaptive_weight=args.disc_adaptive_weight, disc_dim=args.disc_dim,
+        disc_num_layers=args.disc_num_layers, semantic_weight=args.semantic_weight)
+    return TokenizerTrainConfig(
+        model=model, loss=loss, teachers=tuple(args.teacher) if args.teacher else None,
+        vgg16_weights=args.vgg16_weights, lpips_weights=args.lpips_weights,
+        out_dir=args.out_dir, data=args.data, sample_length=args.sample_length, num_workers=args.num_workers,
+        global_batch_size=args.batch_size, max_steps=args.steps, epochs=args.epochs, lr=args.lr,
+        beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        ema=args.ema, ema_decay=args.ema_decay, seed=args.seed, device=args.device, precision=args.precision,
+        compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, keep_every=args.keep_every,
+        resume=args.resume, quiet=args.quiet)
+
+
+def run_train_tokenizer(args: argparse.Namespace):
+    """``fqgan train-tokenizer``."""
+    from fqgan.train.tokenizer import train_tokenizer
+
+    result = train_tokenizer(tokenizer_config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = result.metrics
+        usage = ", ".join(f"{k[6:]} {v:.3f}" for k, v in m.items() if k.startswith("usage_"))
+        print(f"trained {result.step} steps in {result.seconds:.0f} s; last loss {m.get('loss_gen', float('nan')):.4f}"
+              f"{'; codebook usage ' + usage if usage else ''}")
+        print(f"checkpoint    {result.checkpoint}\nmetrics       {result.metrics_path}")
+    return result
+
+
+# -- the parser -------------------------------------------------------------------------------------
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], Any], Callable[[argparse.Namespace], Any]]
+
+
+def _commands() -> list[Command]:
+    from fqgan.eval.tokenizer import (
+        add_eval_tokenizer_arguments,
+        add_reconstruct_arguments,
+        run_eval_tokenizer,
+        run_reconstruct,
+    )
+
+    return [
+        ("train-tokenizer", "train an FQGAN tokenizer (single process or torchrun DDP)",
+         add_train_tokenizer_arguments, run_train_tokenizer),
+        ("eval-tokenizer", "reconstruction metrics of a tokenizer checkpoint: PSNR, SSIM, codebook usage, rFID",
+         add_eval_tokenizer_arguments, run_eval_tokenizer),
+        ("reconstruct", "reconstruct image files with a tokenizer checkpoint (PNGs, token maps, per-image PSNR)",
+         add_reconstruct_arguments, run_reconstruct),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fqgan`` parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="fqgan", description="FQGAN factorized tokenizer and FAR generator on fqgan-kernels.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, help_text, add_arguments, run in _commands():
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        add_arguments(p)
+        p.set_defaults(_run=run, _parser=p)
+    return parser
+
+
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fqgan`` console script and ``python -m fqgan``. Returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args._run(args)
+    except KeyboardInterrupt:
+        print(f"fqgan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as exc:
+        if os.environ.get("FQGAN_DEBUG"):
+            raise
+        # A user error: say what to fix, without a traceback.
+        args._parser.exit(2, f"fqgan {args.command}: error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
