@@ -4,7 +4,8 @@ This is the network of TensorFlow's FID (``inception-2015-12-05``) as ported by 
 (``pt_inception-2015-12-05-6726825d.pth``): torchvision's Inception3 layout with 1008 classes, no
 auxiliary head, and the FID variants of its blocks (average pools that ignore padding, max pool in
 the branch pool of the last block). Parameter names equal those of that file, so it loads as is.
-No weights are downloaded: the user provides the file (see :func:`find_inception_weights`).
+No weights are downloaded: the user provides the file (see :func:`find_inception_weights`); without
+it, rFID is skipped with a message saying how to provide it (:func:`resolve_rfid_weights`).
 
 Input handling follows pytorch-fid: images in [0, 1], bilinear resize to 299 x 299
 (``align_corners=False``), then ``2 x - 1``. :func:`inception_features` takes model-side images in
@@ -20,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fqgan.images import MissingFileError, to_uint8
+from fqgan.images import to_uint8
+from fqgan.tokenizer.weights import (
+    CheckpointError,
+    WeightsNotFoundError,
+    check_state_dict,
+    find_file,
+    load_torch_file,
+)
 
 INCEPTION_WEIGHTS_ENV = "FQGAN_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -199,55 +207,59 @@ class FIDInceptionV3(nn.Module):
         return x.mean(dim=(2, 3))  # [B, 2048]
 
 
-def inception_weight_candidates(path: str | Path | None = None) -> list[tuple[Path, str]]:
-    """Where :func:`find_inception_weights` looks, in order, as ``(path, source)`` pairs: the
-    ``path`` argument if given (only it); else ``$FQGAN_INCEPTION_WEIGHTS`` if set; else pytorch-fid's
-    download location ``<torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-6726825d.pth``."""
-    if path is not None:
-        return [(Path(path).expanduser(), "--inception-weights")]
-    env = os.environ.get(INCEPTION_WEIGHTS_ENV)
-    if env:
-        return [(Path(env).expanduser(), f"${INCEPTION_WEIGHTS_ENV}")]
-    return [(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME, "torch hub cache")]
+_HOW = (f"rFID needs {INCEPTION_WEIGHTS_FILENAME} (pytorch-fid's port of TF FID's Inception, "
+        f"{INCEPTION_WEIGHTS_URL}): download it once, then pass --inception-weights FILE, set "
+        f"{INCEPTION_WEIGHTS_ENV}=FILE, or put it at <torch hub dir>/checkpoints/{INCEPTION_WEIGHTS_FILENAME} "
+        f"(where pytorch-fid caches it).")
 
 
-def find_inception_weights(path: str | Path | None = None) -> tuple[Path | None, str]:
-    """Locate the FID Inception weight file without any download.
+def default_inception_weights() -> Path:
+    """pytorch-fid's download location: ``<torch.hub.get_dir()>/checkpoints/pt_inception-2015-12-05-6726825d.pth``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
 
-    :returns: ``(file, "")`` when found; ``(None, message)`` when nothing was configured and the
-        default location holds no file (rFID is then skipped; the message says how to provide it).
-    :raises MissingFileError: an explicitly given ``path`` or ``$FQGAN_INCEPTION_WEIGHTS`` names a
-        file that does not exist (an explicit request is not silently skipped).
+
+def find_inception_weights(path: str | Path | None = None) -> Path:
+    """The FID Inception weight file, without any download: ``path`` if given (only it); else
+    ``$FQGAN_INCEPTION_WEIGHTS`` if set (only it); else :func:`default_inception_weights`.
+
+    :raises WeightsNotFoundError: the file is not there (the message lists where it looked and how
+        to provide the file).
     """
-    (candidate, source), = inception_weight_candidates(path)
-    if candidate.is_file():
-        return candidate, ""
-    if source != "torch hub cache":
-        raise MissingFileError(f"FID Inception weights not found: {source} names {candidate}, which does not exist")
-    return None, (
-        f"rFID skipped: no FID Inception weights (looked for {candidate}). To compute rFID, download "
-        f"{INCEPTION_WEIGHTS_FILENAME} (pytorch-fid's port of TF FID's Inception, {INCEPTION_WEIGHTS_URL}) "
-        f"and pass --inception-weights FILE or set {INCEPTION_WEIGHTS_ENV}=FILE."
-    )
+    what = "FID Inception weights"
+    if path is not None:
+        return find_file(what, path, None, how=_HOW)
+    if os.environ.get(INCEPTION_WEIGHTS_ENV):
+        return find_file(what, None, INCEPTION_WEIGHTS_ENV, how=_HOW)
+    return find_file(what, None, INCEPTION_WEIGHTS_ENV, [default_inception_weights()], how=_HOW)
+
+
+def resolve_rfid_weights(path: str | Path | None = None) -> tuple[Path | None, str]:
+    """``(file, "")`` when the weights are found; ``(None, "rFID skipped: ...")`` when nothing was
+    configured (no ``path``, no ``$FQGAN_INCEPTION_WEIGHTS``) and the default location is empty.
+
+    :raises WeightsNotFoundError: an explicit ``path`` or ``$FQGAN_INCEPTION_WEIGHTS`` names a missing
+        file (an explicit request fails loudly rather than being skipped).
+    """
+    try:
+        return find_inception_weights(path), ""
+    except WeightsNotFoundError as e:
+        if path is not None or os.environ.get(INCEPTION_WEIGHTS_ENV):
+            raise
+        return None, f"rFID skipped: {e}"
 
 
 def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> FIDInceptionV3:
     """Build :class:`FIDInceptionV3` in eval mode with the weights of ``path`` (pytorch-fid's file or
     any state dict with the same keys and shapes; ``num_batches_tracked`` entries are optional).
 
-    :raises MissingFileError: ``path`` does not exist.
-    :raises ValueError: the file is not a state dict of this network (missing / unexpected keys or
-        shapes are listed; torchvision's ImageNet Inception is recognised and named).
+    :raises WeightsNotFoundError: ``path`` does not exist.
+    :raises CheckpointError: (a ``ValueError``) the file is unreadable or not a state dict of this
+        network (missing / unexpected keys and wrong shapes are listed; torchvision's ImageNet
+        Inception is recognised and named).
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise MissingFileError(f"FID Inception weights not found: {p} (looked for {p.resolve()})")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors alike: the file is not a usable state dict
-        raise ValueError(f"cannot read FID Inception weights {p}: {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{p} is not a state dict (a dict of tensors); got {type(state).__name__}")
+    what = "FID Inception weights"
+    state = check_state_dict(load_torch_file(p, what), f"{what} {p}")
     model = FIDInceptionV3()
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
@@ -255,15 +267,15 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
     unexpected = sorted(set(state) - set(expected))
     if any(k.startswith("AuxLogits.") for k in unexpected) or (
             "fc.weight" in state and state["fc.weight"].shape[0] == 1000):
-        raise ValueError(f"{p} looks like torchvision's ImageNet Inception (1000 classes / AuxLogits), not the FID "
-                         f"Inception: provide {INCEPTION_WEIGHTS_FILENAME}")
+        raise CheckpointError(f"{what}: {p} looks like torchvision's ImageNet Inception (1000 classes / AuxLogits), "
+                              f"not the FID Inception: provide {INCEPTION_WEIGHTS_FILENAME}")
     if missing or unexpected:
-        raise ValueError(f"{p} does not match the FID Inception: {len(missing)} missing keys {missing[:5]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:5]}")
+        raise CheckpointError(f"{what}: {p} does not match the FID Inception: {len(missing)} missing keys "
+                              f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
     bad = [f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"
            for k, v in state.items() if v.shape != expected[k].shape]
     if bad:
-        raise ValueError(f"{p} has wrong shapes for the FID Inception: {bad[:5]}")
+        raise CheckpointError(f"{what}: {p} has wrong shapes for the FID Inception: {bad[:5]}")
     model.load_state_dict(state, strict=False)  # strict apart from the optional counters checked above
     return model.to(device).eval().requires_grad_(False)
 

@@ -12,8 +12,10 @@ from fqgan.eval.inception import (
     find_inception_weights,
     inception_features,
     load_fid_inception,
+    resolve_rfid_weights,
 )
-from fqgan.images import MissingFileError, to_uint8
+from fqgan.images import to_uint8
+from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
 
 # torchvision's inception_v3 (1000 classes, with AuxLogits) has 27,161,264 parameters (its model table).
 # pytorch-fid's network = that without AuxLogits (conv0 128x768 + bn, conv1 768x128x5x5 + bn, fc 768->1000)
@@ -135,52 +137,55 @@ def test_inception_features_feed_8bit_images_in_0_1():
 
 def test_load_rejects_wrong_files(tmp_path, random_inception):
     state = random_inception.state_dict()
-    with pytest.raises(MissingFileError, match="absent.pth"):
+    with pytest.raises(WeightsNotFoundError, match="absent.pth"):
         load_fid_inception(tmp_path / "absent.pth")
     bad = dict(state)
     del bad["Mixed_6b.branch7x7_2.conv.weight"]
     bad["extra.weight"] = torch.zeros(1)
     torch.save(bad, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"1 missing keys \['Mixed_6b.branch7x7_2.conv.weight'\].*1 unexpected"):
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['Mixed_6b.branch7x7_2.conv.weight'\].*1 unexpected"):
         load_fid_inception(tmp_path / "bad.pth")
     tv = {k: v for k, v in state.items() if not k.startswith("fc.")}
     tv.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
                "AuxLogits.fc.weight": torch.zeros(1000, 768)})
     torch.save(tv, tmp_path / "torchvision.pth")
-    with pytest.raises(ValueError, match="torchvision's ImageNet Inception"):
+    with pytest.raises(CheckpointError, match="torchvision's ImageNet Inception"):
         load_fid_inception(tmp_path / "torchvision.pth")
     shape = dict(state)
     shape["Conv2d_1a_3x3.bn.bias"] = torch.zeros(31)
     torch.save(shape, tmp_path / "shape.pth")
-    with pytest.raises(ValueError, match=r"Conv2d_1a_3x3.bn.bias: file \[31\] vs model \[32\]"):
+    with pytest.raises(CheckpointError, match=r"Conv2d_1a_3x3.bn.bias: file \[31\] vs model \[32\]"):
         load_fid_inception(tmp_path / "shape.pth")
     torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match="not a state dict"):
+    with pytest.raises(CheckpointError, match="expected a state dict"):
         load_fid_inception(tmp_path / "list.pth")
     (tmp_path / "junk.pth").write_bytes(b"\x00junk")
-    with pytest.raises(ValueError, match="cannot read FID Inception weights"):
+    with pytest.raises(CheckpointError, match="FID Inception weights: .*junk.pth"):
         load_fid_inception(tmp_path / "junk.pth")
 
 
 def test_find_weights(tmp_path, monkeypatch):
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    found, message = find_inception_weights()
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
-    assert found is None
-    assert message.startswith("rFID skipped") and str(cached) in message
-    assert "--inception-weights" in message and INCEPTION_WEIGHTS_ENV in message
+    # Nothing configured, nothing cached: skipped, with where we looked and how to provide the file.
+    found, message = resolve_rfid_weights()
+    assert found is None and message.startswith("rFID skipped")
+    for part in (str(cached), "--inception-weights", INCEPTION_WEIGHTS_ENV, "pytorch-fid"):
+        assert part in message
+    with pytest.raises(WeightsNotFoundError):
+        find_inception_weights()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    assert find_inception_weights() == (cached, "")
+    assert resolve_rfid_weights() == (cached, "")
     mine = tmp_path / "mine.pth"
     mine.write_bytes(b"x")
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(mine))
-    assert find_inception_weights() == (mine, "")
+    assert resolve_rfid_weights() == (mine, "")
+    # An explicit request for a missing file fails, even with a usable file elsewhere.
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "gone.pth"))
-    with pytest.raises(MissingFileError, match=f"\\${INCEPTION_WEIGHTS_ENV} names .*gone.pth"):
-        find_inception_weights()
-    with pytest.raises(MissingFileError, match="--inception-weights names .*other.pth"):
-        find_inception_weights(tmp_path / "other.pth")  # an explicit path wins over the variable
-    assert find_inception_weights(mine) == (mine, "")
-
+    with pytest.raises(WeightsNotFoundError, match="gone.pth"):
+        resolve_rfid_weights()
+    with pytest.raises(WeightsNotFoundError, match="other.pth"):
+        resolve_rfid_weights(tmp_path / "other.pth")  # the argument wins over the variable
+    assert resolve_rfid_weights(mine) == (mine, "")
