@@ -67,6 +67,8 @@ def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse.Argume
     g.add_argument("--disc-weight", type=float, default=loss.disc_weight, help="GAN weight (default: %(default)s)")
     g.add_argument("--disc-start", type=int, default=loss.disc_start,
                    help="step from which the GAN terms count (default: %(default)s)")
+    g.add_argument("--skip-disc-until-start", action="store_true",
+                   help="skip the discriminator step before --disc-start (the official loop runs it with weight 0)")
     g.add_argument("--disc-adaptive-weight", action="store_true",
                    help="scale the GAN term by ||grad nll|| / ||grad gan|| at the decoder's last layer "
                         "(off in the official runs)")
@@ -149,6 +151,7 @@ def tokenizer_config_from_args(args: argparse.Namespace):
         disc_num_layers=args.disc_num_layers, semantic_weight=args.semantic_weight)
     return TokenizerTrainConfig(
         model=model, loss=loss, teachers=tuple(args.teacher) if args.teacher else None,
+        skip_disc_until_start=args.skip_disc_until_start,
         vgg16_weights=args.vgg16_weights, lpips_weights=args.lpips_weights,
         out_dir=args.out_dir, data=args.data, sample_length=args.sample_length, num_workers=args.num_workers,
         global_batch_size=args.batch_size, max_steps=args.steps, epochs=args.epochs, lr=args.lr,

@@ -6,7 +6,8 @@ Per step, as showlab/FQGAN ``tokenizer/vq_train_{dual,triple}.py`` (from LlamaGe
    (pixel + perceptual + adaptive * disc_weight(step) * GAN + quantizer terms + feature-prediction
    InfoNCE), backward, clip to ``max_grad_norm``, Adam step, EMA update;
 2. discriminator step: ``TokenizerLoss.discriminator_loss`` on ``x`` and ``sg[out.reconstruction]``
-   (weight 0 before ``disc_start``, where the official loop still runs it), backward, clip, Adam step.
+   (weight 0 before ``disc_start``, where the official loop still runs it; ``skip_disc_until_start``
+   skips it there), backward, clip, Adam step.
 
 Single process, or one process per device under torchrun (DDP: gloo on CPU, nccl on GPU; the
 tokenizer and the discriminator each in their own DDP wrapper). The data order, augmentation and
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from fqgan.data import build_dataset, collate
 from fqgan.tokenizer import FQTokenizer
-from fqgan.tokenizer.losses import TokenizerLoss
+from fqgan.tokenizer.losses import DiscriminatorLoss, TokenizerLoss
 
 from .common import (
     EMA,
@@ -294,13 +295,19 @@ def _train(cfg: TokenizerTrainConfig, info: DistInfo, teachers, lpips, on_step) 
                     ema.update(model)
 
                 # -- discriminator step
-                opt_disc.zero_grad(set_to_none=True)
-                with autocast(device, precision):
-                    d = loss_fn.discriminator_loss(images, out.reconstruction.detach(), gstep, discriminator=disc)
-                d.loss.backward()
-                dnorm = (torch.nn.utils.clip_grad_norm_(loss_fn.discriminator.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm > 0 else torch.zeros((), device=device))
-                opt_disc.step()
+                if cfg.skip_disc_until_start and not loss_fn.discriminator_active(gstep):
+                    zero = torch.zeros((), device=device)
+                    d = DiscriminatorLoss(zero, zero, zero, zero)
+                    dnorm = zero
+                else:
+                    opt_disc.zero_grad(set_to_none=True)
+                    with autocast(device, precision):
+                        d = loss_fn.discriminator_loss(images, out.reconstruction.detach(), gstep,
+                                                       discriminator=disc)
+                    d.loss.backward()
+                    dnorm = (torch.nn.utils.clip_grad_norm_(loss_fn.discriminator.parameters(), cfg.max_grad_norm)
+                             if cfg.max_grad_norm > 0 else torch.zeros((), device=device))
+                    opt_disc.step()
                 step += 1
                 timer.tick()
 

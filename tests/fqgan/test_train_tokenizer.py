@@ -182,3 +182,13 @@ def test_teacher_needed_for_semantic_loss(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="teacher"):
         train_tokenizer(_cfg(tmp_path, "s", max_steps=1))
     assert not os.path.exists(tmp_path / "s" / "last.pt")
+
+
+def test_skip_disc_until_start(tmp_path):
+    loss = TokenizerLossConfig(perceptual_weight=0.0, semantic_weight=0.0, disc_start=10)
+    ref = _losses(_cfg(tmp_path, "ref", loss=loss, max_steps=2))
+    got = _losses(_cfg(tmp_path, "skip", loss=loss, max_steps=2, skip_disc_until_start=True))
+    assert [g[:2] for g in got] == [r[:2] for r in ref]  # the weight-0 step does not touch the tokenizer
+    skipped = load_checkpoint(tmp_path / "skip" / "last.pt")
+    ran = load_checkpoint(tmp_path / "ref" / "last.pt")
+    assert skipped["optimizer_disc"]["state"] == {} and len(ran["optimizer_disc"]["state"]) > 0
