@@ -190,6 +190,45 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+def epoch_batches(dataset, sampler: ResumableSampler, local_batch: int, step: int, max_steps: int,
+                  num_workers: int, device: torch.device, collate_fn=None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(epoch, batch)`` for steps ``step .. max_steps - 1``: epoch ``e`` covers steps
+    ``[e * S, (e + 1) * S)`` with ``S = sampler.num_samples // local_batch`` (the last partial batch of an
+    epoch is dropped, as the official loaders), each epoch in ``sampler``'s order for that epoch,
+    starting mid-epoch when ``step`` is. Sets ``dataset.set_epoch`` (when it has one) before each epoch."""
+    from torch.utils.data import DataLoader
+
+    steps_per_epoch = sampler.num_samples // local_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{sampler.num_samples} samples per process is less than one batch of {local_batch}")
+    # The DataLoader's own generator keeps its seeding off the global RNG (exact resume).
+    gen = torch.Generator()
+    while step < max_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        sampler.set_position(epoch, pos * local_batch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
+                            collate_fn=collate_fn, drop_last=True, pin_memory=device.type == "cuda", generator=gen)
+        for batch in loader:
+            yield epoch, batch
+            step += 1
+            if step >= max_steps:
+                return
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: final step, where its files are, the last logged metrics."""
+
+    step: int
+    out_dir: str
+    checkpoint: str | None
+    metrics_path: str
+    metrics: dict[str, float]
+    seconds: float
+
+
 # -- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], kind: str) -> str:
     """Write ``state`` (plus ``kind`` and ``format``) to ``path`` atomically: a temporary file in the

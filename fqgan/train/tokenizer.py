@@ -22,14 +22,12 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from fqgan.data import build_dataset, collate
 from fqgan.tokenizer import FQTokenizer
@@ -42,9 +40,11 @@ from .common import (
     Progress,
     ResumableSampler,
     StepTimer,
+    TrainResult,
     all_reduce_mean,
     autocast,
     barrier,
+    epoch_batches,
     gather_rng,
     init_distributed,
     load_checkpoint,
@@ -57,18 +57,6 @@ from .common import (
 from .config import TokenizerTrainConfig
 
 CHECKPOINT_KIND = "fqgan-tokenizer"
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run leaves: final step, where its files are, last metrics."""
-
-    step: int
-    out_dir: str
-    checkpoint: str | None
-    metrics_path: str
-    metrics: dict[str, float]
-    seconds: float
 
 
 def _optimizer(params, cfg: TokenizerTrainConfig) -> torch.optim.Optimizer:
@@ -239,7 +227,6 @@ def _train(cfg: TokenizerTrainConfig, info: DistInfo, teachers, lpips, on_step) 
     last_metrics: dict[str, float] = {}
     last_postfix = 0.0
     ckpt_path = None
-    data_gen = torch.Generator()  # keeps DataLoader seeding off the global RNG (exact resume)
 
     def accumulate(values: Mapping[str, torch.Tensor]) -> None:
         for key, v in values.items():
@@ -271,89 +258,81 @@ def _train(cfg: TokenizerTrainConfig, info: DistInfo, teachers, lpips, on_step) 
         return path
 
     try:
-        while step < max_steps:
-            epoch, pos = divmod(step, steps_per_epoch)
-            sampler.set_position(epoch, pos * local_batch)
-            dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
-                                collate_fn=collate, drop_last=True, pin_memory=device.type == "cuda",
-                                generator=data_gen)
-            for images, _labels in loader:
-                images = images.to(device, non_blocking=True)
-                gstep = step + 1  # the official loss counts steps from 1
+        batches = epoch_batches(dataset, sampler, local_batch, step, max_steps, cfg.num_workers, device, collate)
+        for epoch, (images, _labels) in batches:
+            images = images.to(device, non_blocking=True)
+            gstep = step + 1  # the official loss counts steps from 1
 
-                # -- generator (tokenizer) step
-                opt.zero_grad(set_to_none=True)
+            # -- generator (tokenizer) step
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                out = train_model(images)
+                g = loss_fn.generator_loss(images, out, gstep, last_layer=model.last_layer)
+            g.loss.backward()
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                     if cfg.max_grad_norm > 0 else torch.zeros((), device=device))
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+
+            # -- discriminator step
+            if cfg.skip_disc_until_start and not loss_fn.discriminator_active(gstep):
+                zero = torch.zeros((), device=device)
+                d = DiscriminatorLoss(zero, zero, zero, zero)
+                dnorm = zero
+            else:
+                opt_disc.zero_grad(set_to_none=True)
                 with autocast(device, precision):
-                    out = train_model(images)
-                    g = loss_fn.generator_loss(images, out, gstep, last_layer=model.last_layer)
-                g.loss.backward()
-                gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    d = loss_fn.discriminator_loss(images, out.reconstruction.detach(), gstep,
+                                                   discriminator=disc)
+                d.loss.backward()
+                dnorm = (torch.nn.utils.clip_grad_norm_(loss_fn.discriminator.parameters(), cfg.max_grad_norm)
                          if cfg.max_grad_norm > 0 else torch.zeros((), device=device))
-                opt.step()
-                if ema is not None:
-                    ema.update(model)
+                opt_disc.step()
+            step += 1
+            timer.tick()
 
-                # -- discriminator step
-                if cfg.skip_disc_until_start and not loss_fn.discriminator_active(gstep):
-                    zero = torch.zeros((), device=device)
-                    d = DiscriminatorLoss(zero, zero, zero, zero)
-                    dnorm = zero
-                else:
-                    opt_disc.zero_grad(set_to_none=True)
-                    with autocast(device, precision):
-                        d = loss_fn.discriminator_loss(images, out.reconstruction.detach(), gstep,
-                                                       discriminator=disc)
-                    d.loss.backward()
-                    dnorm = (torch.nn.utils.clip_grad_norm_(loss_fn.discriminator.parameters(), cfg.max_grad_norm)
-                             if cfg.max_grad_norm > 0 else torch.zeros((), device=device))
-                    opt_disc.step()
-                step += 1
-                timer.tick()
+            values = {"loss_gen": g.loss, "loss_disc": d.loss, "rec": g.reconstruction,
+                      "perceptual": g.perceptual, "adversarial": g.adversarial, "disentangle": g.disentangle,
+                      "adaptive_weight": g.adaptive_weight, "disc_weight": g.disc_weight,
+                      "logits_real": d.logits_real, "logits_fake": d.logits_fake,
+                      "grad_norm": gnorm, "grad_norm_disc": dnorm}
+            for i, name in enumerate(names):
+                values[f"codebook_{name}"] = g.codebook[i]
+                values[f"commit_{name}"] = g.commitment[i]
+                values[f"entropy_{name}"] = g.entropy[i]
+                values[f"perplexity_{name}"] = out.losses.perplexity[i]
+            for j, i in enumerate(cfg.model.semantic_codebooks[: g.semantic.numel()]):
+                values[f"semantic_{names[i]}"] = g.semantic[j]
+            accumulate(values)
+            count += 1
 
-                values = {"loss_gen": g.loss, "loss_disc": d.loss, "rec": g.reconstruction,
-                          "perceptual": g.perceptual, "adversarial": g.adversarial, "disentangle": g.disentangle,
-                          "adaptive_weight": g.adaptive_weight, "disc_weight": g.disc_weight,
-                          "logits_real": d.logits_real, "logits_fake": d.logits_fake,
-                          "grad_norm": gnorm, "grad_norm_disc": dnorm}
-                for i, name in enumerate(names):
-                    values[f"codebook_{name}"] = g.codebook[i]
-                    values[f"commit_{name}"] = g.commitment[i]
-                    values[f"entropy_{name}"] = g.entropy[i]
-                    values[f"perplexity_{name}"] = out.losses.perplexity[i]
-                for j, i in enumerate(cfg.model.semantic_codebooks[: g.semantic.numel()]):
-                    values[f"semantic_{names[i]}"] = g.semantic[j]
-                accumulate(values)
-                count += 1
+            now = time.perf_counter()
+            if on_step is not None and info.is_main:
+                on_step(step, {"loss_gen": g.loss.item(), "loss_disc": d.loss.item()})
+            if progress.bar is not None and (now - last_postfix > 0.5 or step == max_steps):
+                last_postfix = now
+                usage = out.losses.usage
+                live = {"loss": g.loss.item(), "rec": g.reconstruction.item()}
+                live.update({f"use_{n}": usage[i].item() for i, n in enumerate(names)})
+                progress.update(1, **live)
+            else:
+                progress.update(1)
 
-                now = time.perf_counter()
-                if on_step is not None and info.is_main:
-                    on_step(step, {"loss_gen": g.loss.item(), "loss_disc": d.loss.item()})
-                if progress.bar is not None and (now - last_postfix > 0.5 or step == max_steps):
-                    last_postfix = now
-                    usage = out.losses.usage
-                    live = {"loss": g.loss.item(), "rec": g.reconstruction.item()}
-                    live.update({f"use_{n}": usage[i].item() for i, n in enumerate(names)})
-                    progress.update(1, **live)
-                else:
-                    progress.update(1)
+            if step % cfg.log_every == 0 or step == max_steps:
+                means = {k: (v / count).item() for k, v in sums.items()}
+                means = all_reduce_mean(means, info)
+                for i, n in enumerate(names):
+                    means[f"usage_{n}"] = out.losses.usage[i].item()
+                sec, rate = timer.rate()
+                last_metrics = {**means, "lr": opt.param_groups[0]["lr"], "epoch": epoch,
+                                "sec_per_step": sec, "images_per_sec": rate * cfg.global_batch_size}
+                logger.log(step, **last_metrics)
+                sums.clear()
+                count = 0
 
-                if step % cfg.log_every == 0 or step == max_steps:
-                    means = {k: (v / count).item() for k, v in sums.items()}
-                    means = all_reduce_mean(means, info)
-                    for i, n in enumerate(names):
-                        means[f"usage_{n}"] = out.losses.usage[i].item()
-                    sec, rate = timer.rate()
-                    last_metrics = {**means, "lr": opt.param_groups[0]["lr"], "epoch": epoch,
-                                    "sec_per_step": sec, "images_per_sec": rate * cfg.global_batch_size}
-                    logger.log(step, **last_metrics)
-                    sums.clear()
-                    count = 0
-
-                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < max_steps:
-                    ckpt_path = checkpoint(final=False)
-                if step >= max_steps:
-                    break
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < max_steps:
+                ckpt_path = checkpoint(final=False)
         ckpt_path = checkpoint(final=True)
     finally:
         progress.close()
