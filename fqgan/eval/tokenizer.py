@@ -391,13 +391,13 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
         loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                             collate_fn=collate, pin_memory=info.device.type == "cuda")
         out = Path(args.out)
-        progress = Progress(len(shard), desc="eval-tokenizer", enabled=info.is_main and not args.quiet)
+        progress = Progress(len(loader), desc="eval-tokenizer", enabled=info.is_main and not args.quiet)
         try:
             result = evaluate_tokenizer(
                 model, loader, grid_path=out / "grid.png", grid_images=args.grid_images, inception=inception,
                 rfid_note=note, save_dir=args.save_reconstructions,
                 fid_stats_dir=out if args.save_fid_stats else None, device=info.device,
-                on_batch=lambda b: progress.update(b))
+                on_batch=lambda _: progress.update(1))  # one step per batch
         finally:
             progress.close()
         result.update(checkpoint=str(args.checkpoint), data=str(args.data), world_size=info.world_size)
