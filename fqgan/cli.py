@@ -25,6 +25,43 @@ _EPILOG = """examples:
 """
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, run) -> None:
+    """Optimisation and bookkeeping options shared by the training commands (defaults from ``run``)."""
+    g = p.add_argument_group("optimisation (official defaults)")
+    g.add_argument("--batch-size", type=int, default=run.global_batch_size,
+                   help="global batch size, split over the processes (default: %(default)s)")
+    g.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
+    g.add_argument("--epochs", type=int, default=run.epochs, help="(default: %(default)s)")
+    g.add_argument("--lr", type=float, default=run.lr,
+                   help="learning rate (default: %(default)s)")
+    g.add_argument("--beta1", type=float, default=run.beta1, help="(default: %(default)s)")
+    g.add_argument("--beta2", type=float, default=run.beta2, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=run.weight_decay,
+                   help="weight decay (default: %(default)s)")
+    g.add_argument("--max-grad-norm", type=float, default=run.max_grad_norm,
+                   help="gradient clipping, 0 disables (default: %(default)s)")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
+    g.add_argument("--ema-decay", type=float, default=run.ema_decay, help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=run.seed, help="(default: %(default)s)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", default=run.out_dir,
+                   help="writes last.pt, metrics.jsonl, config.json here (default: %(default)s)")
+    g.add_argument("--resume", default=None, metavar="CKPT|auto",
+                   help="continue from a checkpoint; 'auto': OUT_DIR/last.pt when it exists")
+    g.add_argument("--device", default=run.device, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=run.precision,
+                   help="autocast dtype (default: %(default)s = bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--log-every", type=int, default=run.log_every,
+                   help="steps per metrics.jsonl record (default: %(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=run.ckpt_every,
+                   help="steps between rewrites of last.pt, 0: only at the end (default: %(default)s)")
+    g.add_argument("--keep-every", type=int, default=run.keep_every,
+                   help="also keep step_XXXXXXX.pt every this many steps (default: %(default)s = no)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 # -- train-tokenizer --------------------------------------------------------------------------------
 def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fqgan train-tokenizer`` (defaults: the official FQGAN-Dual recipe)."""
@@ -98,39 +135,7 @@ def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse.Argume
     g.add_argument("--num-workers", type=int, default=run.num_workers,
                    help="data-loading processes per training process (default: %(default)s)")
 
-    g = p.add_argument_group("optimisation (official defaults)")
-    g.add_argument("--batch-size", type=int, default=run.global_batch_size,
-                   help="global batch size, split over the processes (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
-    g.add_argument("--epochs", type=int, default=run.epochs, help="(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=run.lr,
-                   help="Adam learning rate, both optimizers (default: %(default)s)")
-    g.add_argument("--beta1", type=float, default=run.beta1, help="(default: %(default)s)")
-    g.add_argument("--beta2", type=float, default=run.beta2, help="(default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=run.weight_decay,
-                   help="> 0 switches Adam to AdamW (default: %(default)s: the official scripts never pass theirs)")
-    g.add_argument("--max-grad-norm", type=float, default=run.max_grad_norm,
-                   help="gradient clipping, 0 disables (default: %(default)s)")
-    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
-    g.add_argument("--ema-decay", type=float, default=run.ema_decay, help="(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=run.seed, help="(default: %(default)s)")
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=run.out_dir,
-                   help="writes last.pt, metrics.jsonl, config.json here (default: %(default)s)")
-    g.add_argument("--resume", default=None, metavar="CKPT|auto",
-                   help="continue from a checkpoint; 'auto': OUT_DIR/last.pt when it exists")
-    g.add_argument("--device", default=run.device, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=run.precision,
-                   help="autocast dtype (default: %(default)s = bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
-    g.add_argument("--log-every", type=int, default=run.log_every,
-                   help="steps per metrics.jsonl record (default: %(default)s)")
-    g.add_argument("--ckpt-every", type=int, default=run.ckpt_every,
-                   help="steps between rewrites of last.pt, 0: only at the end (default: %(default)s)")
-    g.add_argument("--keep-every", type=int, default=run.keep_every,
-                   help="also keep step_XXXXXXX.pt every this many steps (default: %(default)s = no)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(p, run)
     return p
 
 
@@ -175,6 +180,194 @@ def run_train_tokenizer(args: argparse.Namespace):
     return result
 
 
+# -- extract-codes ----------------------------------------------------------------------------------
+def add_extract_codes_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan extract-codes``."""
+    p.add_argument("--tokenizer", required=True, metavar="CKPT",
+                   help="tokenizer checkpoint (from `fqgan train-tokenizer`, or an official FQGAN file)")
+    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                   help="which weights of the checkpoint (default: %(default)s = EMA when present)")
+    p.add_argument("--data", default="sample",
+                   help="image folder (labels from the first-level folders) or 'sample' (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="encode this many images (default: the whole folder; 512 crops of the sample set)")
+    p.add_argument("--out", default="codes", metavar="DIR",
+                   help="code folder to write: codes.npy, labels.npy, meta.json (default: %(default)s)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="encode the images only (default: each image and its horizontal flip, as official)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run_extract_codes(args: argparse.Namespace):
+    """``fqgan extract-codes``: tokenizer -> k index maps per image (and its flip), with labels."""
+    from torch.utils.data import Subset
+
+    from fqgan.codes import extract_codes
+    from fqgan.data import build_dataset
+    from fqgan.eval.tokenizer import load_tokenizer_checkpoint
+    from fqgan.train.common import Progress, init_distributed, teardown_distributed
+
+    for name in ("num_images", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    info = init_distributed(args.device)
+    try:
+        tokenizer = load_tokenizer_checkpoint(args.tokenizer, info.device, args.weights)
+        dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
+                                sample_length=args.num_images or 512)
+        classes = list(dataset.classes)
+        if args.num_images is not None and args.num_images < len(dataset):
+            dataset = Subset(dataset, range(args.num_images))
+        progress = Progress((len(dataset) + info.world_size - 1) // info.world_size, desc="extract-codes",
+                            enabled=info.is_main and not args.quiet, unit="img")
+        try:
+            meta = extract_codes(tokenizer, dataset, args.out, flip=not args.no_flip, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, device=info.device, tokenizer_path=str(args.tokenizer),
+                                 classes=classes, on_batch=lambda b: progress.update(b))
+        finally:
+            progress.close()
+        if info.is_main:
+            print(f"wrote codes of {meta.num_images} images x {meta.num_aug} (k={meta.num_codebooks}, "
+                  f"{meta.grid_size}x{meta.grid_size} tokens, K={meta.codebook_size}, {meta.num_classes} classes) "
+                  f"to {args.out}")
+        return meta
+    finally:
+        teardown_distributed()
+
+
+# -- train-generator --------------------------------------------------------------------------------
+def add_train_generator_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan train-generator`` (defaults: the official FAR recipe)."""
+    from fqgan.generator import PRESETS
+    from fqgan.train.config import GeneratorTrainConfig
+
+    run = GeneratorTrainConfig()
+    g = p.add_argument_group("model")
+    g.add_argument("--codes", required=True, metavar="DIR",
+                   help="code folder from `fqgan extract-codes` (sets k, the codebook size, the grid, the classes)")
+    g.add_argument("--preset", default=run.preset, choices=sorted(PRESETS),
+                   help="FAR size (default: %(default)s; FAR-tiny for CPU runs)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="class count of the label table (default: the code folder's)")
+    for name, kind, text in (("dim", int, "width"), ("n-layer", int, "trunk layers"), ("n-head", int, "heads"),
+                             ("ar-n-layer", int, "layers of the factorized AR head"),
+                             ("token-dropout-p", float, "token dropout (official 0.1)"),
+                             ("dropout-p", float, "residual and FFN dropout (official 0.1)"),
+                             ("drop-path-rate", float, "stochastic depth (official 0)"),
+                             ("class-dropout-prob", float, "label dropout for CFG (official 0.1)")):
+        g.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the preset's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--num-workers", type=int, default=run.num_workers,
+                   help="data-loading processes per training process (default: %(default)s)")
+    _add_run_arguments(p, run)
+    return p
+
+
+def generator_config_from_args(args: argparse.Namespace):
+    """The :class:`GeneratorTrainConfig` of parsed ``train-generator`` arguments."""
+    from fqgan.train.config import GeneratorTrainConfig
+
+    overrides = {}
+    for name in ("dim", "n_layer", "n_head", "ar_n_layer", "token_dropout_p", "drop_path_rate", "class_dropout_prob"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.dropout_p is not None:
+        overrides["resid_dropout_p"] = overrides["ffn_dropout_p"] = args.dropout_p
+    return GeneratorTrainConfig(
+        codes=args.codes, preset=args.preset, model_overrides=overrides, num_classes=args.num_classes,
+        out_dir=args.out_dir, num_workers=args.num_workers, global_batch_size=args.batch_size, max_steps=args.steps,
+        epochs=args.epochs, lr=args.lr, beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, ema=args.ema, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
+        precision=args.precision, compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every,
+        keep_every=args.keep_every, resume=args.resume, quiet=args.quiet)
+
+
+def run_train_generator(args: argparse.Namespace):
+    """``fqgan train-generator``."""
+    from fqgan.train.generator import train_generator
+
+    result = train_generator(generator_config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {result.step} steps in {result.seconds:.0f} s; "
+              f"last loss {result.metrics.get('loss', float('nan')):.4f}")
+        print(f"checkpoint    {result.checkpoint}\nmetrics       {result.metrics_path}")
+    return result
+
+
+# -- sample -----------------------------------------------------------------------------------------
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers (one per sub-token), "
+                                         f"got {text!r}") from None
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan sample``."""
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="generator checkpoint (from `fqgan train-generator`, or an official FAR file)")
+    p.add_argument("--tokenizer", required=True, metavar="CKPT", help="the tokenizer whose codes trained it")
+    p.add_argument("--class", dest="classes", action="append", required=True, metavar="ID",
+                   help="class id (or a class name of the training codes); repeat for several classes")
+    p.add_argument("--n", type=int, default=16, help="images per class (default: %(default)s)")
+    p.add_argument("--out", default="samples.png", metavar="PNG", help="grid to write (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=_floats, default=[4.0],
+                   help="classifier-free guidance >= 1, one value or one per sub-token, e.g. 4,2 (default: 4)")
+    p.add_argument("--temperature", type=_floats, default=[1.0], help="> 0, one or one per sub-token (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                   help="generator weights (default: %(default)s = EMA when present)")
+    p.add_argument("--tokenizer-weights", choices=("auto", "ema", "model"), default="auto",
+                   help="tokenizer weights (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images generated at once (default: %(default)s)")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: --n, at most 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    return p
+
+
+def run_sample(args: argparse.Namespace):
+    """``fqgan sample``: class-conditional images from a generator + tokenizer, as a PNG grid."""
+    import torch
+
+    from fqgan.codes import check_generator_tokenizer, resolve_classes, sample_images
+    from fqgan.eval.tokenizer import load_tokenizer_checkpoint
+    from fqgan.images import save_grid
+    from fqgan.train.common import resolve_device
+    from fqgan.train.generator import load_generator
+
+    if args.n < 1 or args.batch_size < 1:
+        raise ValueError("--n and --batch-size must be positive")
+    device = resolve_device(args.device)
+    generator, meta = load_generator(args.checkpoint, args.weights, device)
+    tokenizer = load_tokenizer_checkpoint(args.tokenizer, device, args.tokenizer_weights)
+    check_generator_tokenizer(generator.config, tokenizer.config)
+    ids = resolve_classes(args.classes, generator.config.num_classes, meta.get("classes", ()))
+    labels = torch.tensor([c for c in ids for _ in range(args.n)], dtype=torch.long, device=device)
+    k = generator.config.num_factors
+    per = {}
+    for name in ("cfg_scale", "temperature"):
+        values = getattr(args, name)
+        if len(values) not in (1, k):
+            raise ValueError(f"--{name.replace('_', '-')} takes one value or k={k} values, got {len(values)}")
+        per[name] = values[0] if len(values) == 1 else values
+    images = sample_images(generator, tokenizer, labels, batch_size=args.batch_size, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, **per)
+    grid = save_grid(images.float().cpu(), args.out, nrow=args.nrow or min(args.n, 16))
+    names = meta.get("classes", ())
+    shown = ", ".join(f"{c} ({names[c]})" if c < len(names) else str(c) for c in ids)
+    print(f"wrote {len(labels)} samples of class {shown} to {getattr(grid, 'path', args.out)}")
+    return images
+
+
 # -- the parser -------------------------------------------------------------------------------------
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], Any], Callable[[argparse.Namespace], Any]]
 
@@ -194,6 +387,12 @@ def _commands() -> list[Command]:
          add_eval_tokenizer_arguments, run_eval_tokenizer),
         ("reconstruct", "reconstruct image files with a tokenizer checkpoint (PNGs, token maps, per-image PSNR)",
          add_reconstruct_arguments, run_reconstruct),
+        ("extract-codes", "encode images (and their flips) into k token maps per image for generator training",
+         add_extract_codes_arguments, run_extract_codes),
+        ("train-generator", "train a FAR generator on extracted codes (single process or torchrun DDP)",
+         add_train_generator_arguments, run_train_generator),
+        ("sample", "class-conditional samples from a generator and its tokenizer, as a PNG grid",
+         add_sample_arguments, run_sample),
     ]
 
 

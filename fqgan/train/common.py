@@ -438,13 +438,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 class Progress:
     """A tqdm bar over steps with live values (rank 0; ``enabled=False`` prints nothing)."""
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True) -> None:
+    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
+                 unit: str = "step") -> None:
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.1,
-                            unit="step")
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.1, unit=unit)
 
     def update(self, n: int = 1, **values: float) -> None:
         if self.bar is None:

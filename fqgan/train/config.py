@@ -116,3 +116,42 @@ class TokenizerTrainConfig(RunConfig):
         if unknown:
             raise ValueError(f"unknown TokenizerTrainConfig fields: {unknown}")
         return cls(model=model, loss=loss, teachers=None if teachers is None else tuple(teachers), **data)
+
+
+@dataclass
+class GeneratorTrainConfig(RunConfig):
+    """``fqgan train-generator``: a FAR preset sized by the code folder, and the run.
+
+    Defaults are the official ``train_c2i_{dual,triple}.py`` ones: AdamW (decay 0.05 on matrices and
+    embeddings, none on biases and norms), lr 1e-4, betas (0.9, 0.95), clipping 1.0, global batch 256,
+    300 epochs, dropout 0.1 (residual, FFN, token), class dropout 0.1.
+    """
+
+    out_dir: str = "runs/generator"
+    codes: str = "codes"  # a folder written by `fqgan extract-codes`
+    preset: str = "FAR-B"
+    # FARConfig fields to override (k, V, T and the class count come from the code folder).
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None  # None: the code folder's class count
+    global_batch_size: int = 256
+    epochs: int = 300
+    weight_decay: float = 0.05
+    ckpt_every: int = 5000
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_classes is not None:
+            _positive("num_classes", self.num_classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["model_overrides"] = dict(self.model_overrides)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeneratorTrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GeneratorTrainConfig fields: {unknown}")
+        return cls(**data)
