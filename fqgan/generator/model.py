@@ -283,8 +283,8 @@ class FAR(nn.Module):
                 raise ValueError("drop_labels needs the null class, but this model has class_dropout_prob = 0")
         if B == 0:
             return
-        stats = torch.stack([indices.min(), indices.max(), labels.min().to(indices.dtype),
-                             labels.max().to(indices.dtype)]).tolist()
+        stats = torch.stack([indices.min().long(), indices.max().long(), labels.min().long(),
+                             labels.max().long()]).tolist()
         if stats[0] < 0 or stats[1] >= c.vocab_size:
             raise ValueError(f"indices must be in [0, vocab_size={c.vocab_size}), got values in "
                              f"[{stats[0]}, {stats[1]}]")
@@ -340,7 +340,13 @@ class FAR(nn.Module):
         :param backend: backend of :func:`fqgan_kernels.linear_cross_entropy` (None: auto)
         :returns: FARLoss(loss (), per_head (k,)), float32
         """
-        h = self.hidden(indices, labels, drop_labels)  # [B, T, k, D]
+        return self.head_loss(self.hidden(indices, labels, drop_labels), indices, reference=reference,
+                              backend=backend)
+
+    def head_loss(self, h: Tensor, indices: Tensor, *, reference: bool = False,
+                  backend: str | None = None) -> FARLoss:
+        """The k output heads + cross-entropy on head hidden states h [B, T, k, D] (:meth:`hidden`) against
+        ``indices`` [B, k, T]: the second half of :meth:`forward`."""
         B, k, T = indices.shape
         hidden, weight = self._head_operands(h.permute(2, 0, 1, 3).reshape(k, B * T, -1))  # [k, N, D]
         targets = indices.long().transpose(0, 1).reshape(k, B * T)  # [k, N], rows (b, t) as hidden
