@@ -142,6 +142,22 @@ def test_loss_bfloat16_model():
     close(low.loss, ref, rtol=2 * rtol, atol=2 * atol)
 
 
+def test_loss_under_autocast():
+    model = make()
+    idx, lab = inputs(model)
+    ref = model(idx, lab)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.hidden(idx, lab)
+        hidden, weight = model._head_operands(h)
+        low = model(idx, lab)
+    assert hidden.dtype == weight.dtype == torch.bfloat16  # the heads run in the autocast dtype, as F.linear
+    assert low.loss.dtype == torch.float32
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    close(low.per_head, ref.per_head, rtol=2 * rtol, atol=2 * atol)
+    low.loss.backward()
+    assert model.head.grad.dtype == torch.float32 and torch.isfinite(model.head.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # causality
 # ---------------------------------------------------------------------------------------------
