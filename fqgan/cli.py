@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 _EPILOG = """examples:
+  fqgan demo                      # a few minutes on a CPU; writes demo_out/report.md
   fqgan train-tokenizer --preset tiny --data sample --steps 300 --perceptual-weight 0 --semantic-weight 0
   torchrun --nproc_per_node 8 -m fqgan train-tokenizer --data /data/imagenet/train --teacher /ckpt/clip-vit-l14
   fqgan eval-tokenizer --checkpoint runs/tokenizer/last.pt --data sample
@@ -368,6 +369,67 @@ def run_sample(args: argparse.Namespace):
     return images
 
 
+# -- demo -------------------------------------------------------------------------------------------
+_DEMO_HELP = {
+    "out_dir": "writes reconstructions.png, samples.png, training_curves.png, metrics.json, report.md here",
+    "device": "auto (CUDA when present), cpu, cuda, cuda:N",
+    "threads": "CPU threads: auto = cores not already busy (load average), or a number",
+    "tokenizer_steps": "tokenizer training steps",
+    "tokenizer_batch": "tokenizer batch size",
+    "tokenizer_lr": "tokenizer learning rate",
+    "codebook_size": "codes per sub-codebook",
+    "train_crops": "random crops of the sample photographs per tokenizer epoch",
+    "eval_images": "held-out crops for PSNR and codebook usage",
+    "code_images": "crops encoded for the generator (each also flipped)",
+    "generator_steps": "FAR training steps",
+    "generator_batch": "FAR batch size",
+    "generator_lr": "FAR learning rate",
+    "generator_dim": "FAR width",
+    "generator_layers": "FAR trunk layers",
+    "sample_classes": "classes (photographs) to sample, 1..19",
+    "samples_per_class": "samples per class",
+    "cfg_scale": "classifier-free guidance scale (>= 1)",
+    "speed_rounds": "timed rounds per op in the kernel-vs-reference comparison",
+    "seed": "seed of every stage",
+    "quiet": "no progress bars",
+}
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan demo``: every :class:`~fqgan.demo.DemoConfig` field as a flag."""
+    import dataclasses
+
+    from fqgan.demo import DemoConfig
+
+    for f in dataclasses.fields(DemoConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = _DEMO_HELP.get(f.name, f.name)
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=f.default, help=f"{text} (default: %(default)s)")
+    return p
+
+
+def run_demo_command(args: argparse.Namespace):
+    """``fqgan demo``."""
+    import dataclasses
+
+    from fqgan.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    m = run_demo(cfg)
+    ev = m["tokenizer"]["eval"]
+    usage = ", ".join(f"{n} {u:.1%}" for n, u in zip(ev["codebook_names"], ev["usage"]))
+    print(f"demo done in {m['total_wall_s']:.0f} s on {m['machine']['device']} (backend {m['backend']}): "
+          f"tokenizer PSNR {ev['psnr']:.2f} dB, codebook usage {usage}; FAR loss {m['generator']['final_loss']:.3f}")
+    for r in m["speedups"]:
+        print(f"  {r['op']}: {r['speedup']:.2f}x vs reference ({r['fused_ms']:.2f} ms vs {r['reference_ms']:.2f} ms)")
+    print(f"report        {os.path.join(cfg.out_dir, 'report.md')}")
+    return m
+
+
 # -- the parser -------------------------------------------------------------------------------------
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], Any], Callable[[argparse.Namespace], Any]]
 
@@ -381,6 +443,8 @@ def _commands() -> list[Command]:
     )
 
     return [
+        ("demo", "the whole pipeline, small, with no download: tokenizer, codes, FAR, samples, report",
+         add_demo_arguments, run_demo_command),
         ("train-tokenizer", "train an FQGAN tokenizer (single process or torchrun DDP)",
          add_train_tokenizer_arguments, run_train_tokenizer),
         ("eval-tokenizer", "reconstruction metrics of a tokenizer checkpoint: PSNR, SSIM, codebook usage, rFID",

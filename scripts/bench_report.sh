@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job until the end-to-end model demo lands: set up, then run the benchmark report
+# The benchmark report: set up, then run the benchmark suites
 # (full shapes, a few minutes on 2 cores) and print the comparison table.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
