@@ -111,3 +111,41 @@ def test_error_bad_values(tmp_path, capsys):
     assert "invalid choice: 'nope'" in err
     err = _error(capsys, ["train-tokenizer", *TINY_FLAGS, "--image-size", "30", "--out-dir", str(tmp_path / "o")])
     assert "image_size 30 is not divisible" in err
+
+
+def test_codes_generator_sample_end_to_end_and_errors(tmp_path, capsys):
+    tok = tmp_path / "tok"
+    assert main(["train-tokenizer", *TINY_FLAGS, "--steps", "1", "--out-dir", str(tok)]) == 0
+    codes = tmp_path / "codes"
+    assert main(["extract-codes", "--tokenizer", str(tok / "last.pt"), "--num-images", "8", "--out", str(codes),
+                 "--num-workers", "0", "--device", "cpu", "--quiet"]) == 0
+    gen = tmp_path / "gen"
+    assert main(["train-generator", "--codes", str(codes), "--preset", "FAR-tiny", "--dim", "32", "--n-layer", "1",
+                 "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--out-dir", str(gen), "--quiet",
+                 "--device", "cpu"]) == 0
+    png = tmp_path / "s.png"
+    assert main(["sample", "--checkpoint", str(gen / "last.pt"), "--tokenizer", str(tok / "last.pt"),
+                 "--class", "2", "--class", "chelsea", "--n", "2", "--out", str(png), "--device", "cpu"]) == 0
+    assert png.is_file() and "class 2 (coffee), 1 (chelsea)" in capsys.readouterr().out
+
+    base = ["sample", "--checkpoint", str(gen / "last.pt"), "--tokenizer", str(tok / "last.pt"), "--device", "cpu"]
+    assert "unknown class id 19: this generator has classes 0..18" in _error(capsys, [*base, "--class", "19"])
+    assert "unknown class 'zebra'" in _error(capsys, [*base, "--class", "zebra"])
+    assert "one value or k=2 values" in _error(capsys, [*base, "--class", "1", "--cfg-scale", "4,2,1"])
+    err = _error(capsys, [*base[:2], str(tmp_path / "none.pt"), *base[3:], "--class", "1"])
+    assert "not found" in err or "no such file" in err
+    # A tokenizer with other codebook sizes than the generator's codes.
+    other = tmp_path / "tok2"
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--codebook-size") + 1] = "32"
+    assert main(["train-tokenizer", *flags, "--steps", "1", "--out-dir", str(other)]) == 0
+    err = _error(capsys, ["sample", "--checkpoint", str(gen / "last.pt"), "--tokenizer", str(other / "last.pt"),
+                          "--class", "1", "--device", "cpu"])
+    assert "built for codebook size 64 but the tokenizer's sub-codebooks have 32" in err
+    # A missing code folder.
+    err = _error(capsys, ["train-generator", "--codes", str(tmp_path / "missing"), "--preset", "FAR-tiny",
+                          "--out-dir", str(tmp_path / "g3"), "--steps", "1", "--batch-size", "4", "--device", "cpu"])
+    assert "code folder" in err and "extract-codes" in err
+    # A tokenizer checkpoint given where a generator is expected.
+    err = _error(capsys, [*base[:2], str(tok / "last.pt"), *base[3:], "--class", "1"])
+    assert "'fqgan-tokenizer' checkpoint, not a generator" in err
