@@ -390,6 +390,7 @@ _DEMO_HELP = {
     "samples_per_class": "samples per class",
     "cfg_scale": "classifier-free guidance scale (>= 1)",
     "speed_rounds": "timed rounds per op in the kernel-vs-reference comparison",
+    "grid_scale": "PNG grids show each image this many times larger (nearest neighbour)",
     "seed": "seed of every stage",
     "quiet": "no progress bars",
 }
