@@ -42,15 +42,15 @@ class DemoConfig:
     threads: str = "auto"  # auto: the cores not already busy (OpenMP waits badly on an overloaded machine)
     seed: int = 0
     # tokenizer
-    tokenizer_steps: int = 250
+    tokenizer_steps: int = 200
     tokenizer_batch: int = 16
-    tokenizer_lr: float = 5e-4  # 5x the official 1e-4: a few hundred steps instead of 200k
+    tokenizer_lr: float = 1e-3  # 10x the official 1e-4: a few hundred steps instead of 200k
     codebook_size: int = 512
     train_crops: int = 1024  # random crops per epoch of the sample set
     eval_images: int = 256  # held-out fixed crops for PSNR / usage
     # generator
-    code_images: int = 570  # fixed crops encoded (x2 with flips): 30 per photograph
-    generator_steps: int = 150
+    code_images: int = 380  # fixed crops encoded (x2 with flips): 20 per photograph
+    generator_steps: int = 100
     generator_batch: int = 16
     generator_lr: float = 1e-3  # 10x the official 1e-4: a few hundred steps
     generator_dim: int = 96
