@@ -52,7 +52,10 @@ CHECKPOINT_KIND = "fqgan-generator"
 
 def model_config_for(cfg: GeneratorTrainConfig, meta: CodesMeta) -> FARConfig:
     """The FAR config of ``cfg.preset`` sized by the code folder: k = its sub-codebooks, V = its
-    codebook size, T = its grid squared, classes = ``cfg.num_classes`` or its class count."""
+    codebook size, T = its grid squared, classes = ``cfg.num_classes`` or its class count.
+
+    As the official ``train_c2i_*.py``, a ``drop_path_rate > 0`` turns the residual and FFN dropout off
+    (token and label dropout stay) unless ``resid_dropout_p`` / ``ffn_dropout_p`` are overridden too."""
     num_classes = cfg.num_classes if cfg.num_classes is not None else max(meta.num_classes, 1)
     if num_classes < meta.num_classes:
         raise ValueError(f"--num-classes {num_classes} is smaller than the {meta.num_classes} classes of the codes")
@@ -63,7 +66,12 @@ def model_config_for(cfg: GeneratorTrainConfig, meta: CodesMeta) -> FARConfig:
         name = next(iter(clash))
         raise ValueError(f"model override {name}={clash[name]} does not match the codes ({name}={sized[name]}: "
                          f"k, codebook size and grid come from the tokenizer that wrote them)")
-    return FARConfig.from_preset(cfg.preset, **{**cfg.model_overrides, **sized})
+    config = FARConfig.from_preset(cfg.preset, **{**cfg.model_overrides, **sized})
+    if config.drop_path_rate > 0:
+        # Official: `dropout_p = 0.0 if args.drop_path_rate > 0.0 else args.dropout_p` (resid and FFN only).
+        off = {name: 0.0 for name in ("resid_dropout_p", "ffn_dropout_p") if name not in cfg.model_overrides}
+        config = dataclasses.replace(config, **off)
+    return config
 
 
 def far_optimizer(model: nn.Module, cfg: GeneratorTrainConfig, device: torch.device) -> torch.optim.Optimizer:

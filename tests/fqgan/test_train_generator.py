@@ -1,6 +1,7 @@
 """Codes and the FAR training loop: extraction with flips, exact resume, 2-process DDP equals one
 process on the whole batch, the tokenizer/generator compatibility checks."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,7 +17,7 @@ from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.config import TINY
 from fqgan.train.common import load_checkpoint, read_metrics
 from fqgan.train.config import GeneratorTrainConfig
-from fqgan.train.generator import load_generator, train_generator
+from fqgan.train.generator import far_optimizer, load_generator, model_config_for, train_generator
 
 SMALL_FAR = {"dim": 32, "n_layer": 2, "n_head": 2, "ar_n_layer": 1, "multiple_of": 16}
 
@@ -156,3 +157,66 @@ def test_generator_tokenizer_compatibility():
         check_generator_tokenizer(FARConfig.from_preset("FAR-tiny", num_factors=3, vocab_size=64, block_size=64), tok)
     with pytest.raises(ValueError, match="16 tokens per image"):
         check_generator_tokenizer(FARConfig.from_preset("FAR-tiny", vocab_size=64, block_size=16), tok)
+
+
+def _meta(k=2, K=32, grid=4, classes=5) -> CodesMeta:
+    return CodesMeta(8, 2, k, K, grid, grid * 4, tuple(f"c{i}" for i in range(classes)),
+                     tuple(f"f{i}" for i in range(k)))
+
+
+def test_drop_path_turns_residual_and_ffn_dropout_off_as_official(tmp_path):
+    """train_c2i_*.py: `dropout_p = 0.0 if drop_path_rate > 0 else args.dropout_p` (resid and FFN; token and
+    label dropout stay); an explicit resid/FFN dropout override is kept."""
+    meta = _meta()
+    plain = model_config_for(_cfg(tmp_path, "a"), meta)
+    assert (plain.resid_dropout_p, plain.ffn_dropout_p, plain.drop_path_rate) == (0.1, 0.1, 0.0)
+    dp = model_config_for(_cfg(tmp_path, "b", model_overrides=dict(SMALL_FAR, drop_path_rate=0.1)), meta)
+    assert (dp.resid_dropout_p, dp.ffn_dropout_p, dp.token_dropout_p, dp.class_dropout_prob) == (0.0, 0.0, 0.1, 0.1)
+    assert dp.drop_path_rate == 0.1
+    explicit = model_config_for(_cfg(tmp_path, "c", model_overrides=dict(
+        SMALL_FAR, drop_path_rate=0.1, resid_dropout_p=0.05, ffn_dropout_p=0.05)), meta)
+    assert (explicit.resid_dropout_p, explicit.ffn_dropout_p) == (0.05, 0.05)
+
+
+def test_optimizer_equals_official_creat_optimizer():
+    """far_optimizer = the official creat_optimizer on the official module tree (AdamW; weight decay on every
+    parameter with >= 2 dims -- label table, the k input embeddings, aggregation / attention / FFN weights, the
+    k output heads -- none on biases and norms), with the official defaults lr 1e-4, betas (0.9, 0.95), decay
+    0.05: two steps on the same gradients give the same weights. Our k embeddings / heads are one [k, V, D]
+    tensor each, so a `dim() == 2` rule would leave them undecayed and fail here."""
+    import far_official_ref as off
+
+    from fqgan.generator import from_official, to_official_state_dict
+
+    run = GeneratorTrainConfig()
+    assert (run.lr, run.beta1, run.beta2, run.weight_decay, run.max_grad_norm, run.global_batch_size, run.epochs) \
+        == (1e-4, 0.9, 0.95, 0.05, 1.0, 256, 300)
+    ref = off.Transformer(off.ModelArgs(dim=16, n_layer=1, n_head=2, ar_n_layer=1, block_size=4, vocab_size=11,
+                                        num_classes=3, num_factors=3, multiple_of=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))  # the official init zeroes the heads: decay would not show
+    model = from_official(ref.state_dict(), n_head=2, block_size=4)
+    lr = 0.05  # large enough that the decay term lr * wd * w is far above float32 rounding
+    named = dict(ref.named_parameters())
+    official = torch.optim.AdamW([{"params": [p for p in named.values() if p.dim() >= 2], "weight_decay": 0.05},
+                                  {"params": [p for p in named.values() if p.dim() < 2], "weight_decay": 0.0}],
+                                 lr=lr, betas=(0.9, 0.95))
+    ours = far_optimizer(model, dataclasses.replace(run, lr=lr), torch.device("cpu"))
+    assert [grp["weight_decay"] for grp in ours.param_groups] == [0.05, 0.0]
+    assert all(grp["betas"] == (0.9, 0.95) for grp in ours.param_groups)
+    decayed = {id(p) for p in ours.param_groups[0]["params"]}
+    assert id(model.tok_embed) in decayed and id(model.head) in decayed and id(model.aggregate.bias) not in decayed
+    for _ in range(2):
+        grads = {name: torch.randn(p.shape, generator=g) for name, p in named.items()}
+        for name, p in named.items():
+            p.grad = grads[name].clone()
+        holder = from_official(grads, n_head=2, block_size=4)  # the same gradients in our layout
+        for p, q in zip(model.parameters(), holder.parameters()):
+            p.grad = q.detach().clone()
+        official.step()
+        ours.step()
+    mine = to_official_state_dict(model)
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(mine[name], p, rtol=1e-6, atol=1e-7, msg=name)
