@@ -2,7 +2,11 @@
 
 As the official ``autoregressive/train/extract_codes_c2i_{dual,triple}_code.py``: every image is
 centre-cropped (``center_crop_arr``), encoded together with its horizontal flip, and both k index maps
-are kept; generator training picks one of the augmentations per item and epoch.
+are kept; generator training picks one of the augmentations per item and epoch. (That is the official
+script's default path. The released FAR run, ``train_far_dual.sh``, extracts with ``--ten-crop
+--crop-range 1.1`` instead: a centre crop of ``int(1.1 * image_size)`` cut by torchvision
+``TenCrop(image_size)`` -- four corners and centre, then the same of the flipped image -- so A = 10;
+not implemented here.)
 
 A code folder holds:
 
