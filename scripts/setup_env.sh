@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project venv and installs the package with its compiled CPU kernels.
-# Usage: bash scripts/setup_env.sh [extras]   (default extras: test,bench)
+# Usage: bash scripts/setup_env.sh [extras]   (default extras: test,bench,model)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${FQGAN_VENV:-.venv}
-EXTRAS=${1:-test,bench}
+EXTRAS=${1:-test,bench,model}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
