@@ -283,8 +283,15 @@ class FAR(nn.Module):
                 raise ValueError("drop_labels needs the null class, but this model has class_dropout_prob = 0")
         if B == 0:
             return
-        stats = torch.stack([indices.min().long(), indices.max().long(), labels.min().long(),
-                             labels.max().long()]).tolist()
+        lo_hi = torch.stack([indices.min().long(), indices.max().long(), labels.min().long(), labels.max().long()])
+        if indices.device.type != "cpu" or torch.compiler.is_compiling():
+            # No host sync on the GPU (one per training step otherwise): a device-side assert, which
+            # stops the process at the next sync with this message.
+            ok = (lo_hi[0] >= 0) & (lo_hi[1] < c.vocab_size) & (lo_hi[2] >= 0) & (lo_hi[3] < c.num_classes)
+            torch._assert_async(ok, f"FAR: indices must be in [0, vocab_size={c.vocab_size}) and labels in "
+                                    f"[0, num_classes={c.num_classes})")
+            return
+        stats = lo_hi.tolist()
         if stats[0] < 0 or stats[1] >= c.vocab_size:
             raise ValueError(f"indices must be in [0, vocab_size={c.vocab_size}), got values in "
                              f"[{stats[0]}, {stats[1]}]")

@@ -397,3 +397,34 @@ def test_bad_config():
         FARConfig.from_preset("FAR-B", layers=3)
     with pytest.raises(TypeError, match="FARConfig"):
         FAR({"dim": 3})
+
+
+# ---------------------------------------------------------------------------------------------
+# no host sync in a training step (GPU)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_training_step_has_no_sync():
+    """The input checks of a training forward are device-side asserts on the GPU: a step (forward,
+    fused heads, backward) runs under torch.cuda.set_sync_debug_mode("error")."""
+    model = randomize(FAR(small_config(vocab_size=16384))).cuda().train()
+    indices, labels = (t.cuda() for t in inputs(model))
+    model(indices, labels).loss.backward()  # warm-up: kernel loading may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(indices, labels).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_compiled_training_forward_checks_without_graph_break():
+    """Under torch.compile the value check is a device-side assert (no .tolist() graph break: fullgraph).
+    Eval mode, so that dropout draws do not differ between the two runs."""
+    model = make()
+    indices, labels = inputs(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    close(compiled(indices, labels).loss, model(indices, labels).loss)
+    indices[0, 0, 0] = model.config.vocab_size
+    with pytest.raises(RuntimeError, match="FAR: indices must be in"):
+        compiled(indices, labels)
