@@ -8,6 +8,12 @@ CLIP ``hidden_states[-1][:, 0]`` (the last encoder layer, before ``post_layernor
 ``last_hidden_state[:, 0]`` (after its final layernorm). FQGAN-Dual learns from CLIP ViT-L/14
 (1024-d), FQGAN-Triple from DINOv2-S (384-d, mid level) and CLIP ViT-B/16 (768-d, high level).
 
+DINOv2-S was trained at 518 pixels (a 37x37 patch grid); at 224 its position table is resampled to
+16x16. FQGAN pins ``transformers==4.41.1`` (its ``requirements.txt``), whose ``Dinov2Embeddings``
+resamples bicubically with ``scale_factor = (16 + 0.1) / 37``; newer releases pass ``size=(16, 16)``,
+which samples other points (up to 0.22 of a source cell apart) and so gives other teacher features.
+:func:`official_dinov2_positions` does the 4.41.1 resampling once, whatever version is installed.
+
 A teacher directory is a ``save_pretrained`` directory (``config.json`` + weights), e.g. made with
 ``huggingface-cli download openai/clip-vit-large-patch14 --local-dir <root>/openai/clip-vit-large-patch14``
 on a machine with network access. Lookup of a name: the ``root`` argument, else ``$FQGAN_TEACHERS_DIR``,
@@ -17,6 +23,7 @@ as ``<root>/<org>/<name>`` or ``<root>/<name>``; then the Hugging Face cache (of
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +38,8 @@ from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
 if TYPE_CHECKING:
     from fqgan.tokenizer.config import TokenizerConfig
 
-__all__ = ["TEACHERS_ENV", "FeatureTeacher", "find_teacher", "load_teacher", "load_teachers"]
+__all__ = ["TEACHERS_ENV", "FeatureTeacher", "find_teacher", "load_teacher", "load_teachers",
+           "official_dinov2_positions"]
 
 TEACHERS_ENV = "FQGAN_TEACHERS_DIR"
 
@@ -41,12 +49,38 @@ IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _KINDS = {"clip_vision_model": "clip", "clip": "clip", "dinov2": "dinov2"}
 
 
+def official_dinov2_positions(table: Tensor, patch_size: int, input_size: int) -> Tensor:
+    """The position table a DINOv2 tower adds at ``input_size`` x ``input_size`` pixels under
+    ``transformers==4.41.1`` (FQGAN's pinned version): ``[1, 1 + n*n, dim] -> [1, 1 + g*g, dim]``,
+    g = ``input_size // patch_size``. The class position stays; the n x n patch grid is resampled
+    bicubically (``align_corners=False``, in float32) with ``scale_factor = (g + 0.1) / n``, not to
+    ``size=(g, g)`` as newer transformers do. The table itself when g = n.
+    """
+    n_pos = table.shape[1] - 1
+    side = int(math.sqrt(n_pos))
+    if side * side != n_pos:
+        raise ValueError(f"DINOv2 position table of {n_pos} patch positions is not a square grid")
+    g = input_size // patch_size
+    if g == side:
+        return table
+    grid = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    scale = (g + 0.1) / math.sqrt(n_pos)
+    grid = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+    if tuple(grid.shape[-2:]) != (g, g):  # pragma: no cover - (g + 0.1) / n * n floors to g
+        raise ValueError(f"resampled DINOv2 positions to {tuple(grid.shape[-2:])}, expected {(g, g)}")
+    grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    return torch.cat([table[:, :1], grid], dim=1)
+
+
 class FeatureTeacher(nn.Module):
     """A frozen vision tower that maps images ``[B, 3, H, W]`` in [-1, 1] to its CLS feature ``[B, hidden]``.
 
     :param model: a ``transformers`` ``CLIPVisionModel`` or ``Dinov2Model``
     :param kind: ``"clip"`` or ``"dinov2"`` (decides the normalisation and which output is the CLS)
     :param input_size: side of the resized input (224 officially, for both teachers)
+
+    A DINOv2 tower's ``embeddings.position_embeddings`` is replaced, once, by the table of
+    :func:`official_dinov2_positions` at ``input_size`` (so the tower no longer resamples it).
     """
 
     def __init__(self, model: nn.Module, kind: str, input_size: int = 224) -> None:
@@ -57,6 +91,14 @@ class FeatureTeacher(nn.Module):
         mean, std = OPENAI_CLIP_NORM if kind == "clip" else IMAGENET_NORM
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        if kind == "dinov2":
+            embeddings = model.embeddings
+            patch = model.config.patch_size
+            patch = patch if isinstance(patch, int) else patch[0]
+            with torch.no_grad():
+                table = official_dinov2_positions(embeddings.position_embeddings.detach(), patch, self.input_size)
+            # Both transformers lines skip their own resampling when the table fits the patch grid.
+            embeddings.position_embeddings = nn.Parameter(table, requires_grad=False)
         self.model.requires_grad_(False)
         self.model.eval()
 

@@ -2,6 +2,7 @@
 through fqgan.teachers, compared with the official preprocessing and feature selection."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -51,12 +52,49 @@ def official_clip_features(vision_model, images):
     return out.hidden_states[-1][:, :1].squeeze(1)
 
 
-def official_dino_features(model, images):
-    """FQGAN dino_encoder.py: ImageNet mean/std after nearest 224; last_hidden_state[:, 0]."""
+def official_dino_positions(model, height, width, resample="4.41.1"):
+    """Dinov2Embeddings.interpolate_pos_encoding of transformers 4.41.1, the version FQGAN's
+    requirements.txt pins: bicubic with scale_factor (grid + 0.1) / sqrt(positions).
+    ``resample="size"``: newer transformers' size=(grid, grid) instead (to check the test sees it)."""
+    pos = model.embeddings.position_embeddings
+    num_positions = pos.shape[1] - 1
+    if (height // model.config.patch_size) ** 2 == num_positions and height == width:
+        return pos
+    class_pos_embed = pos[:, 0]
+    patch_pos_embed = pos[:, 1:]
+    dim = pos.shape[-1]
+    height = height // model.config.patch_size
+    width = width // model.config.patch_size
+    side = int(math.sqrt(num_positions))
+    patch_pos_embed = patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if resample == "size":
+        patch_pos_embed = F.interpolate(patch_pos_embed.float(), size=(height, width), mode="bicubic",
+                                        align_corners=False)
+    else:
+        height, width = height + 0.1, width + 0.1
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed.to(dtype=torch.float32),
+            scale_factor=(float(height / math.sqrt(num_positions)), float(width / math.sqrt(num_positions))),
+            mode="bicubic", align_corners=False)
+        assert (int(height), int(width)) == tuple(patch_pos_embed.shape[-2:])
+    patch_pos_embed = patch_pos_embed.to(pos.dtype).permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def official_dino_features(model, images, resample="4.41.1"):
+    """FQGAN dino_encoder.py: ImageNet mean/std after nearest 224, then Dinov2Model of transformers
+    4.41.1 (patch embeddings, class token, positions as :func:`official_dino_positions`, encoder,
+    final layernorm): last_hidden_state[:, 0]. The embedding step is spelled out here because the
+    installed transformers resamples the positions differently."""
     inp = F.interpolate(images * 0.5 + 0.5, (224, 224))
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return model(pixel_values=(inp - mean) / std)["last_hidden_state"][:, 0]
+    pixel_values = (inp - mean) / std
+    emb = model.embeddings.patch_embeddings(pixel_values)
+    emb = torch.cat((model.embeddings.cls_token.expand(emb.shape[0], -1, -1), emb), dim=1)
+    emb = emb + official_dino_positions(model, 224, 224, resample)
+    hidden = model.encoder(emb).last_hidden_state
+    return model.layernorm(hidden)[:, 0]
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -83,6 +121,28 @@ def test_dinov2_teacher_matches_official(tmp_path, images):
     assert teacher.kind == "dinov2" and teacher.hidden_size == 64
     x = images(2, 48)
     torch.testing.assert_close(teacher(x), official_dino_features(saved, x))
+
+
+def test_dinov2_positions_resampled_as_transformers_4_41(tmp_path, images):
+    """DINOv2's real geometry (patch 14, trained at 518: a 37x37 grid, 16x16 at 224): the teacher adds
+    the position table that transformers 4.41.1 (pinned by FQGAN) resamples with scale_factor
+    (16 + 0.1) / 37, not newer transformers' size=(16, 16) -- those give other features."""
+    torch.manual_seed(2)
+    saved = transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=518, patch_size=14))
+    with torch.no_grad():  # a smooth table, as learned ones are (a random one would exaggerate the gap)
+        yy, xx = torch.meshgrid(torch.arange(37.0), torch.arange(37.0), indexing="ij")
+        freq = torch.arange(1, 33.0) / 8
+        table = torch.sin(xx[..., None] * freq / 5 + yy[..., None] * freq.flip(0) / 7).reshape(1, 37 * 37, 32)
+        saved.embeddings.position_embeddings[:, 1:] = table
+    saved.save_pretrained(tmp_path / "dino")
+    saved.eval()
+    teacher = load_teacher(tmp_path / "dino")
+    assert teacher.model.embeddings.position_embeddings.shape == (1, 1 + 16 * 16, 32)
+    x = images(2, 64)
+    torch.testing.assert_close(teacher(x), official_dino_features(saved, x))
+    newer = official_dino_features(saved, x, resample="size")
+    assert (newer - official_dino_features(saved, x)).abs().max() > 1e-3  # the pin has teeth
 
 
 def test_teacher_is_frozen_and_stays_in_eval(tmp_path):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqgan.tokenizer import FQTokenizer, TokenizerLossConfig
+from fqgan.tokenizer.discriminator import PatchGANDiscriminator
 from fqgan.tokenizer.losses import (
     TokenizerLoss,
     adaptive_weight,
@@ -231,6 +232,76 @@ def test_lpips_heads_of_the_lpips_wheel(lpips_files, monkeypatch):
     assert path.name == "vgg.pth" and path.parent.name == "v0.1"
     lp = LPIPS.from_files(lpips_files[0])  # heads found in the wheel; its tensors were saved on CUDA
     assert lp.lin0.model[1].weight.abs().sum() > 0
+
+
+# -- PatchGAN ----------------------------------------------------------------------------------
+
+
+class OfficialPatchGAN(nn.Module):
+    """Test-only literal re-write of LlamaGen/FQGAN ``discriminator_patchgan.NLayerDiscriminator`` as
+    ``VQLoss_*_codebook`` builds it (BatchNorm, so the convs before a norm have no bias), with its
+    ``_init_weights`` (every conv weight N(0, 0.02), BatchNorm weight N(1, 0.02) and bias 0)."""
+
+    def __init__(self, input_nc=3, ndf=64, n_layers=3):
+        super().__init__()
+        norm_layer = nn.BatchNorm2d
+        use_bias = norm_layer != nn.BatchNorm2d
+        kw, padw = 4, 1
+        sequence = [nn.Conv2d(input_nc, ndf, kernel_size=kw, stride=2, padding=padw), nn.LeakyReLU(0.2, True)]
+        nf_mult = 1
+        for n in range(1, n_layers):
+            nf_mult_prev, nf_mult = nf_mult, min(2 ** n, 8)
+            sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=2, padding=padw,
+                                   bias=use_bias), norm_layer(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        nf_mult_prev, nf_mult = nf_mult, min(2 ** n_layers, 8)
+        sequence += [nn.Conv2d(ndf * nf_mult_prev, ndf * nf_mult, kernel_size=kw, stride=1, padding=padw,
+                               bias=use_bias), norm_layer(ndf * nf_mult), nn.LeakyReLU(0.2, True)]
+        sequence += [nn.Conv2d(ndf * nf_mult, 1, kernel_size=kw, stride=1, padding=padw)]
+        self.main = nn.Sequential(*sequence)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight.data, 0.0, 0.02)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.normal_(module.weight.data, 1.0, 0.02)
+            nn.init.constant_(module.bias.data, 0)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+@pytest.mark.parametrize("dim,layers", [(8, 1), (8, 3), (4, 4)])
+def test_patchgan_layout_and_outputs_equal_official(dim, layers, images):
+    """Same state-dict keys and shapes as the official discriminator (so an official checkpoint's
+    "discriminator" entry loads), same layer types, and with its weights the same logits on batch
+    statistics (train) and on running statistics (eval)."""
+    official, ours = OfficialPatchGAN(3, dim, layers), PatchGANDiscriminator(3, dim, layers)
+    theirs = official.state_dict()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs.items()]
+    assert [type(m) for m in ours.main] == [type(m) for m in official.main]
+    assert [m.negative_slope for m in ours.main if isinstance(m, nn.LeakyReLU)] == [0.2] * (layers + 1)
+    ours.load_state_dict(theirs)
+    x = images(3, 64)
+    official.train(), ours.train()
+    torch.testing.assert_close(ours(x), official(x))
+    official.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), official(x))
+
+
+def test_patchgan_init_is_official():
+    """Conv weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0; the first and the last conv keep
+    their bias (PyTorch's default init), the others have none. A default-initialised PatchGAN fails it."""
+    torch.manual_seed(0)
+    d = PatchGANDiscriminator()  # the official size: 64 filters, 3 layers
+    convs = [m for m in d.main if isinstance(m, nn.Conv2d)]
+    norms = [m for m in d.main if isinstance(m, nn.BatchNorm2d)]
+    assert [c.bias is not None for c in convs] == [True, False, False, False, True]
+    weights = torch.cat([c.weight.flatten() for c in convs])
+    assert abs(weights.mean().item()) < 1e-3 and abs(weights.std().item() - 0.02) < 5e-4
+    gammas = torch.cat([n.weight for n in norms])
+    assert abs(gammas.mean().item() - 1.0) < 5e-3 and abs(gammas.std().item() - 0.02) < 3e-3
+    assert all(torch.equal(n.bias, torch.zeros_like(n.bias)) for n in norms)
 
 
 # -- TokenizerLoss -----------------------------------------------------------------------------
