@@ -260,7 +260,8 @@ def add_train_generator_arguments(p: argparse.ArgumentParser) -> argparse.Argume
                              ("ar-n-layer", int, "layers of the factorized AR head"),
                              ("token-dropout-p", float, "token dropout (official 0.1)"),
                              ("dropout-p", float, "residual and FFN dropout (official 0.1)"),
-                             ("drop-path-rate", float, "stochastic depth (official 0)"),
+                             ("drop-path-rate", float, "stochastic depth (official 0); > 0 turns residual and "
+                                                       "FFN dropout off unless --dropout-p is given, as official"),
                              ("class-dropout-prob", float, "label dropout for CFG (official 0.1)")):
         g.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the preset's)")
     g = p.add_argument_group("data")
@@ -319,8 +320,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="class id (or a class name of the training codes); repeat for several classes")
     p.add_argument("--n", type=int, default=16, help="images per class (default: %(default)s)")
     p.add_argument("--out", default="samples.png", metavar="PNG", help="grid to write (default: %(default)s)")
-    p.add_argument("--cfg-scale", type=_floats, default=[4.0],
-                   help="classifier-free guidance >= 1, one value or one per sub-token, e.g. 4,2 (default: 4)")
+    p.add_argument("--cfg-scale", type=_floats, default=[2.0],
+                   help="classifier-free guidance >= 1, one value or one per sub-token, e.g. 4,2 (default: 2, "
+                        "the released FAR evaluation's)")
     p.add_argument("--temperature", type=_floats, default=[1.0], help="> 0, one or one per sub-token (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
