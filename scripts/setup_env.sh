@@ -14,4 +14,9 @@ pip install -q --disable-pip-version-check "setuptools>=64" wheel ninja
 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.9.0
 # --no-build-isolation: setup.py sees the installed torch and compiles the C++ kernels now.
 pip install -q --disable-pip-version-check --no-build-isolation -e ".[$EXTRAS]"
+if [[ ",$EXTRAS," == *",model,"* ]]; then
+    # LPIPS's linear heads ship in the lpips wheel; its dependencies (torchvision) are not needed (and
+    # PyPI's torchvision does not import beside the CPU torch 2.13 wheel), so no-deps.
+    pip install -q --disable-pip-version-check --no-deps lpips
+fi
 python -c "import fqgan_kernels as fk; print(fk.backends())"
