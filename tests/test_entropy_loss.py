@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TOLERANCES
+from tolerances import TOLERANCES
 
 import fqgan_kernels as fk
 from fqgan_kernels import reference as ref

@@ -4,7 +4,7 @@ reference.disentangle_loss, on every backend; opcheck, gradcheck, torch.compile,
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOLERANCES
+from tolerances import HAS_CUDA, TOLERANCES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fqgan_kernels as fk

@@ -1,25 +1,13 @@
 """FAR model and generation: shapes, fused vs reference loss, causality, KV cache, CFG, determinism, bad input."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import TOLERANCES
 
 import fqgan_kernels as fk
 from fqgan.generator import FAR, PRESETS, FARConfig, generate
-
-
-def _root_tolerances() -> dict:
-    # tests/fqgan/conftest.py shadows `import conftest`; the one tolerance table lives in tests/conftest.py.
-    spec = importlib.util.spec_from_file_location("_fqgan_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TOLERANCES
-
-
-TOLERANCES = _root_tolerances()
 
 RTOL, ATOL = TOLERANCES[torch.float32]
 

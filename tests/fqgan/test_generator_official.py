@@ -6,28 +6,18 @@ names, see its docstring); the package never imports it.
 """
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import far_official_ref as off
 import pytest
 import torch
+from tolerances import TOLERANCES
 
 import fqgan_kernels as fk
 from fqgan.generator import FAR, PRESETS, FARConfig, generate
 from fqgan.generator.model import rope_table_2d
 from fqgan.generator.official import config_from_official, from_official, to_official_state_dict
 
-
-def _root_tolerances() -> dict:
-    # tests/fqgan/conftest.py shadows `import conftest`; the one tolerance table lives in tests/conftest.py.
-    spec = importlib.util.spec_from_file_location("_fqgan_root_conftest", Path(__file__).parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TOLERANCES
-
-
-RTOL, ATOL = _root_tolerances()[torch.float32]
+RTOL, ATOL = TOLERANCES[torch.float32]
 NO_DROPOUT = dict(token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
 # FAR-B / FAR-L shrunk: their layer ratios and AR-head depth, width 64 / 80 (head_dim 16), small V.
 SHAPES = {
