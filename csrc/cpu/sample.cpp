@@ -3,9 +3,10 @@
 // fqgan_kernels/sample.py; the reference is fqgan_kernels/reference.py::sample.
 //
 // Precision: the guided logits are formed in float32 with the reference's operation order
-// (uncond + cfg * (cond - uncond), then / T), exp in float32 (the vectorisable polynomial of
-// cpu/simd.h, ~2 ulp), every sum over V in float64. The per-row body is the kernel pass at the
-// bottom of this file, compiled once per instruction set (cpu/isa.h), so its passes over V vectorise.
+// (uncond + cfg * (cond - uncond), then / T; non-finite logits as reference.guided_logits), exp in
+// float32 (the vectorisable polynomial of cpu/simd.h, ~2 ulp), every sum over V in float64. The per-row
+// body is the kernel pass at the bottom of this file, compiled once per instruction set (cpu/isa.h), so
+// its passes over V vectorise.
 // Memory: per row in flight, V uint32 keys + V float32 exps (128 KiB at V = 16384).
 #ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
 
@@ -91,6 +92,27 @@ uint32_t crossing_key(const uint32_t* key, const float* e, int64_t V, double P) 
     prefix |= static_cast<uint32_t>(d) << shift;
   }
   return prefix;
+}
+
+// The float with bits b, or -inf when b is a NaN's bits (integer ops only, so loops vectorise).
+__attribute__((always_inline)) inline float no_nan(uint32_t b) {
+  const uint32_t nan = 0u - static_cast<uint32_t>((b & 0x7fffffffu) > 0x7f800000u);
+  b = (0xff800000u & nan) | (b & ~nan);
+  float x;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// A row whose guided logits hold +inf: uniform draw among its +inf tokens (the softmax's limit),
+// token number floor(u * count) in index order, as reference.sample.
+inline int64_t draw_posinf(const float* x, int64_t V, double u) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < V; ++j) count += x[j] == std::numeric_limits<float>::infinity();
+  int64_t r = std::min<int64_t>(static_cast<int64_t>(u * static_cast<double>(count)), count - 1);
+  for (int64_t j = 0; j < V; ++j) {
+    if (x[j] == std::numeric_limits<float>::infinity() && r-- == 0) return j;
+  }
+  return V - 1;  // unreachable: count >= 1
 }
 
 constexpr int64_t kDrawBlock = 256;
@@ -196,20 +218,19 @@ at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncon
 
 }  // namespace fqgan::cpu
 
-#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
-
-// The token of one row; key, e: V-element scratch.
-template <typename T>
-int64_t sample_row(const T* __restrict cond, const T* __restrict uncond, int64_t V, const RowParams& p,
-                   uint32_t* __restrict key, float* __restrict e) {
-  // Pass 1: guided logits (reference op order, float32) into e, their keys, the max.
-  float m = -std::numeric_limits<float>::infinity();
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ===  float m = -std::numeric_limits<float>::infinity();
   const float cfg = p.cfg, temp = p.temperature;
   if (uncond != nullptr) {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
       const float c = static_cast<float>(cond[j]), u = static_cast<float>(uncond[j]);
-      const float x = (u + cfg * (c - u)) / temp + 0.0f;  // + 0: -0 -> +0
+      const float g = u + cfg * (c - u);
+      uint32_t cb, ub, gb;
+      std::memcpy(&cb, &c, sizeof(cb));
+      std::memcpy(&ub, &u, sizeof(ub));
+      std::memcpy(&gb, &g, sizeof(gb));
+      const uint32_t same = 0u - static_cast<uint32_t>(cb == ub);
+      const float x = no_nan((cb & same) | (gb & ~same)) / temp + 0.0f;  // + 0: -0 -> +0
       e[j] = x;
       key[j] = float_key(x);
       m = m > x ? m : x;
@@ -217,12 +238,17 @@ int64_t sample_row(const T* __restrict cond, const T* __restrict uncond, int64_t
   } else {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
-      const float x = static_cast<float>(cond[j]) / temp + 0.0f;
+      const float c = static_cast<float>(cond[j]);
+      uint32_t cb;
+      std::memcpy(&cb, &c, sizeof(cb));
+      const float x = no_nan(cb) / temp + 0.0f;
       e[j] = x;
       key[j] = float_key(x);
       m = m > x ? m : x;
     }
   }
+  if (m == -std::numeric_limits<float>::infinity()) return -1;  // nothing to draw: the caller raises
+  if (m == std::numeric_limits<float>::infinity()) return draw_posinf(e, V, p.u);
   // top-k: keep x >= the k-th largest (ties kept).
   uint32_t lo = 0;
   if (p.top_k > 0 && p.top_k < V) lo = kth_largest_key(key, V, p.top_k);
