@@ -218,7 +218,18 @@ at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncon
 
 }  // namespace fqgan::cpu
 
-#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ===  float m = -std::numeric_limits<float>::infinity();
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
+
+// The token of one row; key, e: V-element scratch.
+template <typename T>
+int64_t sample_row(const T* __restrict cond, const T* __restrict uncond, int64_t V, const RowParams& p,
+                   uint32_t* __restrict key, float* __restrict e) {
+  // Pass 1: guided logits (reference op order, float32) into e, their keys, the max. Non-finite
+  // inputs follow reference.guided_logits: where cond == uncond (bit-equal; +-0 give the same x
+  // either way) the guided logit is cond, so a token masked (-inf) in both stays masked; a NaN left
+  // (opposite infinities, or NaN logits when the caller's scan is off) becomes -inf. Integer selects:
+  // GCC vectorises them, not float compares in a loop that stores (-ftrapping-math).
+  float m = -std::numeric_limits<float>::infinity();
   const float cfg = p.cfg, temp = p.temperature;
   if (uncond != nullptr) {
 #pragma omp simd reduction(max : m)
