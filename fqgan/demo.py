@@ -42,7 +42,7 @@ class DemoConfig:
     threads: str = "auto"  # auto: the cores not already busy (OpenMP waits badly on an overloaded machine)
     seed: int = 0
     # tokenizer
-    tokenizer_steps: int = 200
+    tokenizer_steps: int = 800  # 22.2 dB PSNR on the held-out crops (200 steps: 18.3 dB, blurry)
     tokenizer_batch: int = 16
     tokenizer_lr: float = 1e-3  # 10x the official 1e-4: a few hundred steps instead of 200k
     codebook_size: int = 512
