@@ -2,7 +2,7 @@
 provider's result on the benchmarked shape equals the reference (issue 10, section 5: a benchmark
 must not time a wrong answer).
 
-The rules are the tests' rules, with the tests' tolerances (``tests/conftest.py::TOLERANCES``, the
+The rules are the tests' rules, with the tests' tolerances (``tests/tolerances.py::TOLERANCES``, the
 one table by dtype, and the per-op constants of the test files, loaded from there):
 
 - nearest code: the chosen code's exact (float64) distance is the minimum within ``rtol * scale +
@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from types import ModuleType
@@ -38,6 +39,8 @@ from torch import Tensor
 from fqgan_kernels import reference as ref
 
 TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+if TESTS_DIR not in sys.path:
+    sys.path.append(TESTS_DIR)  # last: the suite's modules import `tolerances`; nothing here is shadowed
 
 
 @functools.cache
@@ -53,8 +56,8 @@ def suite_module(name: str) -> ModuleType:
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(rtol, atol)`` for ``dtype`` from ``tests/conftest.py::TOLERANCES``."""
-    return suite_module("conftest").TOLERANCES[dtype]
+    """``(rtol, atol)`` for ``dtype`` from ``tests/tolerances.py::TOLERANCES``."""
+    return suite_module("tolerances").TOLERANCES[dtype]
 
 
 class Memo:

@@ -52,8 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("entropy_stats", &fqgan::cpu::entropy_stats, "entropy loss forward sweeps: (lse, H, colsum)",
         pybind11::arg("zn"), pybind11::arg("en"), pybind11::arg("temperature"));
   m.def("entropy_backward", &fqgan::cpu::entropy_backward, "entropy loss backward sweeps: (grad_zn, grad_en)",
-        pybind11::arg("zn"), pybind11::arg("en"), pybind11::arg("lse"), pybind11::arg("ent"),
-        pybind11::arg("grad_lse"), pybind11::arg("grad_ent"), pybind11::arg("grad_colsum"),
+        pybind11::arg("zn"), pybind11::arg("en"), pybind11::arg("lse"), pybind11::arg("grad_lse"),
+        pybind11::arg("grad_ent"), pybind11::arg("grad_colsum"),
         pybind11::arg("temperature"));
   m.def("vq_losses_forward", &fqgan::cpu::vq_losses_forward, "fused VQ losses forward: per-slot sums",
         pybind11::arg("z"), pybind11::arg("codes"), pybind11::arg("disentangle"));

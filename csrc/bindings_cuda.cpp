@@ -14,8 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("entropy_stats", &fqgan::cuda::entropy_stats, "entropy loss forward sweeps: (lse, H, colsum)",
         pybind11::arg("zn"), pybind11::arg("en"), pybind11::arg("temperature"));
   m.def("entropy_backward", &fqgan::cuda::entropy_backward, "entropy loss backward sweeps: (grad_zn, grad_en)",
-        pybind11::arg("zn"), pybind11::arg("en"), pybind11::arg("lse"), pybind11::arg("ent"),
-        pybind11::arg("grad_lse"), pybind11::arg("grad_ent"), pybind11::arg("grad_colsum"),
+        pybind11::arg("zn"), pybind11::arg("en"), pybind11::arg("lse"), pybind11::arg("grad_lse"),
+        pybind11::arg("grad_ent"), pybind11::arg("grad_colsum"),
         pybind11::arg("temperature"));
   m.def("linear_cross_entropy", &fqgan::cuda::linear_cross_entropy,
         "fused linear + cross-entropy: (loss rows, lse, grad_hidden, grad_weight, grad_bias)",

@@ -108,7 +108,7 @@ def _stats_torch(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Te
     return lse, ent, colsum
 
 
-def _backward_torch(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse: Tensor, grad_ent: Tensor,
+def _backward_torch(zn: Tensor, en: Tensor, lse: Tensor, grad_lse: Tensor, grad_ent: Tensor,
                     grad_colsum: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     N, k, _ = zn.shape
     K = en.shape[1]
@@ -168,33 +168,34 @@ def _(zn: Tensor, en: Tensor, temperature: float, backend: str) -> tuple[Tensor,
 
 
 @torch.library.custom_op("fqgan::entropy_backward", mutates_args=())
-def _entropy_backward_op(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse: Tensor, grad_ent: Tensor,
+def _entropy_backward_op(zn: Tensor, en: Tensor, lse: Tensor, grad_lse: Tensor, grad_ent: Tensor,
                          grad_colsum: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor]:
-    """(dL/dzn, dL/den) from the upstream gradients of (lse, H, S), recomputing the tiles."""
-    return OP.run("backward", backend, zn, en, lse, ent, grad_lse, grad_ent, grad_colsum, float(temperature))
+    """(dL/dzn, dL/den) from the upstream gradients of (lse, H, S), recomputing the tiles (H itself is not
+    needed: the backward renormalises p from lse, module docstring "Rounding")."""
+    return OP.run("backward", backend, zn, en, lse, grad_lse, grad_ent, grad_colsum, float(temperature))
 
 
 @_entropy_backward_op.register_fake
-def _(zn, en, lse, ent, grad_lse, grad_ent, grad_colsum, temperature, backend):
+def _(zn, en, lse, grad_lse, grad_ent, grad_colsum, temperature, backend):
     return zn.new_empty(zn.shape), en.new_empty(en.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     zn, en, temperature, backend = inputs
-    lse, ent, _ = output
-    ctx.save_for_backward(zn, en, lse, ent)
+    lse, _, _ = output
+    ctx.save_for_backward(zn, en, lse)
     ctx.temperature = temperature
     ctx.backend = backend
 
 
 def _backward(ctx, grad_lse: Tensor | None, grad_ent: Tensor | None, grad_colsum: Tensor | None):
-    zn, en, lse, ent = ctx.saved_tensors
+    zn, en, lse = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
         return None, None, None, None
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-    grad_ent = torch.zeros_like(ent) if grad_ent is None else grad_ent
+    grad_ent = torch.zeros_like(lse) if grad_ent is None else grad_ent
     grad_colsum = en.new_zeros(en.shape[:2]) if grad_colsum is None else grad_colsum
-    grad_z, grad_e = _entropy_backward_op(zn, en, lse, ent, grad_lse.to(lse.dtype), grad_ent.to(ent.dtype),
+    grad_z, grad_e = _entropy_backward_op(zn, en, lse, grad_lse.to(lse.dtype), grad_ent.to(lse.dtype),
                                           grad_colsum.to(lse.dtype), ctx.temperature, ctx.backend)
     return (grad_z if ctx.needs_input_grad[0] else None,
             grad_e if ctx.needs_input_grad[1] else None, None, None)

@@ -209,8 +209,8 @@ def test_opcheck(backend, request):
     zn = ref.l2_normalize(torch.randn(N, k, D)).requires_grad_()
     en = ref.l2_normalize(torch.randn(k, K, D)).requires_grad_()
     torch.library.opcheck(torch.ops.fqgan.entropy_stats.default, (zn, en, 0.05, backend))
-    lse, ent, _ = torch.ops.fqgan.entropy_stats(zn.detach(), en.detach(), 0.05, backend)
-    args = (zn.detach(), en.detach(), lse, ent, torch.randn(k, N), torch.randn(k, N), torch.randn(k, K), 0.05, backend)
+    lse, _, _ = torch.ops.fqgan.entropy_stats(zn.detach(), en.detach(), 0.05, backend)
+    args = (zn.detach(), en.detach(), lse, torch.randn(k, N), torch.randn(k, N), torch.randn(k, K), 0.05, backend)
     torch.library.opcheck(torch.ops.fqgan.entropy_backward.default, args)
 
 

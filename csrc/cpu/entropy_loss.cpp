@@ -151,17 +151,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& z
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const at::Tensor& en,
-                                                    const at::Tensor& lse, const at::Tensor& ent,
-                                                    const at::Tensor& grad_lse, const at::Tensor& grad_ent,
+                                                    const at::Tensor& lse, const at::Tensor& grad_lse,
+                                                    const at::Tensor& grad_ent,
                                                     const at::Tensor& grad_colsum, double temperature) {
   check_inputs(zn, en, temperature);
   const fpstate::FlushDenormals fp_guard;
   const Prepared p = prepare(zn, en, temperature);
   Ctx c = make_ctx(zn, en, temperature, p);
-  TORCH_CHECK(lse.numel() == c.k * c.N && ent.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&
+  TORCH_CHECK(lse.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&
                   grad_ent.numel() == c.k * c.N && grad_colsum.numel() == c.k * c.K,
               "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
-  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
+  // H is not an input: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
   at::Tensor lse_f = lse.to(at::kFloat).contiguous();
   at::Tensor gl = grad_lse.to(at::kFloat).contiguous(), ge = grad_ent.to(at::kFloat).contiguous();
   at::Tensor gc = grad_colsum.to(at::kFloat).contiguous();

@@ -19,8 +19,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& z
                                                              double temperature);
 // Upstream gradients of (lse, H, colsum) -> (dL/dzn [N, k, D], dL/den [k, K, D]), tiles recomputed.
 std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const at::Tensor& en,
-                                                    const at::Tensor& lse, const at::Tensor& ent,
-                                                    const at::Tensor& grad_lse, const at::Tensor& grad_ent,
+                                                    const at::Tensor& lse, const at::Tensor& grad_lse,
+                                                    const at::Tensor& grad_ent,
                                                     const at::Tensor& grad_colsum, double temperature);
 
 // vq_losses.cpp (fused codebook / commitment / disentanglement losses; maths in fqgan_kernels/vq_losses.py)

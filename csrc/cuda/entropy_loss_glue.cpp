@@ -54,17 +54,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& z
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const at::Tensor& en,
-                                                    const at::Tensor& lse, const at::Tensor& ent,
-                                                    const at::Tensor& grad_lse, const at::Tensor& grad_ent,
+                                                    const at::Tensor& lse, const at::Tensor& grad_lse,
+                                                    const at::Tensor& grad_ent,
                                                     const at::Tensor& grad_colsum, double temperature) {
   check_inputs(zn, en, temperature);
   const c10::cuda::CUDAGuard guard(zn.device());
   const int64_t N = zn.size(0), k = zn.size(1), D = zn.size(2), K = en.size(1);
-  TORCH_CHECK(lse.numel() == k * N && ent.numel() == k * N && grad_lse.numel() == k * N &&
+  TORCH_CHECK(lse.numel() == k * N && grad_lse.numel() == k * N &&
                   grad_ent.numel() == k * N && grad_colsum.numel() == k * K,
               "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
   const Prepared p = prepare(zn, en, temperature);
-  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
+  // H is not an input: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
   at::Tensor l = f32(lse), gl = f32(grad_lse), gh = f32(grad_ent), gc = f32(grad_colsum);
   auto opts = zn.options().dtype(at::kFloat);
   at::Tensor grad_z = at::empty({N, k, D}, opts), grad_e = at::zeros({k, K, D}, opts);

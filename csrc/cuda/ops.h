@@ -20,8 +20,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& z
                                                              double temperature);
 // Upstream gradients of (lse, H, colsum) -> (dL/dzn [N, k, D], dL/den [k, K, D]), tiles recomputed.
 std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const at::Tensor& en,
-                                                    const at::Tensor& lse, const at::Tensor& ent,
-                                                    const at::Tensor& grad_lse, const at::Tensor& grad_ent,
+                                                    const at::Tensor& lse, const at::Tensor& grad_lse,
+                                                    const at::Tensor& grad_ent,
                                                     const at::Tensor& grad_colsum, double temperature);
 
 // linear_cross_entropy.cpp (cuBLAS GEMMs in row chunks + the fused epilogue of linear_cross_entropy.cu;

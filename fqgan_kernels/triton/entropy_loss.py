@@ -226,13 +226,13 @@ def entropy_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, T
     return lse, ent, colsum
 
 
-def entropy_backward(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse: Tensor, grad_ent: Tensor,
+def entropy_backward(zn: Tensor, en: Tensor, lse: Tensor, grad_lse: Tensor, grad_ent: Tensor,
                      grad_colsum: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(dL/dzn [N, k, D], dL/den [k, K, D]) from the upstream gradients of (lse, H, S)."""
     N, k, D = zn.shape
     K = en.shape[1]
     zs, e, eb, block_d = _prepare(zn, en, temperature)
-    # H (ent) is not needed: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
+    # H is not an input: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
     lse, grad_lse, grad_ent, grad_colsum = (t.float().contiguous() for t in (lse, grad_lse, grad_ent, grad_colsum))
     grad_z = torch.empty(N, k, D, device=zn.device, dtype=torch.float32)
     grad_e = torch.zeros(k, K, D, device=zn.device, dtype=torch.float32)
