@@ -8,7 +8,8 @@
 # Fails (exit 1) if a file does not compile, if any kernel spills registers or uses a stack frame
 # (local memory) not explicitly allowed, or if its shared memory exceeds the arch's per-block limit.
 #   NVCC=...                        the compiler (default: nvcc on PATH)
-#   CUDA_CHECK_MARKDOWN=path        also write the sm_90a resource table (markdown) there
+#   CUDA_CHECK_RESULTS=path         also write the sm_90a resource table into that markdown file
+#                                   (its generated section; benchmarks/RESULTS.md)
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -66,7 +67,7 @@ done
 
 echo
 if (( ${#logs[@]} > 0 )); then
-  "$PY" "$ROOT/scripts/gpu_resources.py" cuda ${CUDA_CHECK_MARKDOWN:+--markdown "$CUDA_CHECK_MARKDOWN"} "${logs[@]}" \
+  "$PY" "$ROOT/scripts/gpu_resources.py" cuda ${CUDA_CHECK_RESULTS:+--results "$CUDA_CHECK_RESULTS"} "${logs[@]}" \
     || status=1
 fi
 exit $status
