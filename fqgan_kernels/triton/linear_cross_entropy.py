@@ -150,15 +150,25 @@ def _config(bn: int, bv: int, bh: int, warps: int, stages: int) -> triton.Config
     return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
 
 
-_CONFIGS = [_config(*c) for c in [(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                                  (64, 256, 32, 8, 3), (128, 256, 64, 8, 3)]]
+# scripts/check_triton_compile.py removed every config that spills or exceeds shared memory on sm_90a
+# or sm_80 for any dtype / bias variant: the old shared list's (128, 256, 64, 8w) (spills, and 272
+# KiB of shared memory in the backward), (128, 64, 64, 4w) and (64, 128, 64, 4w) (spills), and for
+# float32 all of it: IEEE float32 dots are FMA loops over register tiles (up to 14 KB of spills per
+# thread), so float32 has its own smaller tiles, and its backward (two more dots per H block) smaller
+# ones still.
+_CONFIGS = {
+    ("fwd", False): [(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
+    ("bwd", False): [(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
+    ("fwd", True): [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)],
+    ("bwd", True): [(64, 64, 32, 8, 2), (64, 64, 16, 8, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+}
 # Keyed by (kernel, ieee): float32 inputs take IEEE float32 dots (FMA, no tensor cores), which need
 # other tiles than the bf16/fp16 tensor-core dots.
 TUNING = {
-    (name, ieee): Tuning(configs=_CONFIGS, default=_CONFIGS[0], interpret=_config(16, 32, 16, 4, 3),
-                         key=["N_BUCKET", "V", "H"],
+    (name, ieee): Tuning(configs=[_config(*c) for c in cfgs], default=_config(*cfgs[0]),
+                         interpret=_config(16, 32, 16, 4, 3), key=["N_BUCKET", "V", "H"],
                          reset_to_zero=["GX_ptr", "GW_ptr", "GB_ptr"] if name == "bwd" else None)
-    for name in KERNELS for ieee in (True, False)
+    for (name, ieee), cfgs in _CONFIGS.items()
 }
 _TUNED = {key: autotuned(KERNELS[key[0]], tuning) for key, tuning in TUNING.items()}
 

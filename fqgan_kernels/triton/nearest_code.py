@@ -42,7 +42,6 @@ L2_EPS = 1e-12  # F.normalize's default, as in the reference
 # D below this: unrolled outer products; at or above: tl.dot (needs all dot dims >= 16).
 DOT_MIN_D = 16
 
-PREP_BLOCK = 64
 
 
 @triton.jit
@@ -87,7 +86,11 @@ def _nearest_code_fwd_kernel(Z_ptr, ET_ptr, B_ptr, CODES_ptr, IDX_ptr, N, K, NSU
     if L2:
         scale = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), 1e-12)
     else:
-        scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+        # Exactly 1 for finite z (the front door rejects non-finite z), but computed from the z tile,
+        # as with L2: a constant scale left z dead, the layout pass then gave the score tile one row
+        # per thread, and the D broadcast z columns hoisted out of the K loop took 8 x 32 registers
+        # and spilled (scripts/check_triton_compile.py, fp32/bf16/fp16 at D = 8).
+        scale = 1.0 + 0.0 * tl.sum(z * z, axis=1)
     if USE_DOT:
         zh = z * scale[:, None]
 
@@ -125,9 +128,13 @@ def _nearest_code_fwd_kernel(Z_ptr, ET_ptr, B_ptr, CODES_ptr, IDX_ptr, N, K, NSU
              mask=omask)
 
 
+# The prep kernel runs once per call over k * K codes: one fixed config, not tuned.
+PREP_CONFIG = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=3)
+
+
 def prep_meta(D: int, l2: bool) -> dict:
-    """The constexprs and launch options of ``_nearest_code_prep_kernel`` (one fixed config)."""
-    return {"L2": bool(l2), "BLOCK": PREP_BLOCK, "BLOCK_D": triton.next_power_of_2(D), "num_warps": 4}
+    """The constexprs of ``_nearest_code_prep_kernel`` other than its config's."""
+    return {"L2": bool(l2), "BLOCK_D": triton.next_power_of_2(D)}
 
 
 def fwd_meta(D: int, l2: bool) -> dict:
@@ -143,11 +150,13 @@ def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 
 
 # The running (best, j) tiles cost 3 registers per tile element: keep BLOCK_N * BLOCK_K per
-# thread at <= 32 (<= 96 registers for them) so nothing spills.
+# thread at <= 32 (<= 96 registers for them). Removed after scripts/check_triton_compile.py:
+# (64, 64, 4, 2) spills 16 B on sm_80 (ptxas 12.9 stops at 168 registers; 255 with maxnreg=255,
+# still spilling) and (128, 32, 4, 2) spills 8 B for bf16/fp16 at D = 8 on sm_90a and sm_80.
 FWD_TUNING = Tuning(
-    configs=[_config(*c) for c in [(64, 64, 4, 2), (32, 128, 4, 2), (128, 32, 4, 2), (32, 64, 4, 3),
-                                   (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3)]],
-    default=_config(64, 64, 4, 2),
+    configs=[_config(*c) for c in [(32, 128, 4, 2), (32, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2),
+                                   (64, 64, 8, 3)]],
+    default=_config(64, 64, 8, 3),
     # few programs (the interpreter's cost is per op, not per element), but several code tiles
     interpret=_config(64, 32, 4, 2),
     # N (tokens in a batch) changes often; its power-of-two bucket does not
@@ -179,8 +188,8 @@ def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tens
     et = torch.empty((k, D, K), dtype=torch.float32, device=z.device)
     bias = torch.empty((k, K), dtype=torch.float32, device=z.device)
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-        _nearest_code_prep_kernel[(triton.cdiv(K, PREP_BLOCK), k)](
-            codebooks, et, bias, K, D, **prep_meta(D, l2_normalize), enable_fp_fusion=True)
+        _nearest_code_prep_kernel[(triton.cdiv(K, PREP_CONFIG.kwargs["BLOCK"]), k)](
+            codebooks, et, bias, K, D, **prep_meta(D, l2_normalize), **PREP_CONFIG.all_kwargs(), enable_fp_fusion=True)
         _launch_fwd(z, et, bias, codes, idx, N, K, k, D, bool(l2_normalize))
     return codes, idx
 
