@@ -5,13 +5,22 @@ One timed call is one image position of FAR generation: k = 3 factor steps, each
 cond and uncond logits [B, V] (B = 64 images, so 2B = 128 logit rows for CFG), with that step's own
 parameters. ``per_step_ms`` is the mean divided by k; GB/s counts the logits read once per step
 (2 * B * V * element size). ``peak_extra_MiB`` is the extra memory one timed call needs.
+
+Inputs: "flat" logits are unit-scale (std 1), "peaked" logits x100 (std 100, near one-hot after CFG:
+most exp(x - max) underflow, many to subnormals), as a trained generator's are; same shapes and
+settings in the same run, paired in the peaked/flat table at the end of the session.
+
+Before timing, each provider's first draws are checked against reference.sample given the same
+uniform numbers, by the rule of tests/test_sample.py (equal draws except on rows whose decision
+sits within rounding of its threshold, and those rare) (benchmarks/checks.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import is_smoke, peak_extra_bytes, record, sync
+from checks import check_draws
+from conftest import is_smoke, label, peak_extra_bytes, record, sync
 
 import fqgan_kernels as fk
 from fqgan_kernels import reference as ref
@@ -28,6 +37,8 @@ SETTINGS = {
     "topk+topp": [(4.0, 1.0, 1000, 0.95), (3.0, 0.9, 600, 0.9), (2.0, 0.8, 300, 0.8)],
 }
 SMOKE_SETTINGS = ["topk+topp"]
+LOGIT_STD = {"flat": 1.0, "peaked": 100.0}
+NOTE = {"flat": "logits std 1", "peaked": "logits std 100 (x100)"}
 
 
 def pytest_generate_tests(metafunc):
@@ -37,19 +48,29 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("shape", shapes, ids=[f"B{b}-V{v}-{str(d).split('.')[-1]}" for b, v, d in shapes])
     if "setting" in metafunc.fixturenames:
         metafunc.parametrize("setting", SMOKE_SETTINGS if smoke else list(SETTINGS))
+    if "inputs" in metafunc.fixturenames:
+        metafunc.parametrize("inputs", ["flat", "peaked"])
 
 
-def make_inputs(shape, device="cpu"):
+def make_inputs(shape, inputs="flat", device="cpu"):
     B, V, dtype = shape
     g = torch.Generator().manual_seed(0)
-    logits = [(torch.randn(B, V, generator=g) * 3).to(device, dtype) for _ in range(2 * K_STEPS)]
+    std = LOGIT_STD[inputs]
+    logits = [(torch.randn(B, V, generator=g) * std).to(device, dtype) for _ in range(2 * K_STEPS)]
     u = torch.rand(K_STEPS, B, generator=g, dtype=torch.float64).to(device)
     return [(logits[2 * i], logits[2 * i + 1], u[i]) for i in range(K_STEPS)]
 
 
-def run(benchmark, make_fn, shape, setting, device="cpu"):
+def check(got, steps, params, what):
+    """Each factor step's draws against reference.sample on the same logits and uniforms."""
+    for i, (tokens, (c, un, u), p) in enumerate(zip(got, steps, params)):
+        want = ref.sample(c, un, *p, uniform=u)
+        check_draws(f"{what} step {i}", tokens, want, (c, un, *p, u))
+
+
+def run(benchmark, make_fn, shape, setting, inputs, provider, device="cpu"):
     B, V, dtype = shape
-    steps = make_inputs(shape, device)
+    steps = make_inputs(shape, inputs, device)
     params = SETTINGS[setting]
 
     def fn():
@@ -57,9 +78,11 @@ def run(benchmark, make_fn, shape, setting, device="cpu"):
         sync(device)
         return out
 
-    fn()  # warm-up / compile outside the timing
+    # warm-up / compile outside the timing, and the draws that are checked
+    check(fn(), steps, params, f"sample {provider} {inputs} {setting} B={B} V={V} {dtype}")
     peak = peak_extra_bytes(fn, device)
-    benchmark.group = f"sample B={B}x2 V={V} {str(dtype).split('.')[-1]} k={K_STEPS} {setting} {device}"
+    group = f"sample B={B}x2 V={V} {str(dtype).split('.')[-1]} k={K_STEPS} {setting} {device}"
+    label(benchmark, group, provider, inputs, NOTE[inputs])
     rounds = 1 if benchmark.disabled else 10
     result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if benchmark.disabled else 1)
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -74,13 +97,14 @@ def _reference(c, un, u, cfg, t, k, p):
     return ref.sample(c, un, cfg, t, k, p, uniform=u)
 
 
-def test_reference_eager(benchmark, shape, setting):
-    run(benchmark, _reference, shape, setting)
+def test_reference_eager(benchmark, shape, setting, inputs):
+    run(benchmark, _reference, shape, setting, inputs, "reference eager")
 
 
-def test_reference_compiled(benchmark, shape, setting):
+def test_reference_compiled(benchmark, shape, setting, inputs):
     compiled = torch.compile(ref.sample)
-    run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting)
+    run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting,
+        inputs, "torch.compile(reference)")
 
 
 def _fused(backend):
@@ -89,27 +113,27 @@ def _fused(backend):
     return fn
 
 
-def test_fused_cpu(benchmark, shape, setting):
-    run(benchmark, _fused("cpu"), shape, setting)
+def test_fused_cpu(benchmark, shape, setting, inputs):
+    run(benchmark, _fused("cpu"), shape, setting, inputs, "fused cpu")
 
 
 @pytest.mark.cuda
-def test_reference_eager_cuda(benchmark, shape, setting):
-    run(benchmark, _reference, shape, setting, device="cuda")
+def test_reference_eager_cuda(benchmark, shape, setting, inputs):
+    run(benchmark, _reference, shape, setting, inputs, "reference eager", device="cuda")
 
 
 @pytest.mark.cuda
-def test_reference_compiled_cuda(benchmark, shape, setting):
+def test_reference_compiled_cuda(benchmark, shape, setting, inputs):
     compiled = torch.compile(ref.sample)
     run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting,
-        device="cuda")
+        inputs, "torch.compile(reference)", device="cuda")
 
 
 @pytest.mark.cuda
-def test_fused_triton(benchmark, shape, setting):
-    run(benchmark, _fused("triton"), shape, setting, device="cuda")
+def test_fused_triton(benchmark, shape, setting, inputs):
+    run(benchmark, _fused("triton"), shape, setting, inputs, "fused triton", device="cuda")
 
 
 @pytest.mark.cuda
-def test_fused_cuda(benchmark, shape, setting):
-    run(benchmark, _fused("cuda"), shape, setting, device="cuda")
+def test_fused_cuda(benchmark, shape, setting, inputs):
+    run(benchmark, _fused("cuda"), shape, setting, inputs, "fused cuda", device="cuda")

@@ -7,16 +7,30 @@ Public API (see README.md and DESIGN.md section 4)::
     codes, idx = fk.nearest_code(z, codebooks, l2_normalize=True)
     q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=16384, codebook_dim=8)
     quantized, indices, loss = q(z)
+
+Everything a user (or the models in ``fqgan/``) may import is in ``__all__``; other modules and
+names starting with ``_`` are internal.
 """
 
-from . import reference
+import warnings
+
+from . import outputs, reference
 from ._backend import BACKENDS, BackendInfo, backends, resolve_backend
+from ._validate import set_check_finite
 from .entropy_loss import entropy_loss
-from .linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy
-from .nearest_code import NearestCode, nearest_code
-from .quantizer import FactorizedQuantizer, LossBreakdown, QuantizerOutput
+from .linear_cross_entropy import linear_cross_entropy
+from .nearest_code import nearest_code
+from .outputs import (
+    LinearCrossEntropyOutput,
+    LossBreakdown,
+    NearestCodeOutput,
+    QuantizerOutput,
+    QuantizerOutputWithBreakdown,
+    VQLossesOutput,
+)
+from .quantizer import FactorizedQuantizer
 from .sample import sample, sample_from_hidden
-from .vq_losses import VQLossTerms, vq_losses
+from .vq_losses import vq_losses
 
 __version__ = "0.1.0"
 
@@ -24,18 +38,37 @@ __all__ = [
     "BACKENDS",
     "BackendInfo",
     "FactorizedQuantizer",
-    "LinearCrossEntropy",
+    "LinearCrossEntropyOutput",
     "LossBreakdown",
-    "NearestCode",
+    "NearestCodeOutput",
     "QuantizerOutput",
-    "VQLossTerms",
+    "QuantizerOutputWithBreakdown",
+    "VQLossesOutput",
     "backends",
     "entropy_loss",
     "linear_cross_entropy",
     "nearest_code",
+    "outputs",
     "reference",
     "resolve_backend",
     "sample",
     "sample_from_hidden",
+    "set_check_finite",
     "vq_losses",
 ]
+
+# Renamed in 0.2 (see CHANGELOG.md); the old names stay importable for one release, with a warning.
+_DEPRECATED = {
+    "NearestCode": NearestCodeOutput,
+    "LinearCrossEntropy": LinearCrossEntropyOutput,
+    "VQLossTerms": VQLossesOutput,
+}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"fqgan_kernels.{name} is deprecated; use fqgan_kernels.{new.__name__}",
+                      DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

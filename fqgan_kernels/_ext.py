@@ -54,9 +54,39 @@ def _try_prebuilt(module: str, digest: str) -> tuple[ModuleType | None, str]:
 STALE_LOCK_SECONDS = 45 * 60
 
 
+@contextlib.contextmanager
+def _build_guard(build_dir: str):
+    """One builder per build folder, and no wait on a dead one. torch's build baton (a ``lock`` file)
+    waits forever on a lock left by a killed build; an OS file lock (``flock``) is released by the
+    kernel when its holder dies, so whoever holds it knows that a ``lock`` file there is a leftover
+    and removes it. Without ``fcntl`` (Windows), a lock older than any build takes (45 min) counts as
+    a leftover."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        _remove_stale_lock(lock)
+        yield
+        return
+    with open(os.path.join(build_dir, "build.flock"), "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"fqgan_kernels: waiting for another process that is compiling the kernels in {build_dir}",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(lock):
+                print(f"fqgan_kernels: removing the build lock of a build that did not finish: {lock}",
+                      file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    os.remove(lock)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _remove_stale_lock(lock: str) -> None:
-    """torch's build baton waits forever on a lock left by a killed build; a lock older than any
-    build takes (45 min, on a loaded 2-core machine) is such a leftover."""
     try:
         age = time.time() - os.path.getmtime(lock)
     except OSError:
@@ -74,24 +104,24 @@ def _jit(kind: str, digest: str) -> ModuleType:
     build_dir = os.path.join(cache_dir(), name)
     os.makedirs(build_dir, exist_ok=True)
     so = os.path.join(build_dir, f"{name}.so")
-    _remove_stale_lock(os.path.join(build_dir, "lock"))
     if not os.path.exists(so):
         print(f"fqgan_kernels: compiling the {kind} kernels (first use, about a minute) into {build_dir}",
               file=sys.stderr, flush=True)
     define = f"-DFQGAN_SOURCES_DIGEST={digest}"
-    if kind == "cpu":
+    with _build_guard(build_dir):
+        if kind == "cpu":
+            return cpp_extension.load(
+                name=name, sources=_build.cpu_sources(), extra_cflags=[*_build.cpu_cflags(), define],
+                extra_ldflags=_build.cpu_ldflags(), extra_include_paths=[_build.CSRC],
+                build_directory=build_dir, verbose=False,
+            )
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.DEFAULT_CUDA_ARCHS)
+        flags = _build.cuda_cflags()
         return cpp_extension.load(
-            name=name, sources=_build.cpu_sources(), extra_cflags=[*_build.cpu_cflags(), define],
-            extra_ldflags=_build.cpu_ldflags(), extra_include_paths=[_build.CSRC],
+            name=name, sources=_build.cuda_sources(), extra_cflags=[*flags["cxx"], define],
+            extra_cuda_cflags=[*flags["nvcc"], define], extra_include_paths=[_build.CSRC],
             build_directory=build_dir, verbose=False,
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _build.DEFAULT_CUDA_ARCHS)
-    flags = _build.cuda_cflags()
-    return cpp_extension.load(
-        name=name, sources=_build.cuda_sources(), extra_cflags=[*flags["cxx"], define],
-        extra_cuda_cflags=[*flags["nvcc"], define], extra_include_paths=[_build.CSRC],
-        build_directory=build_dir, verbose=False,
-    )
 
 
 def _load(kind: str) -> tuple[ModuleType | None, str]:
@@ -133,6 +163,11 @@ def _load_uncached(kind: str) -> tuple[ModuleType | None, str]:
         return _jit(kind, digest), f"compiled on first use in {cache_dir()}"
     except Exception as e:  # keep the reason; backends() shows it and a forced backend raises it
         return None, f"compile failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+
+
+def cpu_disabled() -> bool:
+    """True when ``FQGAN_USE_CPP=0`` switched the C++ extension off on purpose."""
+    return not _build.env_flag("FQGAN_USE_CPP")
 
 
 def cpu() -> ModuleType | None:

@@ -1,7 +1,8 @@
 """Streaming entropy loss per sub-codebook: the public op, its custom ops, autograd and DDP.
 
-Backends: ``reference`` (plain PyTorch in row chunks, this file), ``cpu`` (csrc/cpu/entropy_loss.cpp),
-``triton`` (fqgan_kernels/triton/entropy_loss.py), ``cuda`` (csrc/cuda/entropy_loss.cu).
+Backends: ``reference`` (fqgan_kernels/reference.py, N x K tensors), ``torch`` (the sweeps below in
+plain PyTorch, row chunks, this file), ``cpu`` (csrc/cpu/entropy_loss.cpp), ``triton``
+(fqgan_kernels/triton/entropy_loss.py), ``cuda`` (csrc/cuda/entropy_loss.cu).
 
 Maths (per sub-codebook; z and e L2-normalised first when ``l2_normalize``, in torch, outside the
 custom ops, so autograd handles the normalisation; that costs O(N*D + K*D))::
@@ -65,21 +66,22 @@ unused on the whole global batch rather than on one rank's slice. Every rank mus
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from numbers import Real
 
 import torch
 from torch import Tensor
 
-from . import _ext, reference
-from ._backend import resolve_backend
+from . import reference
+from ._backend import Op, Route, cpu_kernel, cuda_kernel, triton_kernel
+from ._common import ENTROPY_EPS, maybe_normalize
+from .outputs import EntropyStatistics
 
 __all__ = ["entropy_loss"]
 
 _CHUNK_ELEMENTS = 1 << 20  # the torch path holds at most this many a_nj at once (4 MiB fp32)
 
 
-# -- plain-PyTorch path (backend "reference", and float64 for gradcheck), chunked over rows --------
+# -- plain-PyTorch path (backend "torch", and float64 for gradcheck), chunked over rows ------------
 def _rows_per_chunk(K: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(K, 1))
 
@@ -131,54 +133,28 @@ def _backward_torch(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse: 
     return grad_z, grad_e
 
 
-# -- backends ------------------------------------------------------------------------------------
-def _cpu_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _ext.cpu().entropy_stats(zn, en, temperature)
-
-
-def _cpu_backward(*args) -> tuple[Tensor, Tensor]:
-    return _ext.cpu().entropy_backward(*args)
-
-
-def _triton_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    from .triton import entropy_loss as tk
-
-    return tk.entropy_stats(zn, en, temperature)
-
-
-def _triton_backward(*args) -> tuple[Tensor, Tensor]:
-    from .triton import entropy_loss as tk
-
-    return tk.entropy_backward(*args)
-
-
-def _cuda_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    return _ext.cuda().entropy_stats(zn, en, temperature)
-
-
-def _cuda_backward(*args) -> tuple[Tensor, Tensor]:
-    return _ext.cuda().entropy_backward(*args)
-
-
-_STATS: dict[str, Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor, Tensor]]] = {
-    "reference": _stats_torch, "cpu": _cpu_stats, "triton": _triton_stats, "cuda": _cuda_stats,
-}
-_BACKWARD: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "reference": _backward_torch, "cpu": _cpu_backward, "triton": _triton_backward, "cuda": _cuda_backward,
-}
-
-
-def _kernel_backend(backend: str, x: Tensor) -> str:
-    # The compiled kernels compute in fp32; float64 (gradcheck) goes through the torch path.
-    return "reference" if x.dtype == torch.float64 else backend
+# The compiled kernels compute in fp32; float64 (gradcheck) goes through the torch path.
+OP = Op("entropy_loss", {
+    "stats": {
+        "torch": Route(_stats_torch),
+        "cpu": Route(cpu_kernel("entropy_stats"), float64="torch"),
+        "triton": Route(triton_kernel("entropy_loss", "entropy_stats"), float64="torch"),
+        "cuda": Route(cuda_kernel("entropy_stats"), float64="torch"),
+    },
+    "backward": {
+        "torch": Route(_backward_torch),
+        "cpu": Route(cpu_kernel("entropy_backward"), float64="torch"),
+        "triton": Route(triton_kernel("entropy_loss", "entropy_backward"), float64="torch"),
+        "cuda": Route(cuda_kernel("entropy_backward"), float64="torch"),
+    },
+})
 
 
 # -- custom ops ----------------------------------------------------------------------------------
 @torch.library.custom_op("fqgan::entropy_stats", mutates_args=())
 def _entropy_stats_op(zn: Tensor, en: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(lse (k, N), H (k, N), S (k, K)) of ``a = (2 zn.en - |en|^2) / T``; see the module docstring."""
-    backend = _kernel_backend(backend, zn)
-    return _STATS[backend](zn.contiguous(), en.contiguous(), float(temperature))
+    return OP.run("stats", backend, zn, en, float(temperature))
 
 
 @_entropy_stats_op.register_fake
@@ -195,9 +171,7 @@ def _(zn: Tensor, en: Tensor, temperature: float, backend: str) -> tuple[Tensor,
 def _entropy_backward_op(zn: Tensor, en: Tensor, lse: Tensor, ent: Tensor, grad_lse: Tensor, grad_ent: Tensor,
                          grad_colsum: Tensor, temperature: float, backend: str) -> tuple[Tensor, Tensor]:
     """(dL/dzn, dL/den) from the upstream gradients of (lse, H, S), recomputing the tiles."""
-    backend = _kernel_backend(backend, zn)
-    args = [t.contiguous() for t in (zn, en, lse, ent, grad_lse, grad_ent, grad_colsum)]
-    return _BACKWARD[backend](*args, float(temperature))
+    return OP.run("backward", backend, zn, en, lse, ent, grad_lse, grad_ent, grad_colsum, float(temperature))
 
 
 @_entropy_backward_op.register_fake
@@ -274,55 +248,53 @@ def _check_temperature(temperature: object) -> float:
     return t
 
 
-def validate(z: Tensor, codebooks: Tensor, temperature: object) -> float:
+def validate(z: object, codebooks: object, temperature: object, check_finite: bool | None = None) -> float:
     """The checks of :func:`entropy_loss`; returns the temperature as a float."""
     from .nearest_code import validate as validate_shapes
 
     t = _check_temperature(temperature)
-    validate_shapes(z, codebooks)
+    validate_shapes(z, codebooks, check_finite)
     return t
 
 
 def entropy_loss(z: Tensor, codebooks: Tensor, temperature: float = 0.01, l2_normalize: bool = True, *,
-                 distributed: bool | None = None, backend: str | None = None) -> Tensor:
+                 distributed: bool | None = None, backend: str | None = None,
+                 check_finite: bool | None = None) -> Tensor:
     """Equals :func:`fqgan_kernels.reference.entropy_loss` -- per sub-codebook i, with
     ``p = softmax(-cdist(z[:, i], e[i])**2 / T)``: ``mean_n H(p_n) - H(p.mean(0))``, the mean's
     entropy taken with ``log(avg + 1e-5)`` -- in value and gradients (to z and the codebooks),
     without any N x K buffer: two streaming sweeps forward, two backward, extra memory
     O(k * (N + K)) plus the normalised copies of z and the codebooks.
 
-    :param z: (N, k, D) float32, bfloat16 or float16 (float64 runs on the plain-PyTorch path)
+    :param z: (N, k, D) float32, bfloat16 or float16 (float64 runs on the ``torch`` path)
     :param codebooks: (k, K, D), same dtype and device as ``z``
     :param temperature: T > 0 (FQGAN: 0.01)
     :param l2_normalize: normalise z and the codes first (FQGAN/LlamaGen ``l2_norm=True``)
     :param distributed: use the mean probability over the global batch of all DDP ranks
         (all-reduce, differentiable); ``None`` = on when torch.distributed is initialised with
         world size > 1. See the module docstring for how this differs from FQGAN's per-rank form.
-    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``cpu``,
-        ``triton`` or ``cuda``
+    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``torch``,
+        ``cpu``, ``triton`` or ``cuda``
+    :param check_finite: scan z and the codebooks for NaN/Inf (default: the process setting)
     :returns: (k,) float32 (float64 for float64 inputs), unweighted (FQGAN multiplies by
         ``entropy_loss_ratio``, 0.03)
 
     Source: LlamaGen/FQGAN ``compute_entropy_loss(-d)`` (tokenizer/vq_model_triple.py).
     """
-    t = validate(z, codebooks, temperature)
+    t = validate(z, codebooks, temperature, check_finite)
     dist_on = _use_distributed(distributed)
-    name = resolve_backend("entropy_loss", backend, z.device)
+    name = OP.resolve(backend, z.device)
     if z.shape[0] == 0 and not dist_on:
         raise ValueError(f"z has N = 0 rows (shape {tuple(z.shape)}): the entropy loss is a mean over rows")
-    zn, en = reference.maybe_normalize(z, codebooks, bool(l2_normalize))  # compute dtype (fp32/fp64)
-    return _entropy_loss_checked(zn, en, t, dist_on, name)
-
-
-def _entropy_loss_checked(zn: Tensor, en: Tensor, temperature: float, dist_on: bool, backend: str) -> Tensor:
-    """:func:`entropy_loss` on inputs already validated and normalised (the quantizer checks its
-    input once at its front door and calls this, so a step scans for NaN/Inf only once)."""
-    _lse, ent, colsum = _entropy_stats_op(zn, en, temperature, backend)
-    sample_entropy = ent.sum(-1) / max(zn.shape[0], 1)  # (k,): this rank's mean H(p_n)
-    count = ent.new_full((), float(zn.shape[0]))
-    if dist_on:
-        colsum = _AllReduceSum.apply(colsum)
-        count = _AllReduceSum.apply(count)
-    avg = colsum / count  # (k, K)
-    avg_entropy = -(avg * torch.log(avg + reference.ENTROPY_EPS)).sum(-1)
-    return sample_entropy - avg_entropy
+    if name == "reference":
+        stats = reference.entropy_statistics(z, codebooks, t, bool(l2_normalize))
+    else:
+        zn, en = maybe_normalize(z, codebooks, bool(l2_normalize))  # compute dtype (fp32/fp64)
+        _lse, ent, colsum = _entropy_stats_op(zn, en, t, name)
+        stats = EntropyStatistics(ent.sum(-1), colsum, ent.new_full((), float(zn.shape[0])))
+    if not dist_on:
+        return reference.entropy_from_statistics(stats)
+    # Each rank: its own mean H(p_n), and H of the global mean probability (see the module docstring).
+    sample_entropy = stats.entropy_sum / max(z.shape[0], 1)
+    avg = _AllReduceSum.apply(stats.prob_sum) / _AllReduceSum.apply(stats.count)
+    return sample_entropy + (avg * torch.log(avg + ENTROPY_EPS)).sum(-1)

@@ -1,8 +1,8 @@
 """Fused linear + cross-entropy over k heads: the public op, its custom ops and autograd.
 
-Backends: ``reference`` (plain PyTorch in row chunks, this file), ``cpu``
-(csrc/cpu/linear_cross_entropy.cpp), ``triton`` (fqgan_kernels/triton/linear_cross_entropy.py),
-``cuda`` (csrc/cuda/linear_cross_entropy.{cu,cpp}).
+Backends: ``reference`` (fqgan_kernels/reference.py, N x V logits), ``torch`` (plain PyTorch in row
+chunks, this file), ``cpu`` (csrc/cpu/linear_cross_entropy.cpp), ``triton``
+(fqgan_kernels/triton/linear_cross_entropy.py), ``cuda`` (csrc/cuda/linear_cross_entropy{.cu,_glue.cpp}).
 
 Maths, per head h and row n (``z = x_n W^T + b`` the V logits, t the target, eps the label
 smoothing, zl the z-loss weight, ``valid = t != ignore_index``)::
@@ -19,7 +19,7 @@ losses. With ``g_n = dL/dloss_n`` the gradients are ``dlogits = g * dloss/dz``,
 
 Where the gradients are computed (the choice this file makes):
 
-* ``mean``/``sum`` on the ``cpu``, ``cuda`` and ``reference`` backends: in the forward, with
+* ``mean``/``sum`` on the ``cpu``, ``cuda`` and ``torch`` backends: in the forward, with
   ``g_n = 1/count`` (``1`` for sum) on valid rows, as Liger-Kernel does. ``dL/dloss_n`` is then
   the per-head upstream gradient times that constant, so the backward only scales the stored
   gradients by the k upstream scalars: 3 GEMMs in all instead of 4 (the logits GEMM is not
@@ -31,21 +31,22 @@ Where the gradients are computed (the choice this file makes):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from numbers import Real
 
 import torch
 from torch import Tensor
 
-from . import _ext, _validate
-from ._backend import resolve_backend
-from .reference import LinearCrossEntropy
+from . import _ext, _validate, reference
+from ._backend import Op, Route
+from .outputs import LinearCrossEntropyOutput
 
-__all__ = ["LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["linear_cross_entropy"]
 
 REDUCTIONS = ("mean", "sum", "none")
-# Rows per chunk of the chunked backends (reference, cpu, cuda); 0 = each backend's default size
-# (a chunk of float32 logits of about 16 MiB for reference, 32 MiB for cpu, 64 MiB for cuda).
+# Rows per chunk of the chunked backends (torch, cpu, cuda); 0 = each backend's default size
+# (a chunk of float32 logits of about 16 MiB for torch, 32 MiB for cpu, 64 MiB for cuda).
 # Tests set it small to cross chunk edges on small shapes.
 chunk_rows: int = 0
 _CHUNK_BYTES = 16 << 20
@@ -111,40 +112,37 @@ def _torch_impl(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | 
     return rows, lse_out, gh, gw, gb
 
 
-def _reference_impl(hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl) -> _Result:
-    return _torch_impl(hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl)
-
-
 def _cpu_impl(hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl) -> _Result:
     return _ext.cpu().linear_cross_entropy(hidden, weight, targets, bias, row_grad, ignore_index, eps, zl,
                                            chunk_rows)
 
 
 def _cuda_impl(hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl) -> _Result:
-    if hidden.dtype == torch.float64:
-        return _torch_impl(hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl)
     return _ext.cuda().linear_cross_entropy(hidden, weight, targets, bias, row_grad, ignore_index, eps, zl,
                                             chunk_rows)
 
 
 def _triton_impl(hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl) -> _Result:
+    """Forward (``row_grad`` None): losses and lse. Backward (``row_grad`` and the forward's ``lse``
+    given, from :func:`_lce_backward_op`): the gradients, tiles recomputed."""
     from .triton import linear_cross_entropy as tk
 
     if row_grad is None:
         rows, lse = tk.forward(hidden, weight, targets, bias, ignore_index, eps, zl)
         return rows, lse, None, None, None
-    if lse is None:
-        _, lse = tk.forward(hidden, weight, targets, bias, ignore_index, eps, zl)
     gh, gw, gb = tk.backward(hidden, weight, targets, bias, lse, row_grad, ignore_index, eps, zl)
     return hidden.new_empty((0,)), lse, gh, gw, gb
 
 
-_IMPLS: dict[str, Callable[..., _Result]] = {
-    "reference": _reference_impl,
-    "cpu": _cpu_impl,
-    "triton": _triton_impl,
-    "cuda": _cuda_impl,
-}
+# One stage: (hidden, weight, targets, bias, row_grad, lse, ignore_index, eps, zl) -> _Result, run by
+# the forward op (row_grad given when it computes the gradients) and by the backward op.
+OP = Op("linear_cross_entropy", {"run": {
+    "torch": Route(_torch_impl),
+    "cpu": Route(_cpu_impl),  # float64 in float64
+    # Triton's tl.dot has no float64 on every GPU; the cuda epilogue is fp32: float64 takes the torch path.
+    "triton": Route(_triton_impl, float64="torch"),
+    "cuda": Route(_cuda_impl, float64="torch"),
+}})
 
 
 def _forward_grads(backend: str, reduction: str, compute_grad: bool) -> bool:
@@ -152,12 +150,7 @@ def _forward_grads(backend: str, reduction: str, compute_grad: bool) -> bool:
     return compute_grad and reduction != "none" and backend != "triton"
 
 
-def _effective_backend(backend: str, dtype: torch.dtype) -> str:
-    # Triton's tl.dot has no float64 on every GPU; float64 (gradcheck) runs the chunked torch path.
-    return "reference" if backend == "triton" and dtype == torch.float64 else backend
-
-
-def _row_scale(targets: Tensor, ignore_index: int, reduction: str, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+def _row_scale(targets: Tensor, ignore_index: int, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """(valid [k, N] as 0/1 in ``acc``, count [k]) of non-ignored rows."""
     valid = (targets != ignore_index).to(acc)
     return valid, valid.sum(1)
@@ -169,17 +162,14 @@ def _lce_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss: [k] per head for mean/sum, [k, N] for none; lse [k, N]; and, when
     :func:`_forward_grads`, grad_hidden, grad_weight, grad_bias for ``dL/dloss_h = 1``, else empty)."""
-    backend = _effective_backend(backend, hidden.dtype)
     acc = _acc_dtype(hidden)
-    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    valid, count = _row_scale(targets, ignore_index, reduction, acc)
+    valid, count = _row_scale(targets, ignore_index, acc)
     row_grad = None
-    if _forward_grads(backend, reduction, compute_grad):
+    if _forward_grads(OP.routed("run", backend, hidden.dtype), reduction, compute_grad):
         scale = 1.0 / count.clamp_min(1) if reduction == "mean" else torch.ones_like(count)
         row_grad = valid * scale[:, None]
-    rows, lse, gh, gw, gb = _IMPLS[backend](hidden, weight, targets, bias, row_grad, None, ignore_index,
-                                            float(label_smoothing), float(z_loss))
+    rows, lse, gh, gw, gb = OP.run("run", backend, hidden, weight, targets, bias, row_grad, None, ignore_index,
+                                   float(label_smoothing), float(z_loss))
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -198,7 +188,7 @@ def _(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, z
     acc = _acc_dtype(hidden)
     loss = hidden.new_empty((k, n) if reduction == "none" else (k,), dtype=acc)
     lse = hidden.new_empty((k, n), dtype=acc)
-    if _forward_grads(_effective_backend(backend, hidden.dtype), reduction, compute_grad):
+    if _forward_grads(OP.routed("run", backend, hidden.dtype), reduction, compute_grad):
         gb = torch.empty_like(bias) if bias is not None else hidden.new_empty((0,))
         return loss, lse, torch.empty_like(hidden), torch.empty_like(weight), gb
     return loss, lse, hidden.new_empty((0,)), hidden.new_empty((0,)), hidden.new_empty((0,))
@@ -210,11 +200,8 @@ def _lce_backward_op(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tens
                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for per-row upstream gradients ``row_grad`` [k, N] (float32; float64 for float64
     inputs), logits recomputed."""
-    backend = _effective_backend(backend, hidden.dtype)
-    bias = bias.contiguous() if bias is not None else None
-    _, _, gh, gw, gb = _IMPLS[backend](hidden.contiguous(), weight.contiguous(), targets.contiguous(), bias,
-                                       row_grad.to(_acc_dtype(hidden)).contiguous(), lse.contiguous(), ignore_index,
-                                       float(label_smoothing), float(z_loss))
+    _, _, gh, gw, gb = OP.run("run", backend, hidden, weight, targets, bias, row_grad.to(_acc_dtype(hidden)), lse,
+                              ignore_index, float(label_smoothing), float(z_loss))
     return gh, gw, gb if gb is not None else hidden.new_empty((0,))
 
 
@@ -236,7 +223,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # lse and the forward's gradients are never differentiated: without this, autograd would hand the
     # backward a zeros tensor for each of them (k (N + V) H elements, as much as the gradients).
     ctx.set_materialize_grads(False)
-    ctx.precomputed = _forward_grads(_effective_backend(backend, hidden.dtype), reduction, compute_grad)
+    ctx.precomputed = _forward_grads(OP.routed("run", backend, hidden.dtype), reduction, compute_grad)
     ctx.has_bias = bias is not None
     ctx.args = (ignore_index, label_smoothing, reduction, z_loss, backend)
     ctx.eager_grads = None
@@ -281,7 +268,7 @@ def _backward(ctx, grad_loss: Tensor, grad_lse, grad_gh, grad_gw, grad_gb):
     if reduction == "none":
         row_grad = grad_loss
     else:
-        valid, count = _row_scale(targets, ignore_index, reduction, grad_loss.dtype)
+        valid, count = _row_scale(targets, ignore_index, grad_loss.dtype)
         per_head = grad_loss / count.clamp_min(1) if reduction == "mean" else grad_loss
         row_grad = valid * per_head[:, None]
     gh, gw, gb = _lce_backward_op(hidden, weight, targets, bias, lse, row_grad.to(_acc_dtype(hidden)),
@@ -291,17 +278,6 @@ def _backward(ctx, grad_loss: Tensor, grad_lse, grad_gh, grad_gw, grad_gb):
 
 
 torch.library.register_autograd("fqgan::linear_cross_entropy", _backward, setup_context=_setup_context)
-
-
-def _check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
-    if torch.compiler.is_compiling() or targets.numel() == 0:
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"targets has {int(bad.sum())} entries outside [0, V={vocab}) that are not "
-                         f"ignore_index={ignore_index}; first at [head, row] = {first}: value "
-                         f"{int(targets[first])}")
 
 
 def validate(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, ignore_index: int,
@@ -347,12 +323,13 @@ def validate(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | Non
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0.0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     # No NaN/Inf scan of hidden/weight (unlike nearest_code, whose argmin has no answer for NaN):
     # as in F.cross_entropy they propagate into the loss, and the scan's temporaries (torch.isfinite
     # allocates a float copy: 64 MiB for one 16384 x 1024 weight) would exceed this op's own memory.
-    _check_targets(targets, v, ignore_index)
+    # The targets' range is always checked: the kernels index the logits with them.
+    _validate.index_range(targets, "targets", v, ignore=ignore_index)
 
 
 def _stack_hidden(hidden: Tensor | Sequence[Tensor]) -> Tensor:
@@ -373,7 +350,7 @@ def _stack_hidden(hidden: Tensor | Sequence[Tensor]) -> Tensor:
 def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targets: Tensor,
                          bias: Tensor | None = None, *, ignore_index: int = -100, label_smoothing: float = 0.0,
                          reduction: str = "mean", z_loss: float = 0.0, return_lse: bool = False,
-                         backend: str | None = None) -> LinearCrossEntropy:
+                         backend: str | None = None) -> LinearCrossEntropyOutput:
     """Equals, per head h, ``F.cross_entropy((hidden[h] @ weight[h].T + bias[h]).float(), targets[h],
     ignore_index=..., label_smoothing=..., reduction=...)`` plus ``z_loss * logsumexp(logits)^2`` on the
     non-ignored rows (same reduction), with ``loss`` the mean over heads -- i.e.
@@ -382,7 +359,7 @@ def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targ
     Extra memory (beyond inputs and the returned gradients), per call: one chunk of logits of
     ``C x V`` elements -- ``cpu``: float32, ``C = 32 MiB / (4 V)`` rows (512 at V = 16384), 32 MiB,
     plus a float32 copy of the chunk's C x H rows;
-    ``cuda``: input dtype, 64 MiB; ``reference``: two float32 16 MiB chunks -- plus O(k N) for the lse
+    ``cuda``: input dtype, 64 MiB; ``torch``: two float32 16 MiB chunks -- plus O(k N) for the lse
     and per-row losses. For bf16/fp16 inputs add one head's weight in float32 and a float32
     grad-weight accumulator (2 x V x H x 4 bytes; ``cuda``: the accumulator and one V x H temporary).
     Never O(N x V). The ``triton`` backend holds no logits at all (tiles in registers; online log-sum-exp in
@@ -408,9 +385,9 @@ def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targ
         PyTorch), ``sum`` or ``none``
     :param z_loss: weight of ``lse^2`` (PaLM z-loss) added on non-ignored rows
     :param return_lse: also return the (k, N) log-sum-exp of the logits (float32, not differentiable)
-    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``cpu``,
-        ``triton`` or ``cuda``
-    :returns: ``LinearCrossEntropy(loss, per_head, lse)``: for mean/sum ``loss`` () = mean of ``per_head``
+    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``torch``,
+        ``cpu``, ``triton`` or ``cuda``
+    :returns: ``LinearCrossEntropyOutput(loss, per_head, lse)``: for mean/sum ``loss`` () = mean of ``per_head``
         (k,); for none both are (k, N). Float32 (float64 for float64 inputs). Differentiable w.r.t.
         hidden, weight and bias.
     Source: FAR's factorized heads (FQGAN, arXiv 2411.16681): cross-entropy per sub-token head,
@@ -419,7 +396,11 @@ def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targ
     hidden = _stack_hidden(hidden)
     _validate.tensor(hidden, "hidden")
     validate(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, z_loss)
-    name = resolve_backend("linear_cross_entropy", backend, hidden.device)
+    name = OP.resolve(backend, hidden.device)
+    if name == "reference":
+        out = reference.linear_cross_entropy(hidden, weight, targets, bias, ignore_index, label_smoothing,
+                                             reduction, z_loss, return_lse)
+        return out._replace(lse=out.lse.detach()) if return_lse else out
     compute_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     loss, lse, _, _, _ = _lce_op(hidden, weight, targets, bias, int(ignore_index), float(label_smoothing),
@@ -427,4 +408,4 @@ def linear_cross_entropy(hidden: Tensor | Sequence[Tensor], weight: Tensor, targ
     per_head = loss
     if reduction != "none":
         loss = per_head.mean()
-    return LinearCrossEntropy(loss, per_head, lse.detach() if return_lse else None)
+    return LinearCrossEntropyOutput(loss, per_head, lse.detach() if return_lse else None)

@@ -6,53 +6,44 @@ Backends: ``reference`` (fqgan_kernels/reference.py), ``cpu`` (csrc/cpu/nearest_
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from . import _ext, _validate, reference
-from ._backend import resolve_backend
-from .reference import NearestCode
+from . import _validate, reference
+from ._backend import Op, Route, cpu_kernel, cuda_kernel, triton_kernel
+from ._common import L2_EPS, maybe_normalize
+from .outputs import NearestCodeOutput
 
-__all__ = ["NearestCode", "nearest_code"]
+__all__ = ["nearest_code"]
 
-
-def _reference_impl(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        codes, idx = reference.nearest_code(z, codebooks, l2_normalize)
-    return codes, idx
+_CHUNK_ELEMENTS = 1 << 22  # the torch path holds at most this many distances at once (16 MiB fp32)
 
 
-def _cpu_impl(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tensor, Tensor]:
-    return _ext.cpu().nearest_code(z, codebooks, l2_normalize)
+def _forward_torch(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tensor, Tensor]:
+    """The reference's distances and argmin, in row chunks (no N x K buffer)."""
+    zn, en = maybe_normalize(z, codebooks, l2_normalize)
+    N, k, _ = z.shape
+    step = max(1, _CHUNK_ELEMENTS // codebooks.shape[1])
+    indices = torch.empty(N, k, dtype=torch.long, device=z.device)
+    for i in range(k):
+        for s in range(0, N, step):
+            indices[s:s + step, i] = reference.squared_distances(zn[s:s + step, i], en[i]).argmin(dim=-1)
+    codes = torch.stack([en[i][indices[:, i]] for i in range(k)], 1).to(z.dtype)
+    return codes, indices
 
 
-def _triton_impl(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tensor, Tensor]:
-    from .triton import nearest_code as tk
-
-    return tk.nearest_code(z, codebooks, l2_normalize)
-
-
-def _cuda_impl(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tensor, Tensor]:
-    return _ext.cuda().nearest_code(z, codebooks, l2_normalize)
-
-
-_IMPLS: dict[str, Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]] = {
-    "reference": _reference_impl,
-    "cpu": _cpu_impl,
-    "triton": _triton_impl,
-    "cuda": _cuda_impl,
-}
+OP = Op("nearest_code", {"forward": {
+    "torch": Route(_forward_torch),
+    # The compiled kernels search in fp32; float64 (gradcheck) takes the torch path.
+    "cpu": Route(cpu_kernel("nearest_code"), float64="torch"),
+    "triton": Route(triton_kernel("nearest_code", "nearest_code"), float64="torch"),
+    "cuda": Route(cuda_kernel("nearest_code"), float64="torch"),
+}})
 
 
 @torch.library.custom_op("fqgan::nearest_code", mutates_args=())
 def _nearest_code_op(z: Tensor, codebooks: Tensor, l2_normalize: bool, backend: str) -> tuple[Tensor, Tensor]:
-    if backend != "reference" and z.dtype == torch.float64:
-        # The compiled kernels search in fp32; float64 (gradcheck) goes through the reference.
-        backend = "reference"
-    codes, idx = _IMPLS[backend](z.contiguous(), codebooks.contiguous(), l2_normalize)
-    return codes, idx
+    return OP.run("forward", backend, z, codebooks, l2_normalize)
 
 
 @_nearest_code_op.register_fake
@@ -79,11 +70,11 @@ def _nearest_code_backward_op(grad_codes: Tensor, indices: Tensor, codebooks: Te
     if l2_normalize:
         e = codebooks.to(torch.float64)
         norm = e.norm(dim=-1, keepdim=True)
-        denom = norm.clamp_min(reference.L2_EPS)
+        denom = norm.clamp_min(L2_EPS)
         e_hat = e / denom
         radial = (e_hat * grad_e).sum(-1, keepdim=True) * e_hat
         # d/de [e / max(|e|, eps)]: the radial part only exists where |e| > eps.
-        grad_e = torch.where(norm > reference.L2_EPS, grad_e - radial, grad_e) / denom
+        grad_e = torch.where(norm > L2_EPS, grad_e - radial, grad_e) / denom
     return grad_e.to(codebooks.dtype)
 
 
@@ -112,8 +103,8 @@ def _backward(ctx, grad_codes: Tensor, grad_indices: Tensor | None):
 torch.library.register_autograd("fqgan::nearest_code", _backward, setup_context=_setup_context)
 
 
-def validate(z: Tensor, codebooks: Tensor) -> None:
-    """The checks of :func:`nearest_code`, shared with the quantizer."""
+def validate(z: object, codebooks: object, check_finite: bool | None = None) -> None:
+    """The checks of :func:`nearest_code` (shared with :func:`fqgan_kernels.entropy_loss`)."""
     _validate.float_tensors(("z", z, 3, "[N, k, D]"), ("codebooks", codebooks, 3, "[k, K, D]"))
     k, K, D = codebooks.shape
     if k == 0 or D == 0:
@@ -123,29 +114,32 @@ def validate(z: Tensor, codebooks: Tensor) -> None:
     if z.shape[1] != k or z.shape[2] != D:
         raise ValueError(f"z has shape {tuple(z.shape)} = [N, k, D] but codebooks has shape "
                          f"{tuple(codebooks.shape)} = [k, K, D]: k and D must match")
-    _validate.finite_rows(z, "z", row_dims=2)
-    _validate.finite_rows(codebooks, "codebooks", row_dims=2)
+    _validate.finite(("z", z, 2), ("codebooks", codebooks, 2), enabled=check_finite)
 
 
-def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool = True, *,
-                 backend: str | None = None) -> NearestCode:
+def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool = True, *, backend: str | None = None,
+                 check_finite: bool | None = None) -> NearestCodeOutput:
     """Equals :func:`fqgan_kernels.reference.nearest_code` -- per sub-codebook i,
     ``argmin_j ||z[:, i] - e[i, j]||^2`` over L2-normalised z and codes -- without building the
     N x K distance matrix: the compiled kernels stream codebook tiles and keep a running
     (min, argmin) per row, extra memory O(N*k + K*k*D), one launch for all k sub-codebooks.
 
-    :param z: (N, k, D) float32, bfloat16 or float16 (float64 runs on the reference path)
+    :param z: (N, k, D) float32, bfloat16 or float16 (float64 runs on the ``torch`` path)
     :param codebooks: (k, K, D), same dtype and device as ``z``
     :param l2_normalize: normalise z and the codes first (FQGAN/LlamaGen ``l2_norm=True``)
-    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``cpu``,
-        ``triton`` or ``cuda``
-    :returns: ``NearestCode(codes, indices)``: codes (N, k, D) in z's dtype, differentiable w.r.t.
-        ``codebooks``; indices (N, k) int64. Ties go to the lowest index.
+    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``torch``,
+        ``cpu``, ``triton`` or ``cuda``
+    :param check_finite: scan z and the codebooks for NaN/Inf (default: the process setting, see
+        :func:`fqgan_kernels.set_check_finite`); ``False`` when the caller has checked them already
+    :returns: ``NearestCodeOutput(codes, indices)``: codes (N, k, D) in z's dtype, differentiable
+        w.r.t. ``codebooks``; indices (N, k) int64. Ties go to the lowest index.
     """
-    validate(z, codebooks)
-    name = resolve_backend("nearest_code", backend, z.device)
+    validate(z, codebooks, check_finite)
+    name = OP.resolve(backend, z.device)
+    if name == "reference":
+        return reference.nearest_code(z, codebooks, l2_normalize)
     if z.shape[0] == 0:
         codes = codebooks.new_zeros(z.shape, dtype=z.dtype) + 0 * codebooks.sum()  # keeps the graph
-        return NearestCode(codes, torch.zeros(z.shape[:2], dtype=torch.long, device=z.device))
+        return NearestCodeOutput(codes, torch.zeros(z.shape[:2], dtype=torch.long, device=z.device))
     codes, indices = _nearest_code_op(z, codebooks, bool(l2_normalize), name)
-    return NearestCode(codes, indices)
+    return NearestCodeOutput(codes, indices)

@@ -8,50 +8,29 @@ statistics (counts, perplexity, usage) on the device.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _validate, reference
-from ._backend import resolve_backend
-from .entropy_loss import _entropy_loss_checked, _use_distributed
-from .nearest_code import _nearest_code_op
-from .vq_losses import _vq_losses_op
+from . import _common, _validate, reference
+from .entropy_loss import entropy_loss
+from .nearest_code import nearest_code
+from .outputs import LossBreakdown, QuantizerOutput, QuantizerOutputWithBreakdown
+from .vq_losses import vq_losses
+
+__all__ = ["FactorizedQuantizer"]
 
 _NEVER = -(2**62)  # last_used of a code never chosen
-
-
-class LossBreakdown(NamedTuple):
-    """Every term of the quantizer loss, weighted as it enters ``loss``, per sub-codebook (k,)."""
-
-    codebook: Tensor  # codebook_weight * mean((zq - sg[z])^2)
-    commitment: Tensor  # commitment_weight * mean((sg[zq] - z)^2)
-    entropy: Tensor  # entropy_weight * (mean H(p_n) - H(mean p_n)); zeros when off or in eval
-    disentangle: Tensor  # () disentangle_weight * mean over pairs of mean (q_a . q_b)^2
-    perplexity: Tensor  # (k,) exp(entropy of this step's code histogram), no grad
-    usage: Tensor  # (k,) fraction of codes used within the last `usage_window` training steps
-
-
-class QuantizerOutput(NamedTuple):
-    quantized: Tensor  # like z: straight-through output, value = chosen (normalised) codes
-    indices: Tensor  # [B, k, H, W] for channel-first input, [..., k] for channel-last
-    loss: Tensor  # () sum of all weighted terms
-
-
-class QuantizerOutputWithBreakdown(NamedTuple):
-    quantized: Tensor
-    indices: Tensor
-    loss: Tensor
-    breakdown: LossBreakdown
 
 
 def _number(name: str, value: object, minimum: float = 0.0, strict: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
     return float(value)
 
 
@@ -80,14 +59,18 @@ class FactorizedQuantizer(nn.Module):
     :param entropy_temperature: T of the entropy loss (0.01)
     :param disentangle_weight: FQGAN ``disentanglement_ratio`` (0.1 in its training; 0 disables)
     :param usage_window: training steps over which ``breakdown.usage`` counts a code as used
-    :param channel_first: ``True``: z is ``[B, k*D, *spatial]``; ``False``: ``[..., k*D]``;
-        ``None`` (default): channel-first for 4-D input, channel-last otherwise
+    :param channel_first: ``True`` (default): z is ``[B, k*D, *spatial]`` whatever its rank (a 3-D
+        ``[B, k*D, L]`` included); ``False``: ``[..., k*D]``. No guessing from the rank: a z whose
+        channel axis does not hold ``k*D`` channels is an error naming both layouts.
     :param freeze_codebook: keep the codebooks fixed (no gradient)
     :param distributed: with ``torch.distributed`` initialised (world size > 1), use global-batch
-        statistics: the entropy loss's mean probability over all ranks (differentiable all-reduce,
-        see fqgan_kernels/entropy_loss.py for how this differs from FQGAN's per-rank form) and the code
-        counts all-reduced before they update ``last_used``, ``perplexity`` and ``usage`` (one
-        collective per step; every rank then holds the same ``last_used``). ``False``: per rank.
+        statistics in training mode: the entropy loss's mean probability over all ranks
+        (differentiable all-reduce, see fqgan_kernels/entropy_loss.py for how this differs from
+        FQGAN's per-rank form) and the code counts all-reduced before they update ``last_used``,
+        ``perplexity`` and ``usage`` (one collective per training step, which every rank runs under
+        DDP; every rank then holds the same ``last_used``). In eval mode nothing is all-reduced (a
+        forward on one rank alone, e.g. evaluation on rank 0, must not wait for the others): the
+        breakdown's perplexity is then this rank's. ``False``: per rank always.
     :param backend: kernel backend (``auto``, ``reference``, ``cpu``, ``triton``, ``cuda``)
 
     Returns ``(quantized, indices, loss)``, or with ``return_loss_breakdown=True`` a fourth item,
@@ -106,7 +89,7 @@ class FactorizedQuantizer(nn.Module):
                  l2_normalize: bool = True, commitment_weight: float = 0.25, codebook_weight: float = 1.0,
                  entropy_weight: float = 0.0, entropy_temperature: float = 0.01,
                  disentangle_weight: float = 0.0, usage_window: int = 100,
-                 channel_first: bool | None = None, freeze_codebook: bool = False,
+                 channel_first: bool = True, freeze_codebook: bool = False,
                  distributed: bool = True, backend: str = "auto") -> None:
         super().__init__()
         self.num_codebooks = _count("num_codebooks", num_codebooks)
@@ -119,7 +102,7 @@ class FactorizedQuantizer(nn.Module):
         self.entropy_temperature = _number("entropy_temperature", entropy_temperature, strict=True)
         self.disentangle_weight = _number("disentangle_weight", disentangle_weight)
         self.usage_window = _count("usage_window", usage_window)
-        self.channel_first = channel_first
+        self.channel_first = _layout(channel_first)
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
         self.distributed = distributed
@@ -128,7 +111,7 @@ class FactorizedQuantizer(nn.Module):
         k, K, D = self.num_codebooks, self.codebook_size, self.codebook_dim
         weight = torch.empty(k, K, D).uniform_(-1.0 / K, 1.0 / K)  # LlamaGen/FQGAN init
         if self.l2_normalize:
-            weight = reference.l2_normalize(weight)
+            weight = _common.l2_normalize(weight)
         self.codebooks = nn.Parameter(weight)
         if freeze_codebook:
             self.freeze_codebook()
@@ -149,25 +132,28 @@ class FactorizedQuantizer(nn.Module):
 
     def normalized_codebooks(self) -> Tensor:
         """The codebooks as used for lookup: ``(k, K, D)``, L2-normalised when ``l2_normalize``."""
-        return reference.l2_normalize(self.codebooks) if self.l2_normalize else self.codebooks
+        return _common.l2_normalize(self.codebooks) if self.l2_normalize else self.codebooks
 
     # -- layout -----------------------------------------------------------------------------
-    def _is_channel_first(self, z: Tensor) -> bool:
-        return self.channel_first if self.channel_first is not None else z.dim() == 4
+    def _is_channel_first(self, x: Tensor) -> bool:
+        if self.channel_first is not None:
+            return self.channel_first
+        return x.dim() == 4  # deprecated channel_first=None: the old guess
 
     def _check_input(self, z: Tensor) -> bool:
         _validate.tensor(z, "z")
         _validate.float_dtype(z, "z")
         cf = self._is_channel_first(z)
         need = self.num_codebooks * self.codebook_dim
-        if z.dim() < (3 if cf else 2):
-            layout = "[B, k*D, *spatial]" if cf else "[..., k*D]"
+        layout = "[B, k*D, *spatial] (channel_first=True)" if cf else "[..., k*D] (channel_first=False)"
+        if z.dim() < 2:
             raise ValueError(f"z must be {layout}, got shape {tuple(z.shape)}")
         channels = z.shape[1] if cf else z.shape[-1]
         if channels != need:
-            raise ValueError(f"z has {channels} channels on its {'1st' if cf else 'last'} dim (shape "
-                             f"{tuple(z.shape)}) but num_codebooks * codebook_dim = "
-                             f"{self.num_codebooks} * {self.codebook_dim} = {need}")
+            other = "False" if cf else "True"
+            raise ValueError(f"z has shape {tuple(z.shape)}: as {layout} it has {channels} channels, but "
+                             f"num_codebooks * codebook_dim = {self.num_codebooks} * {self.codebook_dim} = "
+                             f"{need}; pass channel_first={other} if z is laid out the other way")
         if z.numel() == 0:
             raise ValueError(f"z is an empty batch (shape {tuple(z.shape)})")
         if z.device != self.codebooks.device:
@@ -194,28 +180,28 @@ class FactorizedQuantizer(nn.Module):
     def forward(self, z: Tensor, return_loss_breakdown: bool = False):
         """Quantise ``z``. See the class docstring for shapes and the loss."""
         cf = self._check_input(z)
-        # The only NaN/Inf scan of the step (one device sync; FQGAN_KERNELS_CHECK_FINITE=0 skips it):
-        # the ops below are called through their custom ops, past their own public checks.
-        _validate.finite_rows_many(("z", z, 1), ("codebooks", self.codebooks, 2))
+        # The step's only NaN/Inf scan (FQGAN_KERNELS_CHECK_FINITE=0 skips it; on CUDA it is a
+        # device-side assert): the ops below are told the inputs are checked (check_finite=False).
+        _validate.finite(("z", z, 1), ("codebooks", self.codebooks, 2))
         shape = z.shape
+        backend, checked = self.backend, {"check_finite": False}
         with torch.autocast(device_type=z.device.type, enabled=False):
             zt = self._to_tokens(z, cf).float()  # (N, k, D); the quantizer works in fp32 like FQGAN
             codebooks = self.codebooks.float()
-            zn = reference.l2_normalize(zt) if self.l2_normalize else zt
-            codes, idx = _nearest_code_op(zn.detach(), codebooks, self.l2_normalize,
-                                          resolve_backend("nearest_code", self.backend, z.device))
-            quantized = reference.straight_through(zn, codes)
+            zn = _common.l2_normalize(zt) if self.l2_normalize else zt
+            codes, idx = nearest_code(zn.detach(), codebooks, self.l2_normalize, backend=backend, **checked)
+            quantized = _common.straight_through(zn, codes)
 
             # Fused codebook / commitment / disentanglement losses.
             dis_weight = self.disentangle_weight if self.num_codebooks > 1 else 0.0
-            codebook, commitment, disentangle = _vq_losses_op(
-                zn, codes, self.codebook_weight, self.commitment_weight, dis_weight,
-                resolve_backend("vq_losses", self.backend, z.device))
+            codebook, commitment, disentangle = vq_losses(
+                zn, codes, codebook_weight=self.codebook_weight, commitment_weight=self.commitment_weight,
+                disentangle_weight=dis_weight, backend=backend, **checked)
             if self.training and self.entropy_weight > 0:
-                en = reference.l2_normalize(codebooks) if self.l2_normalize else codebooks
-                entropy = self.entropy_weight * _entropy_loss_checked(
-                    zn, en, self.entropy_temperature, _use_distributed(None if self.distributed else False),
-                    resolve_backend("entropy_loss", self.backend, z.device))
+                en = _common.l2_normalize(codebooks) if self.l2_normalize else codebooks
+                entropy = self.entropy_weight * entropy_loss(
+                    zn, en, self.entropy_temperature, l2_normalize=False, distributed=self._global_stats(),
+                    backend=backend, **checked)
             else:
                 entropy = torch.zeros_like(codebook)
             loss = (codebook + commitment + entropy).sum() + disentangle
@@ -232,7 +218,9 @@ class FactorizedQuantizer(nn.Module):
         return QuantizerOutputWithBreakdown(out_q, out_idx, loss, breakdown)
 
     def _global_stats(self) -> bool:
-        if not self.distributed:
+        """Global-batch statistics: ``distributed`` and a process group of more than one rank, in
+        training mode only (the points every rank reaches together)."""
+        if not (self.distributed and self.training):
             return False
         import torch.distributed as dist
 
@@ -240,10 +228,11 @@ class FactorizedQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_usage(self, idx: Tensor) -> Tensor:
-        """This step's code counts (k, K) (global over ranks with ``distributed``); in training also
-        marks the chosen codes as used at the new step. Scatter only: no ``torch.unique``, no host
-        sync; under DDP one all-reduce of the counts, so ``last_used`` stays equal on every rank."""
-        counts = code_counts(idx, self.codebook_size)
+        """This step's code counts (k, K) (global over ranks in training with ``distributed``); in
+        training also marks the chosen codes as used at the new step. Scatter only: no
+        ``torch.unique``, no host sync; under DDP one all-reduce of the counts, so ``last_used``
+        stays equal on every rank."""
+        counts = _code_counts(idx, self.codebook_size)
         if self._global_stats():
             import torch.distributed as dist
 
@@ -262,13 +251,15 @@ class FactorizedQuantizer(nn.Module):
 
     # -- decode -----------------------------------------------------------------------------
     def decode_indices(self, indices: Tensor, channel_first: bool | None = None) -> Tensor:
-        """Codes for ``indices``: ``[B, k, H, W] -> [B, k*D, H, W]`` (channel-first, the default for
-        4-D input) or ``[..., k] -> [..., k*D]``. Equals FQGAN ``get_codebook_entry`` per head."""
+        """Codes for ``indices``: ``[B, k, *spatial] -> [B, k*D, *spatial]`` (channel-first, the
+        module's ``channel_first`` unless given) or ``[..., k] -> [..., k*D]``. Equals FQGAN
+        ``get_codebook_entry`` per head. Every index must be in ``[0, codebook_size)``; that is always
+        checked (on CUDA as a device-side assert, without a sync), since an index past K would read
+        a code of the next sub-codebook."""
         _validate.tensor(indices, "indices")
-        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        if indices.dtype not in _validate.INDEX_DTYPES:
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        cf = channel_first if channel_first is not None else (
-            self.channel_first if self.channel_first is not None else indices.dim() == 4)
+        cf = self._is_channel_first(indices) if channel_first is None else _layout(channel_first)
         k = self.num_codebooks
         axis = 1 if cf else -1
         if indices.dim() < (2 if cf else 1) or indices.shape[axis] != k:
@@ -276,10 +267,7 @@ class FactorizedQuantizer(nn.Module):
                              f"({'[B, k, *spatial]' if cf else '[..., k]'}), got shape {tuple(indices.shape)}")
         if indices.device != self.codebooks.device:
             raise ValueError(f"indices are on {indices.device} but the codebooks are on {self.codebooks.device}")
-        if indices.numel() and _validate.check_finite_enabled():
-            lo, hi = int(indices.min()), int(indices.max())
-            if lo < 0 or hi >= self.codebook_size:
-                raise ValueError(f"indices out of range [0, {self.codebook_size}): min {lo}, max {hi}")
+        _validate.index_range(indices, "indices", self.codebook_size)
         idx = (indices.movedim(1, -1) if cf else indices).long()  # (..., k)
         table = self.normalized_codebooks()  # (k, K, D)
         offsets = torch.arange(k, device=idx.device) * self.codebook_size
@@ -288,8 +276,19 @@ class FactorizedQuantizer(nn.Module):
         return codes.movedim(-1, 1) if cf else codes
 
 
-def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
-    """``counts[i, j] = #{n : indices[n, i] == j}`` (equals :func:`reference.code_counts`) by one
+def _layout(channel_first: object) -> bool | None:
+    if channel_first is None:
+        warnings.warn("channel_first=None (guess the layout from the rank) is deprecated: pass "
+                      "channel_first=True ([B, k*D, *spatial]) or False ([..., k*D])", DeprecationWarning,
+                      stacklevel=3)
+        return None
+    if not isinstance(channel_first, bool):
+        raise TypeError(f"channel_first must be a bool, got {type(channel_first).__name__}")
+    return channel_first
+
+
+def _code_counts(indices: Tensor, codebook_size: int) -> Tensor:
+    """Equals :func:`reference.code_counts` (``counts[i, j] = #{n : indices[n, i] == j}``) by one
     ``scatter_add_``: no ``torch.unique``, no host sync. :param indices: (N, k) int64 -> (k, K) int64."""
     k = indices.shape[1]
     counts = torch.zeros(k, codebook_size, dtype=torch.long, device=indices.device)

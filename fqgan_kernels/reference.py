@@ -12,32 +12,19 @@ H hidden size.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-L2_EPS = 1e-12  # F.normalize's default, as in LlamaGen/FQGAN
-ENTROPY_EPS = 1e-5  # log(avg_probs + 1e-5) in LlamaGen/FQGAN compute_entropy_loss
+from ._common import ENTROPY_EPS, L2_EPS, compute_dtype, l2_normalize, maybe_normalize, straight_through
+from .outputs import CodebookCommitment, EntropyStatistics, LinearCrossEntropyOutput, NearestCodeOutput
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def l2_normalize(x: Tensor) -> Tensor:
-    """``x / max(||x||_2, 1e-12)`` over the last dim (``F.normalize``)."""
-    return F.normalize(x, p=2, dim=-1, eps=L2_EPS)
-
-
-def maybe_normalize(z: Tensor, codebooks: Tensor, l2: bool) -> tuple[Tensor, Tensor]:
-    """``(normalize(z), normalize(codebooks))`` when ``l2`` (in the compute dtype), else both as given."""
-    dt = _compute_dtype(z)
-    z, codebooks = z.to(dt), codebooks.to(dt)
-    if l2:
-        return l2_normalize(z), l2_normalize(codebooks)
-    return z, codebooks
+__all__ = [
+    "ENTROPY_EPS", "L2_EPS", "code_counts", "codebook_usage", "disentangle_loss", "entropy_loss",
+    "entropy_statistics", "guided_logits", "l2_normalize", "linear_cross_entropy", "maybe_normalize",
+    "nearest_code", "perplexity", "sample", "squared_distances", "straight_through", "top_k_top_p_filter",
+    "vq_losses",
+]
 
 
 def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
@@ -50,12 +37,7 @@ def squared_distances(z: Tensor, codebook: Tensor) -> Tensor:
     return (z * z).sum(-1, keepdim=True) + (codebook * codebook).sum(-1) - 2.0 * z @ codebook.t()
 
 
-class NearestCode(NamedTuple):
-    codes: Tensor  # (N, k, D), dtype of z
-    indices: Tensor  # (N, k), int64
-
-
-def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool = True) -> NearestCode:
+def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool = True) -> NearestCodeOutput:
     """Per sub-codebook i: ``idx[n, i] = argmin_j ||z[n, i] - e[i, j]||^2`` (ties: lowest j) and
     ``codes[n, i] = e[i, idx[n, i]]``, with z and e L2-normalised first when ``l2_normalize``.
 
@@ -71,20 +53,10 @@ def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool = True) -> Nea
         idx = d.argmin(dim=-1)
         indices.append(idx)
         codes.append(en[i][idx])
-    return NearestCode(torch.stack(codes, 1).to(z.dtype), torch.stack(indices, 1))
+    return NearestCodeOutput(torch.stack(codes, 1).to(z.dtype), torch.stack(indices, 1))
 
 
-def straight_through(z: Tensor, codes: Tensor) -> Tensor:
-    """``z + (codes - z).detach()``: the value of ``codes``, the gradient of ``z``."""
-    return z + (codes - z).detach()
-
-
-class VQLosses(NamedTuple):
-    codebook: Tensor  # (k,) mean((zq - sg[z])^2): trains the codebooks
-    commitment: Tensor  # (k,) mean((sg[zq] - z)^2), unweighted: trains the encoder
-
-
-def vq_losses(z: Tensor, codes: Tensor) -> VQLosses:
+def vq_losses(z: Tensor, codes: Tensor) -> CodebookCommitment:
     """Per sub-codebook i, over tokens n and dims d:
     ``codebook_i = mean((codes - sg[z])^2)``, ``commitment_i = mean((sg[codes] - z)^2)``.
 
@@ -95,11 +67,43 @@ def vq_losses(z: Tensor, codes: Tensor) -> VQLosses:
     :param z: (N, k, D)
     :param codes: (N, k, D), differentiable w.r.t. the codebooks
     """
-    dt = _compute_dtype(z)
+    dt = compute_dtype(z)
     z, codes = z.to(dt), codes.to(dt)
     codebook = ((codes - z.detach()) ** 2).mean(dim=(0, 2))
     commitment = ((codes.detach() - z) ** 2).mean(dim=(0, 2))
-    return VQLosses(codebook, commitment)
+    return CodebookCommitment(codebook, commitment)
+
+
+def entropy_statistics(z: Tensor, codebooks: Tensor, temperature: float = 0.01,
+                       l2_normalize: bool = True) -> EntropyStatistics:
+    """The sums the entropy loss is made of, per sub-codebook i (``a_nj = -d_nj / T``,
+    ``p_n = softmax(a_n)``): ``entropy_sum_i = sum_n H(p_n)`` with the exact ``log_softmax``,
+    ``prob_sum_i = sum_n p_n`` and ``count = N``. Under DDP the sums are all-reduced before
+    :func:`entropy_from_statistics`; on one process the two make :func:`entropy_loss`.
+
+    :param z: (N, k, D)
+    :param codebooks: (k, K, D)
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    zn, en = maybe_normalize(z, codebooks, l2_normalize)
+    entropy_sums, prob_sums = [], []
+    for i in range(codebooks.shape[0]):
+        logits = -squared_distances(zn[:, i], en[i]) / temperature
+        probs = logits.softmax(dim=-1)
+        log_probs = logits.log_softmax(dim=-1)
+        entropy_sums.append(-(probs * log_probs).sum())
+        prob_sums.append(probs.sum(dim=0))
+    count = zn.new_full((), float(zn.shape[0]))
+    return EntropyStatistics(torch.stack(entropy_sums), torch.stack(prob_sums), count)
+
+
+def entropy_from_statistics(stats: EntropyStatistics) -> Tensor:
+    """``mean_n H(p_n) - H(mean_n p_n)`` per sub-codebook, with ``H(q) = -sum_j q_j log(q_j + 1e-5)``
+    for the mean, as LlamaGen/FQGAN ``compute_entropy_loss``. (k,)"""
+    avg_probs = stats.prob_sum / stats.count
+    avg_entropy = -(avg_probs * torch.log(avg_probs + ENTROPY_EPS)).sum(-1)
+    return stats.entropy_sum / stats.count - avg_entropy
 
 
 def entropy_loss(z: Tensor, codebooks: Tensor, temperature: float = 0.01,
@@ -115,19 +119,7 @@ def entropy_loss(z: Tensor, codebooks: Tensor, temperature: float = 0.01,
     :param codebooks: (k, K, D)
     :returns: (k,)
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    zn, en = maybe_normalize(z, codebooks, l2_normalize)
-    losses = []
-    for i in range(codebooks.shape[0]):
-        logits = -squared_distances(zn[:, i], en[i]) / temperature
-        probs = logits.softmax(dim=-1)
-        log_probs = logits.log_softmax(dim=-1)
-        sample_entropy = -(probs * log_probs).sum(-1).mean()
-        avg_probs = probs.mean(dim=0)
-        avg_entropy = -(avg_probs * torch.log(avg_probs + ENTROPY_EPS)).sum()
-        losses.append(sample_entropy - avg_entropy)
-    return torch.stack(losses)
+    return entropy_from_statistics(entropy_statistics(z, codebooks, temperature, l2_normalize))
 
 
 def disentangle_loss(quantized: Tensor) -> Tensor:
@@ -141,7 +133,7 @@ def disentangle_loss(quantized: Tensor) -> Tensor:
     :param quantized: (N, k, D)
     """
     k = quantized.shape[1]
-    q = l2_normalize(quantized.to(_compute_dtype(quantized)))
+    q = l2_normalize(quantized.to(compute_dtype(quantized)))
     pairs = [((q[:, a] * q[:, b]).sum(-1) ** 2).mean() for a in range(k) for b in range(a + 1, k)]
     if not pairs:
         return q.new_zeros(())
@@ -165,16 +157,10 @@ def codebook_usage(counts: Tensor) -> Tensor:
     return (counts > 0).float().mean(-1)
 
 
-class LinearCrossEntropy(NamedTuple):
-    loss: Tensor  # () for mean/sum; (k, N) for none
-    per_head: Tensor  # (k,) for mean/sum; (k, N) for none
-    lse: Tensor | None  # (k, N) log-sum-exp of the logits, when asked for
-
-
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None,
                          ignore_index: int = -100, label_smoothing: float = 0.0,
                          reduction: str = "mean", z_loss: float = 0.0,
-                         return_lse: bool = False) -> LinearCrossEntropy:
+                         return_lse: bool = False) -> LinearCrossEntropyOutput:
     """Per head h: ``F.cross_entropy((hidden[h] @ weight[h].T + bias[h]).float(), targets[h], ...)``
     plus ``z_loss * lse^2`` (over the same non-ignored rows and reduction); ``loss`` is the mean
     over heads of the per-head losses for ``mean``/``sum`` (FAR: ``(loss_1 + ... + loss_k) / k``),
@@ -187,7 +173,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    dt = _compute_dtype(hidden)
+    dt = compute_dtype(hidden)
     per_head, lses = [], []
     for h in range(hidden.shape[0]):
         logits = hidden[h].to(dt) @ weight[h].to(dt).t()
@@ -208,16 +194,21 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
         lses.append(lse)
     stacked = torch.stack(per_head)
     loss = stacked if reduction == "none" else stacked.mean()
-    return LinearCrossEntropy(loss, stacked, torch.stack(lses) if return_lse else None)
+    return LinearCrossEntropyOutput(loss, stacked, torch.stack(lses) if return_lse else None)
 
 
 def guided_logits(cond: Tensor, uncond: Tensor | None, cfg_scale: float, temperature: float) -> Tensor:
-    """``(uncond + cfg * (cond - uncond)) / temperature`` in float32 (LlamaGen/FQGAN CFG)."""
+    """``(uncond + cfg * (cond - uncond)) / temperature`` in float32 (LlamaGen/FQGAN CFG), except where
+    ``cond == uncond`` (infinities included), which gives ``cond / temperature``: guidance changes
+    nothing where the two agree, and a token masked (-inf) in both stays masked instead of becoming
+    ``-inf - -inf = NaN``. A NaN left by opposite infinities counts as -inf (never drawn)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = cond.float()
     if uncond is not None:
-        logits = uncond.float() + cfg_scale * (logits - uncond.float())
+        u = uncond.float()
+        guided = torch.where(logits == u, logits, u + cfg_scale * (logits - u))
+        logits = torch.nan_to_num(guided, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     return logits / temperature
 
 
@@ -249,15 +240,47 @@ def sample(cond: Tensor, uncond: Tensor | None = None, cfg_scale: float = 1.0, t
     ``token = min{j : cumsum(p)_j > u}`` with ``u ~ U[0, 1)`` (``uniform`` if given, else drawn
     from ``generator``), so a fixed ``u`` fixes the draw.
 
+    Non-finite logits: NaN in ``cond`` or ``uncond`` is an error. A row whose guided logits hold
+    +inf draws uniformly among its +inf tokens (the limit of the softmax; ``torch.softmax`` would give
+    NaN), whatever top-k / top-p say (they keep every +inf token). A row with no token above -inf
+    is an error.
+
     :param cond: (B, V) conditional logits
     :param uncond: (B, V) unconditional logits, or None (no guidance)
     :returns: (B,) int64
     """
-    logits = top_k_top_p_filter(guided_logits(cond, uncond, cfg_scale, temperature), top_k, top_p)
-    probs = logits.softmax(-1).double()
+    for name, x in (("cond", cond), ("uncond", uncond)):
+        if x is not None and bool(torch.isnan(x).any()):
+            raise ValueError(f"{name} logits hold NaN")
+    logits = guided_logits(cond, uncond, cfg_scale, temperature)
+    posinf = torch.isposinf(logits)
+    any_posinf = posinf.any(-1, keepdim=True)
+    drawable = (logits > float("-inf")).any(-1)
+    if not bool(drawable.all()):
+        row = int((~drawable).nonzero()[0, 0])
+        raise ValueError(f"row {row} has no token to draw: every guided logit is -inf")
+    filtered = top_k_top_p_filter(torch.where(any_posinf, torch.zeros_like(logits), logits), top_k, top_p)
+    probs = filtered.softmax(-1).double()
+    probs = torch.where(any_posinf, posinf.double(), probs)  # +inf rows: equal weight on each +inf token
     if uniform is None:
         uniform = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
     cdf = probs.cumsum(-1)
     u = uniform.double().reshape(-1, 1) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return token.clamp_max(probs.shape[-1] - 1)
+
+
+# Deprecated names (one release): the result tuples moved to fqgan_kernels.outputs as ...Output.
+_DEPRECATED = {"NearestCode": NearestCodeOutput, "LinearCrossEntropy": LinearCrossEntropyOutput,
+               "VQLosses": CodebookCommitment}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        import warnings
+
+        new = _DEPRECATED[name]
+        warnings.warn(f"fqgan_kernels.reference.{name} is deprecated; use fqgan_kernels.outputs.{new.__name__}",
+                      DeprecationWarning, stacklevel=2)
+        return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

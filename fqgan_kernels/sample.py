@@ -1,6 +1,6 @@
 """Fused CFG + temperature + top-k/top-p sampling: the public op and its custom-op registration.
 
-Backends: ``reference`` (fqgan_kernels/reference.py, one call per row), ``cpu``
+Backends: ``reference`` (fqgan_kernels/reference.py, one call per row; it syncs), ``cpu``
 (csrc/cpu/sample.cpp), ``triton`` (fqgan_kernels/triton/sample.py), ``cuda``
 (csrc/cuda/sample.cu). Every compiled backend runs the same per-row algorithm:
 
@@ -36,54 +36,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ext, _validate, reference
-from ._backend import resolve_backend
+from . import _validate, reference
+from ._backend import Op, Route, cpu_kernel, cuda_kernel, triton_kernel
 
 __all__ = ["sample", "sample_from_hidden"]
 
 Param = float | int | Tensor
 
 
-def _reference_impl(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor, top_k: Tensor,
-                    top_p: Tensor, uniform: Tensor) -> Tensor:
-    # One reference call per row: the reference takes scalar parameters (this path syncs; it is the
-    # ground truth, not a fast path).
+def _reference(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor, top_k: Tensor,
+               top_p: Tensor, uniform: Tensor) -> Tensor:
+    """One :func:`fqgan_kernels.reference.sample` call per row: the reference takes scalar parameters
+    (this path syncs; it is the ground truth, not a fast path)."""
     out = torch.empty(cond.shape[0], dtype=torch.long, device=cond.device)
     for b in range(cond.shape[0]):
-        out[b] = reference.sample(
-            cond[b:b + 1], None if uncond is None else uncond[b:b + 1], float(cfg[b]), float(temperature[b]),
-            int(top_k[b]), float(top_p[b]), uniform=uniform[b:b + 1])[0]
+        try:
+            out[b] = reference.sample(
+                cond[b:b + 1], None if uncond is None else uncond[b:b + 1], float(cfg[b]), float(temperature[b]),
+                int(top_k[b]), float(top_p[b]), uniform=uniform[b:b + 1])[0]
+        except ValueError as err:
+            if "no token to draw" not in str(err):
+                raise
+            out[b] = -1  # as the kernels: the front door's check names this row (the reference saw one row)
     return out
 
 
-def _cpu_impl(cond, uncond, cfg, temperature, top_k, top_p, uniform) -> Tensor:
-    return _ext.cpu().sample(cond, uncond, cfg, temperature, top_k, top_p, uniform)
-
-
-def _triton_impl(cond, uncond, cfg, temperature, top_k, top_p, uniform) -> Tensor:
-    from .triton import sample as tk
-
-    return tk.sample(cond, uncond, cfg, temperature, top_k, top_p, uniform)
-
-
-def _cuda_impl(cond, uncond, cfg, temperature, top_k, top_p, uniform) -> Tensor:
-    return _ext.cuda().sample(cond, uncond, cfg, temperature, top_k, top_p, uniform)
-
-
-_IMPLS: dict[str, Callable[..., Tensor]] = {
-    "reference": _reference_impl,
-    "cpu": _cpu_impl,
-    "triton": _triton_impl,
-    "cuda": _cuda_impl,
-}
+# No float64 route: float64 logits are computed in float32 by every backend, as the reference does.
+OP = Op("sample", {"sample": {
+    "cpu": Route(cpu_kernel("sample")),
+    "triton": Route(triton_kernel("sample", "sample")),
+    "cuda": Route(cuda_kernel("sample")),
+}})
 
 
 @torch.library.custom_op("fqgan::sample", mutates_args=())
 def _sample_op(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor, top_k: Tensor,
                top_p: Tensor, uniform: Tensor, backend: str) -> Tensor:
-    uncond = None if uncond is None else uncond.contiguous()
-    return _IMPLS[backend](cond.contiguous(), uncond, cfg.contiguous(), temperature.contiguous(),
-                           top_k.contiguous(), top_p.contiguous(), uniform.contiguous())
+    return OP.run("sample", backend, cond, uncond, cfg, temperature, top_k, top_p, uniform)
 
 
 @_sample_op.register_fake
@@ -118,15 +107,51 @@ def _param(value: Param, name: str, B: int, device: torch.device, dtype: torch.d
     return torch.full((B,), value, dtype=dtype, device=device)
 
 
-def _check_values(name: str, t: Tensor, ok: Callable[[Tensor], Tensor], rule: str) -> None:
-    # Values of tensor parameters are only checked where this costs no host sync (CPU tensors,
-    # outside torch.compile); on CUDA they are the caller's contract.
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or t.numel() == 0:
+# The rule each per-row parameter obeys (python scalars are checked in `validate`).
+_RULES: dict[str, tuple[Callable[[Tensor], Tensor], str]] = {
+    "cfg_scale": (torch.isfinite, "finite"),
+    "temperature": (lambda t: (t > 0) & torch.isfinite(t), "> 0 and finite"),
+    "top_k": (lambda t: t >= 0, ">= 0 (0 = off)"),
+    "top_p": (lambda t: (t > 0) & (t <= 1), "in (0, 1]"),
+    "uniform": (lambda t: (t >= 0) & (t < 1), "in [0, 1)"),
+}
+
+
+def _check_tensor_params(params: dict[str, Tensor]) -> None:
+    """The values of parameters given as tensors, in one check: on the host for CPU tensors, a
+    device-side assert otherwise (no sync)."""
+    if not params:
         return
-    bad = ~ok(t)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name} must be {rule}; row {i} has {t[i].item()!r}")
+    oks = {name: _RULES[name][0](t) for name, t in params.items()}
+    ok = torch.stack([o.all() for o in oks.values()]).all()
+    summary = "sampling parameters out of range: " + "; ".join(f"{n} must be {_RULES[n][1]}" for n in params)
+
+    def detail() -> str:
+        for name, o in oks.items():
+            if not bool(o.all()):
+                i = int((~o).nonzero()[0, 0])
+                return f"{name} must be {_RULES[name][1]}; row {i} has {params[name][i].item()!r}"
+        return summary
+
+    _validate.require(ok, next(iter(params.values())), summary, detail)
+
+
+def _check_logits(cond: Tensor, uncond: Tensor | None, check_finite: bool | None) -> None:
+    """NaN in the logits is an error (infinities are allowed: see :func:`sample`)."""
+    if not _validate.check_finite_enabled(check_finite):
+        return
+    named = [("cond_logits", cond)] + ([("uncond_logits", uncond)] if uncond is not None else [])
+    ok = ~torch.stack([torch.isnan(x).any() for _, x in named]).any()
+
+    def detail() -> str:
+        for name, x in named:
+            rows = torch.isnan(x).any(-1)
+            if bool(rows.any()):
+                return (f"{name} holds NaN in {int(rows.sum())} of {rows.numel()} rows; first at row "
+                        f"{int(rows.nonzero()[0, 0])}")
+        return "NaN in the logits"
+
+    _validate.require(ok, cond, "cond_logits/uncond_logits hold NaN", detail)
 
 
 def validate(cond_logits: Tensor, uncond_logits: Tensor | None, cfg_scale: Param, temperature: Param,
@@ -168,7 +193,8 @@ def validate(cond_logits: Tensor, uncond_logits: Tensor | None, cfg_scale: Param
 
 def sample(cond_logits: Tensor, uncond_logits: Tensor | None = None, *, cfg_scale: Param = 1.0,
            temperature: Param = 1.0, top_k: Param = 0, top_p: Param = 1.0, uniform: Tensor | None = None,
-           generator: torch.Generator | None = None, backend: str | None = None) -> Tensor:
+           generator: torch.Generator | None = None, backend: str | None = None,
+           check_finite: bool | None = None) -> Tensor:
     """Equals ``torch.multinomial(softmax(top_k_top_p_filter((uncond + cfg * (cond - uncond)) / T)), 1)``
     in distribution, and :func:`fqgan_kernels.reference.sample` draw for draw given the same uniform
     numbers: one fused pass per row instead of a sort over V (see the module docstring).
@@ -177,6 +203,13 @@ def sample(cond_logits: Tensor, uncond_logits: Tensor | None = None, *, cfg_scal
     logit >= the k-th largest (ties kept); top-p then keeps the smallest descending prefix whose
     mass exceeds ``top_p`` (the crossing token kept; ties in index order); the draw is by inverse
     CDF, ``token = min{j : cdf_j > u}``, in place of ``torch.multinomial``.
+
+    Non-finite logits, the same rule on every backend (``reference.sample``): NaN in the logits is an
+    error (``ValueError`` on CPU, a device-side assert elsewhere; part of the NaN/Inf scan that
+    ``check_finite`` switches). Where ``cond == uncond`` (infinities included) the guided logit is
+    ``cond``; -inf masks a token; a row whose guided logits hold +inf draws uniformly among its +inf
+    tokens ("always this token" for one), as the softmax's limit; a row with no token above -inf is
+    an error.
 
     :param cond_logits: (B, V) float32, bfloat16, float16 (float64 is computed in float32, as the
         reference does)
@@ -190,34 +223,37 @@ def sample(cond_logits: Tensor, uncond_logits: Tensor | None = None, *, cfg_scal
     :param generator: torch.Generator for ``uniform``
     :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``cpu``,
         ``triton`` or ``cuda``
-    :returns: (B,) int64 tokens. No host synchronisation on the compiled backends (values of tensor
-        parameters are checked only for CPU tensors). Not differentiable.
+    :param check_finite: scan the logits for NaN (default: the process setting)
+    :returns: (B,) int64 tokens. No host synchronisation on CUDA (the value checks are device-side
+        asserts). Not differentiable.
     """
     validate(cond_logits, uncond_logits, cfg_scale, temperature, top_k, top_p, uniform, generator)
     B, _ = cond_logits.shape
     device = cond_logits.device
-    name = resolve_backend("sample", backend, device)
-    cfg_t = _param(cfg_scale, "cfg_scale", B, device, torch.float32)
-    temp_t = _param(temperature, "temperature", B, device, torch.float32)
-    topk_t = _param(top_k, "top_k", B, device, torch.int64)
-    topp_t = _param(top_p, "top_p", B, device, torch.float32)
-    _check_values("temperature", temp_t, lambda t: (t > 0) & torch.isfinite(t), "> 0 and finite")
-    _check_values("top_p", topp_t, lambda t: (t > 0) & (t <= 1), "in (0, 1]")
-    _check_values("top_k", topk_t, lambda t: t >= 0, ">= 0")
-    _check_values("cfg_scale", cfg_t, torch.isfinite, "finite")
+    name = OP.resolve(backend, device)
+    if B == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
+    given = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    params = {n: _param(v, n, B, device, torch.int64 if n == "top_k" else torch.float32) for n, v in given.items()}
     if uniform is None:
         uniform = torch.rand(B, generator=generator, device=device, dtype=torch.float64)
     else:
         uniform = uniform.reshape(B).to(torch.float64)
-        _check_values("uniform", uniform, lambda t: (t >= 0) & (t < 1), "in [0, 1)")
-    if B == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    cond = cond_logits.float() if cond_logits.dtype == torch.float64 else cond_logits
-    uncond = uncond_logits
-    if uncond is not None and uncond.dtype == torch.float64:
-        uncond = uncond.float()
-    return _sample_op(cond.detach(), None if uncond is None else uncond.detach(), cfg_t, temp_t, topk_t, topp_t,
-                      uniform, name)
+        given["uniform"] = uniform
+    _check_tensor_params({n: params.get(n, uniform) for n, v in given.items() if isinstance(v, Tensor)})
+    _check_logits(cond_logits, uncond_logits, check_finite)
+    # float64 logits are guided in float32, as the reference does.
+    cond = cond_logits.detach()
+    cond = cond.float() if cond.dtype == torch.float64 else cond
+    uncond = None if uncond_logits is None else uncond_logits.detach()
+    uncond = uncond.float() if uncond is not None and uncond.dtype == torch.float64 else uncond
+    args = (cond, uncond, params["cfg_scale"], params["temperature"], params["top_k"], params["top_p"], uniform)
+    tokens = _reference(*args) if name == "reference" else _sample_op(*args, name)
+    # Only a row with nothing to draw (every guided logit -inf) leaves -1.
+    _validate.require((tokens >= 0).all(), tokens, "a row has no token to draw (every guided logit is -inf)",
+                      lambda: f"row {int((tokens < 0).nonzero()[0, 0])} has no token to draw: every guided "
+                              "logit is -inf")
+    return tokens
 
 
 def sample_from_hidden(hidden_cond: Tensor, hidden_uncond: Tensor | None, weight: Tensor,

@@ -1,7 +1,8 @@
 """Fused codebook, commitment and disentanglement losses: the public op, custom ops and autograd.
 
-Backends: ``reference`` (plain PyTorch, this file), ``cpu`` (csrc/cpu/vq_losses.cpp), ``triton``
-(fqgan_kernels/triton/vq_losses.py), ``cuda`` (csrc/cuda/vq_losses.cu).
+Backends: ``reference`` (fqgan_kernels/reference.py), ``torch`` (the fused formulas in plain PyTorch,
+this file), ``cpu`` (csrc/cpu/vq_losses.cpp), ``triton`` (fqgan_kernels/triton/vq_losses.py),
+``cuda`` (csrc/cuda/vq_losses.cu).
 
 Maths, with z the (normalised) encoder output and c the chosen (normalised) codes, both (N, k, D),
 ``P = k (k - 1) / 2`` pairs, ``q = normalize(c)`` per token and sub-codebook::
@@ -26,47 +27,39 @@ backward one pass producing grad_z and grad_codes. Neither touches the codebooks
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from numbers import Real
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _ext, _validate, reference
-from ._backend import resolve_backend
+from . import _validate, reference
+from ._backend import Op, Route, cpu_kernel, cuda_kernel, triton_kernel
+from ._common import L2_EPS, compute_dtype, l2_normalize
+from .outputs import VQLossesOutput
 
-__all__ = ["VQLossTerms", "vq_losses"]
-
-
-class VQLossTerms(NamedTuple):
-    """The weighted VQ loss terms; their total is ``codebook.sum() + commitment.sum() + disentangle``."""
-
-    codebook: Tensor  # (k,) codebook_weight * mean((codes - sg[z])^2)
-    commitment: Tensor  # (k,) commitment_weight * mean((sg[codes] - z)^2)
-    disentangle: Tensor  # () disentangle_weight * mean over pairs of mean_n (q_a . q_b)^2
+__all__ = ["vq_losses"]
 
 
 def _num_pairs(k: int) -> int:
     return k * (k - 1) // 2
 
 
-# -- plain-PyTorch path (backend "reference", and float64 on the triton/cuda backends) ------------
+# -- plain-PyTorch path (backend "torch", and float64 on the triton/cuda backends) ----------------
 def _forward_torch(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
-    dt = reference._compute_dtype(z)
+    dt = compute_dtype(z)
     z, codes = z.to(dt), codes.to(dt)
     sq = ((codes - z) ** 2).sum(dim=(0, 2))  # (k,)
     k = z.shape[1]
     if not disentangle or k < 2:
         return sq
-    q = reference.l2_normalize(codes)
+    q = l2_normalize(codes)
     a, b = torch.triu_indices(k, k, 1, device=z.device)
     dots = (q[:, a] * q[:, b]).sum(-1)  # (N, P)
     return torch.cat([sq, (dots * dots).sum(0)])
 
 
 def _backward_torch(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
-    dt = reference._compute_dtype(z)
+    dt = compute_dtype(z)
     zf, cf = z.to(dt), codes.to(dt)
     coef = coef.to(dt)
     k = z.shape[1]
@@ -75,58 +68,31 @@ def _backward_torch(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -
     grad_c = coef[k:2 * k, None] * diff
     if disentangle and k > 1:
         norm = cf.norm(dim=-1, keepdim=True)
-        inv = 1.0 / norm.clamp_min(reference.L2_EPS)
+        inv = 1.0 / norm.clamp_min(L2_EPS)
         q = cf * inv
         gram = torch.einsum("nad,nbd->nab", q, q)
         gram = gram - torch.diag_embed(torch.diagonal(gram, dim1=1, dim2=2))  # drop a == b
         gq = coef[2 * k] * torch.einsum("nab,nbd->nad", gram, q)
-        radial = torch.where(norm > reference.L2_EPS, (gq * q).sum(-1, keepdim=True), torch.zeros_like(norm))
+        radial = torch.where(norm > L2_EPS, (gq * q).sum(-1, keepdim=True), torch.zeros_like(norm))
         grad_z = grad_z + (gq - radial * q) * inv
     return grad_z.to(z.dtype), grad_c.to(codes.dtype)
 
 
-def _cpu_forward(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
-    return _ext.cpu().vq_losses_forward(z, codes, disentangle)
-
-
-def _cpu_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
-    return _ext.cpu().vq_losses_backward(z, codes, coef, disentangle)
-
-
-def _triton_forward(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
-    from .triton import vq_losses as tk
-
-    return tk.vq_losses_forward(z, codes, disentangle)
-
-
-def _triton_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
-    from .triton import vq_losses as tk
-
-    return tk.vq_losses_backward(z, codes, coef, disentangle)
-
-
-def _cuda_forward(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
-    return _ext.cuda().vq_losses_forward(z, codes, disentangle)
-
-
-def _cuda_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
-    return _ext.cuda().vq_losses_backward(z, codes, coef, disentangle)
-
-
-_FORWARD: dict[str, Callable[[Tensor, Tensor, bool], Tensor]] = {
-    "reference": _forward_torch, "cpu": _cpu_forward, "triton": _triton_forward, "cuda": _cuda_forward,
-}
-_BACKWARD: dict[str, Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor]]] = {
-    "reference": _backward_torch, "cpu": _cpu_backward, "triton": _triton_backward, "cuda": _cuda_backward,
-}
-
-
-def _kernel_backend(backend: str, x: Tensor) -> str:
-    # The CPU kernel accumulates float64 in float64; the GPU kernels are fp32-only, so float64
-    # (gradcheck) takes the plain-PyTorch path there.
-    if x.dtype == torch.float64 and backend in ("triton", "cuda"):
-        return "reference"
-    return backend
+OP = Op("vq_losses", {
+    "forward": {
+        "torch": Route(_forward_torch),
+        "cpu": Route(cpu_kernel("vq_losses_forward")),  # accumulates float64 in float64
+        # The GPU kernels are fp32-only: float64 (gradcheck) takes the torch path there.
+        "triton": Route(triton_kernel("vq_losses", "vq_losses_forward"), float64="torch"),
+        "cuda": Route(cuda_kernel("vq_losses_forward"), float64="torch"),
+    },
+    "backward": {
+        "torch": Route(_backward_torch),
+        "cpu": Route(cpu_kernel("vq_losses_backward")),
+        "triton": Route(triton_kernel("vq_losses", "vq_losses_backward"), float64="torch"),
+        "cuda": Route(cuda_kernel("vq_losses_backward"), float64="torch"),
+    },
+})
 
 
 # -- custom ops ----------------------------------------------------------------------------------
@@ -136,7 +102,7 @@ def _vq_losses_op(z: Tensor, codes: Tensor, codebook_weight: float, commitment_w
     """(codebook (k,), commitment (k,), disentangle ()) weighted; see the module docstring."""
     N, k, D = z.shape
     dis = disentangle_weight != 0.0 and k > 1
-    sums = _FORWARD[_kernel_backend(backend, z)](z.contiguous(), codes.contiguous(), dis)
+    sums = OP.run("forward", backend, z, codes, dis)
     mse = sums[:k] / (N * D)
     codebook = mse * codebook_weight
     commitment = mse * commitment_weight
@@ -160,8 +126,7 @@ def _vq_losses_backward_op(z: Tensor, codes: Tensor, coef: Tensor, disentangle: 
                            backend: str) -> tuple[Tensor, Tensor]:
     """(dL/dz, dL/dcodes) in one pass; ``coef`` = (commitment (k) | codebook (k) | disentangle (1))
     scales, already multiplied by the upstream gradients."""
-    return _BACKWARD[_kernel_backend(backend, z)](z.contiguous(), codes.contiguous(), coef.contiguous(),
-                                                  disentangle)
+    return OP.run("backward", backend, z, codes, coef, disentangle)
 
 
 @_vq_losses_backward_op.register_fake
@@ -210,7 +175,7 @@ def _weight(name: str, value: object) -> float:
     return w
 
 
-def validate(z: object, codes: object) -> None:
+def validate(z: object, codes: object, check_finite: bool | None = None) -> None:
     """The checks of :func:`vq_losses`."""
     _validate.float_tensors(("z", z, 3, "[N, k, D]"), ("codes", codes, 3, "[N, k, D]"))
     if z.shape != codes.shape:
@@ -219,12 +184,22 @@ def validate(z: object, codes: object) -> None:
     if z.shape[0] == 0 or z.shape[1] == 0 or z.shape[2] == 0:
         raise ValueError(f"z has shape {tuple(z.shape)}: the losses are means over N >= 1 rows, "
                          "k >= 1 sub-codebooks and D >= 1 dims")
-    _validate.finite_rows(z, "z", row_dims=2)
-    _validate.finite_rows(codes, "codes", row_dims=2)
+    _validate.finite(("z", z, 2), ("codes", codes, 2), enabled=check_finite)
+
+
+def _reference(z: Tensor, codes: Tensor, w_cb: float, w_cm: float, w_dis: float) -> VQLossesOutput:
+    """The ground truth composition (fqgan_kernels/reference.py)."""
+    terms = reference.vq_losses(z, codes)
+    if w_dis != 0.0 and z.shape[1] > 1:
+        disentangle = w_dis * reference.disentangle_loss(reference.straight_through(z, codes))
+    else:
+        disentangle = terms.codebook.new_zeros(())
+    return VQLossesOutput(w_cb * terms.codebook, w_cm * terms.commitment, disentangle)
 
 
 def vq_losses(z: Tensor, codes: Tensor, *, codebook_weight: float = 1.0, commitment_weight: float = 0.25,
-              disentangle_weight: float = 0.0, backend: str | None = None) -> VQLossTerms:
+              disentangle_weight: float = 0.0, backend: str | None = None,
+              check_finite: bool | None = None) -> VQLossesOutput:
     """Equals ``(w_cb * reference.vq_losses(z, codes).codebook, w_cm * ....commitment,
     w_dis * reference.disentangle_loss(reference.straight_through(z, codes)))`` in value and in
     gradients, in one pass over z and codes forward and one backward.
@@ -236,18 +211,21 @@ def vq_losses(z: Tensor, codes: Tensor, *, codebook_weight: float = 1.0, commitm
     :param codebook_weight: weight of ``mean((codes - sg[z])^2)`` (FQGAN: 1)
     :param commitment_weight: beta (FQGAN: 0.25)
     :param disentangle_weight: FQGAN ``disentanglement_ratio`` (0.1 in its configs; 0 skips the term)
-    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``cpu``,
-        ``triton`` or ``cuda``
-    :returns: :class:`VQLossTerms` ``(codebook (k,), commitment (k,), disentangle ())``, float32
-        (float64 for float64 inputs)
+    :param backend: ``auto`` (default, or ``$FQGAN_KERNELS_BACKEND``), ``reference``, ``torch``,
+        ``cpu``, ``triton`` or ``cuda``
+    :param check_finite: scan z and codes for NaN/Inf (default: the process setting)
+    :returns: :class:`~fqgan_kernels.outputs.VQLossesOutput` ``(codebook (k,), commitment (k,),
+        disentangle ())``, float32 (float64 for float64 inputs)
 
     Source: FQGAN ``VectorQuantizer.forward`` (vq_loss, commit_loss) and
     ``compute_disentangle_loss`` averaged over the pairs (tokenizer/vq_model_triple.py).
     """
-    validate(z, codes)
+    validate(z, codes, check_finite)
     w_cb = _weight("codebook_weight", codebook_weight)
     w_cm = _weight("commitment_weight", commitment_weight)
     w_dis = _weight("disentangle_weight", disentangle_weight)
-    name = resolve_backend("vq_losses", backend, z.device)
+    name = OP.resolve(backend, z.device)
+    if name == "reference":
+        return _reference(z, codes, w_cb, w_cm, w_dis)
     codebook, commitment, disentangle = _vq_losses_op(z, codes, w_cb, w_cm, w_dis, name)
-    return VQLossTerms(codebook, commitment, disentangle)
+    return VQLossesOutput(codebook, commitment, disentangle)

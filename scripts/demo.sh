@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The main job until the end-to-end model demo lands: set up, then run the benchmark report
-# (full shapes, a few minutes on 2 cores) and print the comparison table.
+# The main job: set up the venv (with the model extras), then run the end-to-end demo on the built-in
+# sample photographs -- tokenizer, codes, FAR generator, samples, kernel-vs-reference timings -- with no
+# download. Writes demo_out/ (report.md first). Extra flags go to `fqgan demo` (see `fqgan demo --help`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh test,bench
+bash scripts/setup_env.sh model
 # shellcheck disable=SC1091
 . "${FQGAN_VENV:-.venv}/bin/activate"
-python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-    --benchmark-columns=min,median,mean,rounds --benchmark-sort=name \
-    --benchmark-group-by=group "$@"
+python -m fqgan demo "$@"

@@ -63,7 +63,7 @@ def _worker(rank: int, store: str, out: str, backend: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 def test_two_ranks_match_single_process_on_global_batch(tmp_path, backend):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")

@@ -8,7 +8,7 @@ run the autotuned Triton kernel and the CUDA kernel at the real sizes (K=16384, 
 
 import pytest
 import torch
-from conftest import TOLERANCES
+from tolerances import TOLERANCES
 
 from fqgan_kernels import reference as ref
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,11 +14,14 @@ import fqgan_kernels as fk
 def test_import_and_backends_report():
     report = fk.backends()
     assert set(report) == set(fk.BACKENDS)
-    assert report["reference"].available
+    assert report["reference"].available and report["torch"].available
     assert report["cpu"].available, report["cpu"].reason  # the compiled CPU kernels must be there
     assert report.auto["cpu"] == "cpu"
+    assert report.isa == fk._ext.cpu().isa()
+    assert report.cpu_model and report.cpu_model != "unknown"
     text = repr(report)
     assert "cpu" in text and "auto:" in text
+    assert f"cpu model: {report.cpu_model} (kernel isa {report.isa}" in text
     if not torch.version.cuda:
         assert not report["cuda"].available and "not a CUDA build" in report["cuda"].reason
 
@@ -31,14 +35,40 @@ def test_resolve_auto_and_forced():
     cpu = torch.device("cpu")
     assert fk.resolve_backend("nearest_code", None, cpu) == "cpu"
     assert fk.resolve_backend("nearest_code", "reference", cpu) == "reference"
+    assert fk.resolve_backend("nearest_code", "torch", cpu) == "torch"
     assert fk.resolve_backend("nearest_code", "AUTO", cpu) == "cpu"
     with pytest.raises(ValueError, match="unknown backend"):
         fk.resolve_backend("nearest_code", "fast", cpu)
     with pytest.raises(RuntimeError, match="cuda"):
         fk.resolve_backend("nearest_code", "cuda", cpu)
-    with pytest.raises(ValueError, match="has no 'cpu' backend"):
-        fk.resolve_backend("some_op", "cpu", cpu, supported=("reference", "triton"))
-    assert fk.resolve_backend("meta_op", None, torch.device("meta")) == "reference"
+    with pytest.raises(ValueError, match="sample has no 'torch' backend"):
+        fk.resolve_backend("sample", "torch", cpu)
+    with pytest.raises(ValueError, match="unknown op 'some_op'"):
+        fk.resolve_backend("some_op", "cpu", cpu)
+    # Devices without a compiled backend take the memory-safe torch path, or the reference.
+    assert fk.resolve_backend("entropy_loss", None, torch.device("meta")) == "torch"
+    assert fk.resolve_backend("sample", None, torch.device("meta")) == "reference"
+
+
+def test_every_op_declares_its_backends():
+    from fqgan_kernels import _backend
+
+    assert set(_backend._OPS) == {"nearest_code", "entropy_loss", "vq_losses", "linear_cross_entropy", "sample"}
+    for op in _backend._OPS.values():
+        assert op.backends[0] == "reference" and {"cpu", "triton", "cuda"} <= set(op.backends), op
+        for table in op.routes.values():
+            for name, route in table.items():
+                # every float64 reroute ends at a backend that takes float64 itself
+                assert route.float64 is None or table[route.float64].float64 is None, (op, name)
+
+
+def test_deprecated_names_warn_and_alias():
+    for old, new in (("NearestCode", fk.NearestCodeOutput), ("LinearCrossEntropy", fk.LinearCrossEntropyOutput),
+                     ("VQLossTerms", fk.VQLossesOutput)):
+        with pytest.warns(DeprecationWarning, match=new.__name__):
+            assert getattr(fk, old) is new
+    with pytest.raises(AttributeError):
+        fk.NoSuchName  # noqa: B018
 
 
 def test_environment_variable_forces_backend(monkeypatch):
@@ -50,7 +80,7 @@ def test_environment_variable_forces_backend(monkeypatch):
 
 
 def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # part of the resolution cache's key
     if torch.cuda.is_available():
         pytest.skip("GPU present")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -72,7 +102,8 @@ def test_use_cpp_zero_falls_back_with_warning():
     out = _run(code, FQGAN_USE_CPP="0")
     assert out.returncode == 0, out.stderr
     assert "disabled by FQGAN_USE_CPP=0" in out.stdout
-    assert "FQGAN_USE_CPP=0" in out.stdout.split("WARN", 1)[1]
+    assert "auto: cpu -> torch" in out.stdout  # the memory-safe path, not the N x K reference
+    assert "uses the slow 'torch' backend on CPU because FQGAN_USE_CPP=0" in out.stdout.split("WARN", 1)[1]
 
 
 def test_forced_cpu_backend_unavailable_raises_why():
@@ -80,3 +111,34 @@ def test_forced_cpu_backend_unavailable_raises_why():
                "fk.nearest_code(torch.randn(3, 1, 2), torch.randn(1, 4, 2), backend='cpu')\n",
                FQGAN_USE_CPP="0")
     assert out.returncode != 0 and "cannot run nearest_code: disabled by FQGAN_USE_CPP=0" in out.stderr
+
+
+def test_build_guard_removes_a_dead_builds_lock(tmp_path, capsys):
+    """A torch build-baton `lock` left by a killed build would make the next first-use compile wait
+    forever; the flock guard (released by the OS when its holder dies) removes it."""
+    from fqgan_kernels import _ext
+
+    (tmp_path / "lock").write_text("")
+    with _ext._build_guard(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+    assert "did not finish" in capsys.readouterr().err
+
+
+def test_build_guard_waits_for_a_live_builder(tmp_path):
+    """While another process holds the guard (a live build), the lock is not touched and we wait."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time\n"
+         f"fh = open({str(tmp_path / 'build.flock')!r}, 'w'); fcntl.flock(fh, fcntl.LOCK_EX)\n"
+         "print('held', flush=True); time.sleep(1.5)\n"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    (tmp_path / "lock").write_text("")
+    from fqgan_kernels import _ext
+
+    t0 = time.monotonic()
+    with _ext._build_guard(str(tmp_path)):
+        # entered only once the holder let go (it holds the lock 1.5 s after saying so); its exit
+        # status may lag the release of the lock, so the wait is what is checked
+        assert time.monotonic() - t0 > 1.0
+    holder.wait(timeout=30)

@@ -76,7 +76,7 @@ def test_unpacking_breakdown_and_decode_channel_first():
 
 
 def test_channel_last_and_dtypes():
-    q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=4)
+    q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=4, channel_first=False)
     z = torch.randn(3, 7, 8)
     quantized, indices, _ = q(z)
     assert quantized.shape == z.shape and indices.shape == (3, 7, 2)
@@ -85,6 +85,28 @@ def test_channel_last_and_dtypes():
     assert qb.dtype == torch.bfloat16
     # the quantizer computes in fp32: a bf16 input quantises like its fp32 upcast
     assert torch.equal(ib, q(z.bfloat16().float()).indices)
+
+
+def test_layout_is_explicit():
+    """channel_first=True (the default) whatever the rank: a 3-D [B, k*D, L] input is channel-first,
+    never guessed to be channel-last; a channel axis without k*D channels is an error naming both."""
+    q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8)
+    z = torch.randn(4, 16, 16)  # [B, k*D, L] with L == k*D: the case the old rank guess got wrong
+    quantized, indices, _ = q(z)
+    assert indices.shape == (4, 2, 16)
+    tokens = z.movedim(1, -1).reshape(-1, 2, 8)
+    expected = fk.reference.nearest_code(tokens, q.codebooks.detach()).indices.reshape(4, 16, 2).movedim(-1, 1)
+    assert torch.equal(indices, expected)
+    torch.testing.assert_close(q.decode_indices(indices), quantized)
+    with pytest.raises(ValueError, match=r"pass channel_first=False"):
+        q(torch.randn(4, 5, 16))
+    last = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8, channel_first=False)
+    with pytest.raises(ValueError, match=r"pass channel_first=True"):
+        last(torch.randn(4, 16, 5))
+    with pytest.raises(TypeError, match="channel_first must be a bool"):
+        fk.FactorizedQuantizer(channel_first="yes")
+    with pytest.warns(DeprecationWarning, match="channel_first=None"):
+        fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8, channel_first=None)
 
 
 def test_matches_reference_backend():
@@ -106,11 +128,14 @@ def test_usage_statistics_without_sync_and_window():
     torch.testing.assert_close(out.breakdown.usage, torch.tensor(used))
     counts = fk.reference.code_counts(out.indices.movedim(1, -1).reshape(-1, 2), 16)
     torch.testing.assert_close(out.breakdown.perplexity, fk.reference.perplexity(counts))
-    # after `usage_window` more steps on other codes, the first step's codes no longer count
+    # after `usage_window` more steps, only the codes of those last two steps count
+    seen = []
     for _ in range(2):
-        q(torch.randn(1, 8, 1, 1))
+        out = q(torch.randn(1, 8, 1, 1), return_loss_breakdown=True)
+        seen.append(out.indices.reshape(2).tolist())
+    expected = [len({step[i] for step in seen}) / 16 for i in range(2)]
+    torch.testing.assert_close(out.breakdown.usage, torch.tensor(expected))
     assert int(q.step) == 3
-    assert (q.last_used >= 0).sum() >= 2
 
 
 def test_freeze_and_state_dict_roundtrip():
@@ -176,21 +201,28 @@ def test_nan_in_codebooks(q):
 
 def test_one_finite_scan_per_step(monkeypatch):
     """A training step scans its inputs for NaN/Inf once (one sync for z and the codebooks), not
-    once per op: the per-tensor scan runs only to word the error."""
+    once per op: the ops are called with check_finite=False; the per-row detail runs only to word
+    an error."""
     from fqgan_kernels import _validate
 
-    def per_tensor_scan(*args, **kwargs):
-        raise AssertionError("per-tensor NaN scan on the quantizer's hot path")
+    def detail(*args, **kwargs):
+        raise AssertionError("the error-wording scan ran on finite inputs")
 
-    calls = []
-    many = _validate.finite_rows_many
-    monkeypatch.setattr(_validate, "finite_rows", per_tensor_scan)
-    monkeypatch.setattr(_validate, "finite_rows_many", lambda *a: calls.append(a) or many(*a))
+    scans = []
+    finite = _validate.finite
+
+    def counting(*named, enabled=None):
+        if _validate.check_finite_enabled(enabled):
+            scans.append([name for name, _, _ in named])
+        return finite(*named, enabled=enabled)
+
+    monkeypatch.setattr(_validate, "_first_non_finite", detail)
+    monkeypatch.setattr(_validate, "finite", counting)
     q = fk.FactorizedQuantizer(num_codebooks=3, codebook_size=64, codebook_dim=8, entropy_weight=0.03,
                                disentangle_weight=0.1)
     _, _, loss = q(torch.randn(2, 24, 4, 4))
     loss.backward()
-    assert len(calls) == 1
+    assert scans == [["z", "codebooks"]]
 
 
 def test_empty_batch(q):
@@ -203,14 +235,24 @@ def test_device_mismatch(q):
         q(torch.randn(2, 8, 3, 3, device="meta"))
 
 
-def test_decode_out_of_range(q):
-    idx = torch.zeros(1, 2, 2, 2, dtype=torch.long)
-    idx[0, 1, 1, 1] = 16
-    with pytest.raises(ValueError, match=r"out of range \[0, 16\).*max 16"):
-        q.decode_indices(idx)
-    idx[0, 1, 1, 1] = -1
-    with pytest.raises(ValueError, match="min -1"):
-        q.decode_indices(idx)
+@pytest.mark.parametrize("scan", [True, False], ids=["scan-on", "scan-off"])
+def test_decode_out_of_range(q, scan):
+    """The range check of decode_indices is always on: with the NaN scan off too, an index >= K must
+    not read a code of the next sub-codebook."""
+    from fqgan_kernels import _validate
+
+    _validate.set_check_finite(scan)
+    try:
+        idx = torch.zeros(1, 2, 2, 2, dtype=torch.long)
+        idx[0, 0, 1, 1] = 16  # in the first sub-codebook: flat index 16 is code 0 of the second
+        with pytest.raises(ValueError, match=r"indices has 1 entries outside \[0, 16\); first at index "
+                                             r"\(0, 0, 1, 1\): value 16"):
+            q.decode_indices(idx)
+        idx[0, 0, 1, 1] = -1
+        with pytest.raises(ValueError, match="value -1"):
+            q.decode_indices(idx)
+    finally:
+        _validate.set_check_finite(True)
     with pytest.raises(ValueError, match="k=2"):
         q.decode_indices(torch.zeros(1, 3, 2, 2, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
@@ -224,6 +266,13 @@ def test_bad_constructor_arguments():
         fk.FactorizedQuantizer(entropy_weight="0.1")
     with pytest.raises(ValueError, match="entropy_temperature"):
         fk.FactorizedQuantizer(entropy_temperature=0.0)
+    # non-finite weights and temperatures: a NaN weight used to give a NaN loss, and entropy_weight=nan
+    # silently switched the entropy term off (nan > 0 is False)
+    for name in ("commitment_weight", "codebook_weight", "entropy_weight", "disentangle_weight",
+                 "entropy_temperature"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                fk.FactorizedQuantizer(**{name: bad})
 
 
 def test_torch_compile_fullgraph_training_step():

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fqgan_kernels as fk
 from fqgan_kernels import _validate, reference
-from fqgan_kernels.quantizer import code_counts
+from fqgan_kernels.quantizer import _code_counts as code_counts
 
 WORLD = 2
 B_PER_RANK, k, K, D = 3, 3, 64, 8
@@ -148,3 +148,53 @@ def test_two_ranks_global_usage_equals_single_process(tmp_path):
     r0 = alone(z[:B_PER_RANK], return_loss_breakdown=True)
     torch.testing.assert_close(got["local_perplexity"], r0.breakdown.perplexity)
     assert not torch.allclose(got["local_perplexity"], first.breakdown.perplexity)
+
+
+def _eval_on_rank0_worker(rank: int, store: str, out: str) -> None:
+    import datetime
+    import time
+
+    # A collective that only rank 0 enters would block until this timeout: the test then fails, not hangs.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    done = out + ".eval-done"
+    try:
+        torch.set_num_threads(1)
+        z, w = _inputs()
+        q = _make(w)
+        zr = z[rank * B_PER_RANK:(rank + 1) * B_PER_RANK]
+        q(zr).loss.backward()  # a training step on both ranks: global statistics, one all-reduce
+        if rank == 0:  # evaluation on rank 0 alone, as a training script's periodic eval does
+            q.eval()
+            with torch.no_grad():
+                res = q(zr, return_loss_breakdown=True)
+            torch.save({"perplexity": res.breakdown.perplexity, "step": q.step}, out)
+            open(done, "w").close()
+        else:  # outside any collective until rank 0 is done
+            deadline = time.monotonic() + 120
+            while not os.path.exists(done):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("rank 0's eval forward did not finish (it waits for a collective?)")
+                time.sleep(0.05)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eval_forward_on_one_rank_does_not_wait_for_the_others(tmp_path):
+    """In eval mode the quantizer all-reduces nothing: a forward on rank 0 alone inside a 2-rank DDP job
+    completes, with rank 0's own statistics (a training forward is the collective-safe point)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    fk._ext.cpu()
+    out = str(tmp_path / "eval.pt")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_eval_on_rank0_worker, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    got = torch.load(out)
+    z, w = _inputs()
+    alone = _make(w).eval()
+    with torch.no_grad():
+        expected = alone(z[:B_PER_RANK], return_loss_breakdown=True).breakdown.perplexity
+    torch.testing.assert_close(got["perplexity"], expected)
+    assert int(got["step"]) == 1  # eval does not count as a training step

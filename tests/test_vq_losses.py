@@ -4,7 +4,7 @@ reference.disentangle_loss, on every backend; opcheck, gradcheck, torch.compile,
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOLERANCES
+from tolerances import HAS_CUDA, TOLERANCES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fqgan_kernels as fk
@@ -18,7 +18,7 @@ WEIGHTS = dict(codebook_weight=1.0, commitment_weight=0.25, disentangle_weight=0
 
 
 def cpu_backends():
-    names = ["reference", "cpu"]
+    names = ["torch", "cpu"]
     if fk.backends()["triton"].available:
         names.append("triton")
     return names
@@ -66,7 +66,7 @@ def test_values_and_gradients(shape, backend):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_float64_matches_reference(k, backend):
     check_against_reference((33, k, 8), backend, torch.float64)
 
@@ -133,7 +133,7 @@ def test_deterministic_over_thread_counts():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_gradcheck_float64(k, backend):
     """Each term against finite differences along the path it trains (a stop-gradient has no
     finite-difference counterpart, so the frozen input is a constant, as sg makes it)."""

@@ -3,15 +3,17 @@
 // a_nj = zs_n . e_j + eb_j with zs = (2/T) z and eb_j = -|e_j|^2 / T (the -|z_n|^2/T row constant
 // cancels). Nothing N x K is stored: each sweep recomputes a_nj for a chunk of CH codes into an
 // L1-resident buffer, then runs vectorisable loops over that chunk. The codebook is transposed to
-// [k, D, K] so the loops over codes are unit-stride. exp is a branch-free polynomial (below) so
-// the loops vectorise; every kernel is compiled twice (default x86-64 and AVX2+FMA via function
-// target attributes) and picked at run time with __builtin_cpu_supports: no -march flags.
+// [k, D, K] so the loops over codes are unit-stride. exp is a branch-free polynomial (simd::fexp)
+// so the loops vectorise; the sweeps are the kernel pass at the bottom of this file, compiled once
+// per instruction set (cpu/isa.h).
 //
 // Parallelism (at::parallel_for, deterministic: each output element is owned by one task and the
 // reduction order is fixed by the chunking, not by the thread count):
 //   rows sweeps  (lse/H forward, dL/dz backward): tasks = (sub-codebook, block of RB rows);
 //   code sweeps  (column sums forward, dL/de backward): tasks = (sub-codebook, block of CH codes),
 //                rows swept inside.
+#ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -22,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -50,6 +54,140 @@ struct Ctx {
   float* inv_w;           // [k, N] scratch: 1 / W, W = sum_j exp(a - lse) as recomputed
   float* grad_e;          // [k, K, D]
 };
+
+using Kernel = void (*)(const Ctx&, int64_t, int64_t, int64_t);
+
+}  // namespace
+}  // namespace fqgan::cpu
+
+#define FQGAN_ISA_SELF "cpu/entropy_loss.cpp"
+#include "cpu/isa_passes.h"
+
+namespace fqgan::cpu {
+namespace {
+
+// The sweep for this CPU and D (D = 8, FQGAN's code dimension, gets a compile-time D).
+#define FQGAN_ENTROPY_SWEEP(NAME, c) ((c).D == 8 ? FQGAN_ISA_PICK(NAME<8>) : FQGAN_ISA_PICK(NAME<0>))
+
+// rows: tasks (i, block of RB rows), kernel(c, i, n0, n1)
+void for_rows(const Ctx& c, Kernel kern) {
+  const int64_t blocks = (c.N + RB - 1) / RB;
+  fpstate::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / blocks, n0 = (t % blocks) * RB;
+      kern(c, i, n0, std::min(c.N, n0 + RB));
+    }
+  });
+}
+
+// codes: tasks (i, block of CH codes), kernel(c, i, j0, count)
+void for_codes(const Ctx& c, Kernel kern) {
+  const int64_t blocks = (c.K + CH - 1) / CH;
+  fpstate::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / blocks, j0 = (t % blocks) * CH;
+      kern(c, i, j0, std::min(CH, c.K - j0));
+    }
+  });
+}
+
+struct Prepared {
+  at::Tensor zs, et, eb, e;
+};
+
+Prepared prepare(const at::Tensor& zn, const at::Tensor& en, double temperature) {
+  const float inv_t = static_cast<float>(1.0 / temperature);
+  at::Tensor z = zn.to(at::kFloat);
+  at::Tensor e = en.to(at::kFloat).contiguous();
+  Prepared p;
+  p.zs = (z * (2.0f * inv_t)).permute({1, 0, 2}).contiguous();  // [k, N, D]
+  p.et = e.transpose(1, 2).contiguous();                         // [k, D, K]
+  p.eb = (e * e).sum(-1).mul(-inv_t).contiguous();               // [k, K]
+  p.e = e;
+  return p;
+}
+
+Ctx make_ctx(const at::Tensor& zn, const at::Tensor& en, double temperature, const Prepared& p) {
+  Ctx c{};
+  c.N = zn.size(0), c.k = zn.size(1), c.D = zn.size(2), c.K = en.size(1);
+  c.inv_t = static_cast<float>(1.0 / temperature);
+  c.zs = p.zs.data_ptr<float>();
+  c.et = p.et.data_ptr<float>();
+  c.eb = p.eb.data_ptr<float>();
+  c.e = p.e.data_ptr<float>();
+  return c;
+}
+
+void check_inputs(const at::Tensor& zn, const at::Tensor& en, double temperature) {
+  TORCH_CHECK(zn.dim() == 3 && en.dim() == 3, "entropy: zn [N,k,D] and en [k,K,D], got ", zn.sizes(), " and ",
+              en.sizes());
+  TORCH_CHECK(zn.size(1) == en.size(0) && zn.size(2) == en.size(2), "entropy: zn ", zn.sizes(),
+              " does not match en ", en.sizes());
+  TORCH_CHECK(zn.device().is_cpu() && en.device().is_cpu(), "entropy (cpu): tensors must be on the CPU");
+  TORCH_CHECK(temperature > 0, "entropy: temperature must be > 0");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& zn, const at::Tensor& en,
+                                                             double temperature) {
+  check_inputs(zn, en, temperature);
+  const fpstate::FlushDenormals fp_guard;
+  const Prepared p = prepare(zn, en, temperature);
+  Ctx c = make_ctx(zn, en, temperature, p);
+  auto opts = zn.options().dtype(at::kFloat);
+  at::Tensor lse = at::empty({c.k, c.N}, opts), ent = at::empty({c.k, c.N}, opts);
+  at::Tensor colsum = at::empty({c.k, c.K}, opts);
+  c.lse = lse.data_ptr<float>();
+  c.ent = ent.data_ptr<float>();
+  c.colsum = colsum.data_ptr<float>();
+  if (c.N > 0) {
+    for_rows(c, FQGAN_ENTROPY_SWEEP(rows_fwd, c));
+    for_codes(c, FQGAN_ENTROPY_SWEEP(colsum, c));
+  } else {
+    colsum.zero_();
+  }
+  return {lse, ent, colsum};
+}
+
+std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const at::Tensor& en,
+                                                    const at::Tensor& lse, const at::Tensor& ent,
+                                                    const at::Tensor& grad_lse, const at::Tensor& grad_ent,
+                                                    const at::Tensor& grad_colsum, double temperature) {
+  check_inputs(zn, en, temperature);
+  const fpstate::FlushDenormals fp_guard;
+  const Prepared p = prepare(zn, en, temperature);
+  Ctx c = make_ctx(zn, en, temperature, p);
+  TORCH_CHECK(lse.numel() == c.k * c.N && ent.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&
+                  grad_ent.numel() == c.k * c.N && grad_colsum.numel() == c.k * c.K,
+              "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
+  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
+  at::Tensor lse_f = lse.to(at::kFloat).contiguous();
+  at::Tensor gl = grad_lse.to(at::kFloat).contiguous(), ge = grad_ent.to(at::kFloat).contiguous();
+  at::Tensor gc = grad_colsum.to(at::kFloat).contiguous();
+  auto opts = zn.options().dtype(at::kFloat);
+  at::Tensor grad_z = at::empty({c.N, c.k, c.D}, opts), grad_e = at::empty({c.k, c.K, c.D}, opts);
+  at::Tensor beta = at::empty({c.k, c.N}, opts), inv_w = at::empty({c.k, c.N}, opts);
+  c.lse = lse_f.data_ptr<float>();
+  c.grad_lse = gl.data_ptr<float>();
+  c.grad_ent = ge.data_ptr<float>();
+  c.grad_col = gc.data_ptr<float>();
+  c.grad_z = grad_z.data_ptr<float>();
+  c.grad_e = grad_e.data_ptr<float>();
+  c.beta = beta.data_ptr<float>();
+  c.inv_w = inv_w.data_ptr<float>();
+  if (c.N > 0) {
+    for_rows(c, FQGAN_ENTROPY_SWEEP(rows_bwd, c));
+    for_codes(c, FQGAN_ENTROPY_SWEEP(grad_e, c));
+  } else {
+    grad_e.zero_();
+  }
+  return {grad_z.to(zn.scalar_type()), grad_e.to(en.scalar_type())};
+}
+
+}  // namespace fqgan::cpu
+
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
 
 // a[0:m] = eb[j0:j0+m] + sum_d zrow[d] * et[d, j0:j0+m]. DC > 0: D known at compile time (one
 // fused pass over the chunk); DC = 0: any D (one pass per d).
@@ -82,7 +220,7 @@ __attribute__((always_inline)) inline void logits_chunk(const Ctx& c, int64_t i,
 // t = sum exp(a - m) (a - m); a new max m' rescales l *= exp(m - m'), t = exp(m - m') (t + (m - m') l).
 // At the end lse = m + log l and H = -sum p (a - lse) = log l - t / l.
 template <int DC>
-__attribute__((always_inline)) inline void rows_fwd_body(const Ctx& c, int64_t i, int64_t n0, int64_t n1) {
+void rows_fwd(const Ctx& c, int64_t i, int64_t n0, int64_t n1) {
   alignas(64) float a[CH];
   float mx[RB], ls[RB], ts[RB];
   for (int64_t r = 0; r < n1 - n0; ++r) mx[r] = -std::numeric_limits<float>::infinity(), ls[r] = 0.f, ts[r] = 0.f;
@@ -123,7 +261,7 @@ __attribute__((always_inline)) inline void rows_fwd_body(const Ctx& c, int64_t i
 
 // Sweep 2: S_j = sum_n exp(a_nj - lse_n) for the codes [j0, j0 + m).
 template <int DC>
-__attribute__((always_inline)) inline void colsum_body(const Ctx& c, int64_t i, int64_t j0, int64_t m) {
+void colsum(const Ctx& c, int64_t i, int64_t j0, int64_t m) {
   alignas(64) float a[CH];
   alignas(64) float acc[CH];
   for (int64_t j = 0; j < m; ++j) acc[j] = 0.f;
@@ -140,7 +278,7 @@ __attribute__((always_inline)) inline void colsum_body(const Ctx& c, int64_t i, 
 // q = p (c_j - w (a - lse)); then, with the probabilities renormalised by W (see entropy_loss.py),
 // beta = u - Q / W and dL/dz = (2/T) (A + beta B) / W. Stores beta and 1 / W for sweep 4.
 template <int DC>
-__attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i, int64_t n0, int64_t n1) {
+void rows_bwd(const Ctx& c, int64_t i, int64_t n0, int64_t n1) {
   alignas(64) float a[CH];
   alignas(64) float q[CH];
   const int64_t R = n1 - n0, D = DC > 0 ? DC : c.D;
@@ -193,7 +331,7 @@ __attribute__((always_inline)) inline void rows_bwd_body(const Ctx& c, int64_t i
 // Sweep 4: for the codes [j0, j0 + m): G_nj = (p / W_n) (c_j - w_n (a - lse_n) + beta_n),
 // dL/de_j = sum_n G_nj zs_n - (2/T) e_j sum_n G_nj.
 template <int DC>
-__attribute__((always_inline)) inline void grad_e_body(const Ctx& c, int64_t i, int64_t j0, int64_t m) {
+void grad_e(const Ctx& c, int64_t i, int64_t j0, int64_t m) {
   alignas(64) float a[CH];
   alignas(64) float gs[CH];
   const int64_t D = DC > 0 ? DC : c.D;
@@ -226,158 +364,4 @@ __attribute__((always_inline)) inline void grad_e_body(const Ctx& c, int64_t i, 
   }
 }
 
-// Each body compiled for default x86-64 (or any other target) and, on x86, for AVX2 + FMA.
-#define FQGAN_ENTROPY_KERNEL(NAME, BODY)                                                     \
-  template <int DC>                                                                         \
-  void NAME##_default(const Ctx& c, int64_t i, int64_t x0, int64_t x1) {                    \
-    BODY<DC>(c, i, x0, x1);                                                                 \
-  }                                                                                         \
-  template <int DC>                                                                         \
-  FQGAN_AVX2_ATTR void NAME##_avx2(const Ctx& c, int64_t i, int64_t x0, int64_t x1) {       \
-    BODY<DC>(c, i, x0, x1);                                                                 \
-  }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FQGAN_AVX2_ATTR __attribute__((target("avx2,fma")))
-#define FQGAN_HAVE_AVX2_CLONES 1
-#else
-#define FQGAN_AVX2_ATTR
-#define FQGAN_HAVE_AVX2_CLONES 0
-#endif
-
-FQGAN_ENTROPY_KERNEL(rows_fwd, rows_fwd_body)
-FQGAN_ENTROPY_KERNEL(colsum, colsum_body)
-FQGAN_ENTROPY_KERNEL(rows_bwd, rows_bwd_body)
-FQGAN_ENTROPY_KERNEL(grad_e, grad_e_body)
-
-using Kernel = void (*)(const Ctx&, int64_t, int64_t, int64_t);
-
-bool use_avx2();
-
-// The kernel for this CPU and D (D = 8, FQGAN's code dimension, gets a compile-time D).
-#define FQGAN_PICK(NAME, c) \
-  (use_avx2() ? ((c).D == 8 ? NAME##_avx2<8> : NAME##_avx2<0>) : ((c).D == 8 ? NAME##_default<8> : NAME##_default<0>))
-
-bool use_avx2() {
-#if FQGAN_HAVE_AVX2_CLONES
-  return simd::has_avx2_fma();
-#else
-  return false;
-#endif
-}
-
-// rows: tasks (i, block of RB rows), kernel(c, i, n0, n1)
-void for_rows(const Ctx& c, Kernel kern) {
-  const int64_t blocks = (c.N + RB - 1) / RB;
-  at::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / blocks, n0 = (t % blocks) * RB;
-      kern(c, i, n0, std::min(c.N, n0 + RB));
-    }
-  });
-}
-
-// codes: tasks (i, block of CH codes), kernel(c, i, j0, count)
-void for_codes(const Ctx& c, Kernel kern) {
-  const int64_t blocks = (c.K + CH - 1) / CH;
-  at::parallel_for(0, c.k * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / blocks, j0 = (t % blocks) * CH;
-      kern(c, i, j0, std::min(CH, c.K - j0));
-    }
-  });
-}
-
-struct Prepared {
-  at::Tensor zs, et, eb, e;
-};
-
-Prepared prepare(const at::Tensor& zn, const at::Tensor& en, double temperature) {
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  at::Tensor z = zn.to(at::kFloat);
-  at::Tensor e = en.to(at::kFloat).contiguous();
-  Prepared p;
-  p.zs = (z * (2.0f * inv_t)).permute({1, 0, 2}).contiguous();  // [k, N, D]
-  p.et = e.transpose(1, 2).contiguous();                         // [k, D, K]
-  p.eb = (e * e).sum(-1).mul(-inv_t).contiguous();               // [k, K]
-  p.e = e;
-  return p;
-}
-
-Ctx make_ctx(const at::Tensor& zn, const at::Tensor& en, double temperature, const Prepared& p) {
-  Ctx c{};
-  c.N = zn.size(0), c.k = zn.size(1), c.D = zn.size(2), c.K = en.size(1);
-  c.inv_t = static_cast<float>(1.0 / temperature);
-  c.zs = p.zs.data_ptr<float>();
-  c.et = p.et.data_ptr<float>();
-  c.eb = p.eb.data_ptr<float>();
-  c.e = p.e.data_ptr<float>();
-  return c;
-}
-
-void check_inputs(const at::Tensor& zn, const at::Tensor& en, double temperature) {
-  TORCH_CHECK(zn.dim() == 3 && en.dim() == 3, "entropy: zn [N,k,D] and en [k,K,D], got ", zn.sizes(), " and ",
-              en.sizes());
-  TORCH_CHECK(zn.size(1) == en.size(0) && zn.size(2) == en.size(2), "entropy: zn ", zn.sizes(),
-              " does not match en ", en.sizes());
-  TORCH_CHECK(zn.device().is_cpu() && en.device().is_cpu(), "entropy (cpu): tensors must be on the CPU");
-  TORCH_CHECK(temperature > 0, "entropy: temperature must be > 0");
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> entropy_stats(const at::Tensor& zn, const at::Tensor& en,
-                                                             double temperature) {
-  check_inputs(zn, en, temperature);
-  const Prepared p = prepare(zn, en, temperature);
-  Ctx c = make_ctx(zn, en, temperature, p);
-  auto opts = zn.options().dtype(at::kFloat);
-  at::Tensor lse = at::empty({c.k, c.N}, opts), ent = at::empty({c.k, c.N}, opts);
-  at::Tensor colsum = at::empty({c.k, c.K}, opts);
-  c.lse = lse.data_ptr<float>();
-  c.ent = ent.data_ptr<float>();
-  c.colsum = colsum.data_ptr<float>();
-  if (c.N > 0) {
-    for_rows(c, FQGAN_PICK(rows_fwd, c));
-    for_codes(c, FQGAN_PICK(colsum, c));
-  } else {
-    colsum.zero_();
-  }
-  return {lse, ent, colsum};
-}
-
-std::tuple<at::Tensor, at::Tensor> entropy_backward(const at::Tensor& zn, const at::Tensor& en,
-                                                    const at::Tensor& lse, const at::Tensor& ent,
-                                                    const at::Tensor& grad_lse, const at::Tensor& grad_ent,
-                                                    const at::Tensor& grad_colsum, double temperature) {
-  check_inputs(zn, en, temperature);
-  const Prepared p = prepare(zn, en, temperature);
-  Ctx c = make_ctx(zn, en, temperature, p);
-  TORCH_CHECK(lse.numel() == c.k * c.N && ent.numel() == c.k * c.N && grad_lse.numel() == c.k * c.N &&
-                  grad_ent.numel() == c.k * c.N && grad_colsum.numel() == c.k * c.K,
-              "entropy_backward: per-row tensors must be [k, N] and grad_colsum [k, K]");
-  // H (ent) is not read: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
-  at::Tensor lse_f = lse.to(at::kFloat).contiguous();
-  at::Tensor gl = grad_lse.to(at::kFloat).contiguous(), ge = grad_ent.to(at::kFloat).contiguous();
-  at::Tensor gc = grad_colsum.to(at::kFloat).contiguous();
-  auto opts = zn.options().dtype(at::kFloat);
-  at::Tensor grad_z = at::empty({c.N, c.k, c.D}, opts), grad_e = at::empty({c.k, c.K, c.D}, opts);
-  at::Tensor beta = at::empty({c.k, c.N}, opts), inv_w = at::empty({c.k, c.N}, opts);
-  c.lse = lse_f.data_ptr<float>();
-  c.grad_lse = gl.data_ptr<float>();
-  c.grad_ent = ge.data_ptr<float>();
-  c.grad_col = gc.data_ptr<float>();
-  c.grad_z = grad_z.data_ptr<float>();
-  c.grad_e = grad_e.data_ptr<float>();
-  c.beta = beta.data_ptr<float>();
-  c.inv_w = inv_w.data_ptr<float>();
-  if (c.N > 0) {
-    for_rows(c, FQGAN_PICK(rows_bwd, c));
-    for_codes(c, FQGAN_PICK(grad_e, c));
-  } else {
-    grad_e.zero_();
-  }
-  return {grad_z.to(zn.scalar_type()), grad_e.to(en.scalar_type())};
-}
-
-}  // namespace fqgan::cpu
+#endif  // FQGAN_ISA_PASS

@@ -18,6 +18,11 @@
 // row, every page of the chunk touched per block, and the TLB thrashed: ~1 s per head).
 // Low-precision inputs are converted to float32 per head (weight) and per chunk (hidden): on CPUs
 // without native bf16 GEMMs the float32 MKL GEMM is both faster and exact in its accumulation.
+//
+// ISA: the epilogue's block body is the kernel pass at the bottom of this file, compiled once per
+// instruction set (cpu/isa.h), for float and double.
+#ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -26,8 +31,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
+#include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -66,13 +72,128 @@ struct Args {
   double z_loss;  // weight of lse^2
 };
 
+}  // namespace
+}  // namespace fqgan::cpu
+
+#define FQGAN_ISA_SELF "cpu/linear_cross_entropy.cpp"
+#include "cpu/isa_passes.h"
+
+namespace fqgan::cpu {
+namespace {
+
+// Epilogue over a chunk LT [V, n] (contiguous), bias [V] or null, targets [n], row_grad [n] or null,
+// loss/lse [n]: one block of columns per thread (a multiple of kMinBlock, at most kMaxBlock).
+template <typename T>
+void epilogue(T* L, int64_t n, const T* bias, const int64_t* targets, const T* row_grad, const Args& a,
+              T* loss, T* lse) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t width = (n + threads - 1) / threads;
+  width = std::min(kMaxBlock, (width + kMinBlock - 1) / kMinBlock * kMinBlock);
+  const int64_t blocks = (n + width - 1) / width;
+  const auto block_fn = FQGAN_ISA_PICK(block<T>);
+  fpstate::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c0 = b * width;
+      const int64_t cb = std::min(width, n - c0);
+      const T* g = row_grad != nullptr ? row_grad + c0 : nullptr;
+      block_fn(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_grad, int64_t ignore_index,
+    double label_smoothing, double z_loss, int64_t chunk_rows) {
+  TORCH_CHECK(hidden.dim() == 3 && weight.dim() == 3 && targets.dim() == 2,
+              "linear_cross_entropy: hidden [k,N,H], weight [k,V,H], targets [k,N]");
+  const int64_t k = hidden.size(0), N = hidden.size(1), H = hidden.size(2), V = weight.size(1);
+  TORCH_CHECK(weight.size(0) == k && weight.size(2) == H && targets.size(0) == k && targets.size(1) == N,
+              "linear_cross_entropy: shapes of hidden, weight and targets do not match");
+  // FTZ|DAZ on every thread of the pool, not only in the epilogue's chunks: the MKL GEMMs run on
+  // those threads and consume the dlogits (subnormal-free, but tiny: their products with the hidden
+  // states or the weights can underflow). Measured 2026-11-30 (2-core Xeon, AVX-512, KVM, 2
+  // threads), a 1024^3 MKL sgemm on subnormal inputs: 2458 ms in the default state, 2617 ms with
+  // FTZ|DAZ on the calling thread only, 48 ms with FTZ|DAZ on every pool thread (13.5 ms on
+  // normal inputs).
+  const fpstate::AllThreadsFlushDenormals fp_guard;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool grad = row_grad.has_value() && row_grad->defined();
+  const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = hidden.options().dtype(acc);
+  const at::Tensor x_all = hidden.contiguous();
+  const at::Tensor w_all = weight.contiguous();
+  const at::Tensor t_all = targets.to(at::kLong).contiguous();
+  TORCH_CHECK(((t_all == ignore_index) | ((t_all >= 0) & (t_all < V))).all().item<bool>(),
+              "linear_cross_entropy: targets must be ignore_index or in [0, V)");
+  at::Tensor g_all;
+  if (grad) g_all = row_grad->to(acc).contiguous();
+
+  at::Tensor rows = at::empty({k, N}, opts), lse = at::empty({k, N}, opts);
+  at::Tensor gh, gw, gb;
+  if (grad) {
+    gh = at::empty_like(x_all);
+    gw = at::empty_like(w_all);
+    if (has_bias) gb = at::empty_like(*bias);
+  }
+  const int64_t elem = acc == at::kDouble ? 8 : 4;
+  int64_t C = chunk_rows > 0 ? chunk_rows : kChunkBytes / std::max<int64_t>(1, V * elem);
+  C = std::max<int64_t>(1, std::min<int64_t>(C, N));
+  at::Tensor buf = at::empty({C * V}, opts);
+
+  for (int64_t h = 0; h < k; ++h) {
+    const at::Tensor W = w_all.select(0, h).to(acc).contiguous();  // [V, H]; a copy only for bf16/fp16
+    at::Tensor b;
+    if (has_bias) b = bias->select(0, h).to(acc).contiguous();
+    const at::Tensor xh = x_all.select(0, h);
+    at::Tensor gw_acc, gb_acc;
+    if (grad) {
+      gw_acc = w_all.scalar_type() == acc ? gw.select(0, h) : at::empty({V, H}, opts);
+      gw_acc.zero_();
+      if (has_bias) gb_acc = at::zeros({V}, opts);
+    }
+    for (int64_t s = 0; s < N; s += C) {
+      const int64_t n = std::min(C, N - s);
+      at::Tensor LT = buf.narrow(0, 0, V * n).view({V, n});  // contiguous [V, n]
+      const at::Tensor xs = xh.narrow(0, s, n).to(acc);        // [n, H] (a view for float32)
+      at::mm_out(LT, W, xs.t().contiguous());
+      const Args args{V, n, ignore_index, label_smoothing, z_loss};
+      AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_epilogue", [&] {
+        epilogue<scalar_t>(LT.data_ptr<scalar_t>(), n, has_bias ? b.data_ptr<scalar_t>() : nullptr,
+                           t_all.data_ptr<int64_t>() + h * N + s,
+                           grad ? g_all.data_ptr<scalar_t>() + h * N + s : nullptr, args,
+                           rows.data_ptr<scalar_t>() + h * N + s, lse.data_ptr<scalar_t>() + h * N + s);
+      });
+      if (!grad) continue;
+      at::Tensor ghs = gh.select(0, h).narrow(0, s, n);
+      if (gh.scalar_type() == acc) {
+        at::mm_out(ghs, LT.t(), W);
+      } else {
+        ghs.copy_(at::mm(LT.t(), W));
+      }
+      gw_acc.addmm_(LT, xs);
+      if (has_bias) gb_acc.add_(LT.sum(1));
+    }
+    if (grad) {
+      if (w_all.scalar_type() != acc) gw.select(0, h).copy_(gw_acc);
+      if (has_bias) gb.select(0, h).copy_(gb_acc);
+    }
+  }
+  return {rows, lse, gh, gw, gb};
+}
+
+}  // namespace fqgan::cpu
+
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
+
 // One block of cb (<= kMaxBlock) columns of LT starting at L: the logits of cb rows, one per column.
 // bias [V] or null; targets, row_grad (or null), loss, lse: [cb]. Sums over V are float64 per column
 // (the float32 exps are converted; the loops still vectorise).
 template <typename T>
-__attribute__((always_inline)) inline void block_body(T* __restrict L, int64_t cb, const T* __restrict bias,
-                                                      const int64_t* targets, const T* row_grad, const Args& a,
-                                                      T* loss, T* lse) {
+void block(T* __restrict L, int64_t cb, const T* __restrict bias, const int64_t* targets, const T* row_grad,
+           const Args& a, T* loss, T* lse) {
   const int64_t V = a.V, ld = a.ld;
   alignas(64) T m[kMaxBlock];
   alignas(64) double sz[kMaxBlock], s[kMaxBlock];
@@ -152,120 +273,4 @@ __attribute__((always_inline)) inline void block_body(T* __restrict L, int64_t c
   }
 }
 
-template <typename T>
-void block_portable(T* L, int64_t cb, const T* bias, const int64_t* t, const T* g, const Args& a, T* loss, T* lse) {
-  block_body<T>(L, cb, bias, t, g, a, loss, lse);
-}
-
-#if defined(__x86_64__) || defined(_M_X64)
-__attribute__((target("avx2,fma"))) void block_avx2(float* L, int64_t cb, const float* bias, const int64_t* t,
-                                                     const float* g, const Args& a, float* loss, float* lse) {
-  block_body<float>(L, cb, bias, t, g, a, loss, lse);
-}
-
-#endif
-
-// Epilogue over a chunk LT [V, n] (contiguous), bias [V] or null, targets [n], row_grad [n] or null,
-// loss/lse [n]: one block of columns per thread (a multiple of kMinBlock, at most kMaxBlock).
-template <typename T>
-void epilogue(T* L, int64_t n, const T* bias, const int64_t* targets, const T* row_grad, const Args& a,
-              T* loss, T* lse) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t width = (n + threads - 1) / threads;
-  width = std::min(kMaxBlock, (width + kMinBlock - 1) / kMinBlock * kMinBlock);
-  const int64_t blocks = (n + width - 1) / width;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t c0 = b * width;
-      const int64_t cb = std::min(width, n - c0);
-      const T* g = row_grad != nullptr ? row_grad + c0 : nullptr;
-#if defined(__x86_64__) || defined(_M_X64)
-      if constexpr (std::is_same<T, float>::value) {
-        if (simd::has_avx2_fma()) {
-          block_avx2(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
-          continue;
-        }
-      }
-#endif
-      block_portable<T>(L + c0, cb, bias, targets + c0, g, a, loss + c0, lse + c0);
-    }
-  });
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& row_grad, int64_t ignore_index,
-    double label_smoothing, double z_loss, int64_t chunk_rows) {
-  TORCH_CHECK(hidden.dim() == 3 && weight.dim() == 3 && targets.dim() == 2,
-              "linear_cross_entropy: hidden [k,N,H], weight [k,V,H], targets [k,N]");
-  const int64_t k = hidden.size(0), N = hidden.size(1), H = hidden.size(2), V = weight.size(1);
-  TORCH_CHECK(weight.size(0) == k && weight.size(2) == H && targets.size(0) == k && targets.size(1) == N,
-              "linear_cross_entropy: shapes of hidden, weight and targets do not match");
-  const bool has_bias = bias.has_value() && bias->defined();
-  const bool grad = row_grad.has_value() && row_grad->defined();
-  const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = hidden.options().dtype(acc);
-  const at::Tensor x_all = hidden.contiguous();
-  const at::Tensor w_all = weight.contiguous();
-  const at::Tensor t_all = targets.to(at::kLong).contiguous();
-  TORCH_CHECK(((t_all == ignore_index) | ((t_all >= 0) & (t_all < V))).all().item<bool>(),
-              "linear_cross_entropy: targets must be ignore_index or in [0, V)");
-  at::Tensor g_all;
-  if (grad) g_all = row_grad->to(acc).contiguous();
-
-  at::Tensor rows = at::empty({k, N}, opts), lse = at::empty({k, N}, opts);
-  at::Tensor gh, gw, gb;
-  if (grad) {
-    gh = at::empty_like(x_all);
-    gw = at::empty_like(w_all);
-    if (has_bias) gb = at::empty_like(*bias);
-  }
-  const int64_t elem = acc == at::kDouble ? 8 : 4;
-  int64_t C = chunk_rows > 0 ? chunk_rows : kChunkBytes / std::max<int64_t>(1, V * elem);
-  C = std::max<int64_t>(1, std::min<int64_t>(C, N));
-  at::Tensor buf = at::empty({C * V}, opts);
-
-  for (int64_t h = 0; h < k; ++h) {
-    const at::Tensor W = w_all.select(0, h).to(acc).contiguous();  // [V, H]; a copy only for bf16/fp16
-    at::Tensor b;
-    if (has_bias) b = bias->select(0, h).to(acc).contiguous();
-    const at::Tensor xh = x_all.select(0, h);
-    at::Tensor gw_acc, gb_acc;
-    if (grad) {
-      gw_acc = w_all.scalar_type() == acc ? gw.select(0, h) : at::empty({V, H}, opts);
-      gw_acc.zero_();
-      if (has_bias) gb_acc = at::zeros({V}, opts);
-    }
-    for (int64_t s = 0; s < N; s += C) {
-      const int64_t n = std::min(C, N - s);
-      at::Tensor LT = buf.narrow(0, 0, V * n).view({V, n});  // contiguous [V, n]
-      const at::Tensor xs = xh.narrow(0, s, n).to(acc);        // [n, H] (a view for float32)
-      at::mm_out(LT, W, xs.t().contiguous());
-      const Args args{V, n, ignore_index, label_smoothing, z_loss};
-      AT_DISPATCH_FLOATING_TYPES(acc, "linear_cross_entropy_epilogue", [&] {
-        epilogue<scalar_t>(LT.data_ptr<scalar_t>(), n, has_bias ? b.data_ptr<scalar_t>() : nullptr,
-                           t_all.data_ptr<int64_t>() + h * N + s,
-                           grad ? g_all.data_ptr<scalar_t>() + h * N + s : nullptr, args,
-                           rows.data_ptr<scalar_t>() + h * N + s, lse.data_ptr<scalar_t>() + h * N + s);
-      });
-      if (!grad) continue;
-      at::Tensor ghs = gh.select(0, h).narrow(0, s, n);
-      if (gh.scalar_type() == acc) {
-        at::mm_out(ghs, LT.t(), W);
-      } else {
-        ghs.copy_(at::mm(LT.t(), W));
-      }
-      gw_acc.addmm_(LT, xs);
-      if (has_bias) gb_acc.add_(LT.sum(1));
-    }
-    if (grad) {
-      if (w_all.scalar_type() != acc) gw.select(0, h).copy_(gw_acc);
-      if (has_bias) gb.select(0, h).copy_(gb_acc);
-    }
-  }
-  return {rows, lse, gh, gw, gb};
-}
-
-}  // namespace fqgan::cpu
+#endif  // FQGAN_ISA_PASS

@@ -1,10 +1,14 @@
 // Nearest code per sub-codebook on the CPU: idx[n, i] = argmin_j ||z_hat[n, i] - e_hat[i, j]||^2.
 //
 // Maths. ||z - e_j||^2 = ||z||^2 + ||e_j||^2 - 2 z.e_j, so the argmin is argmax_j (z.e_j - 0.5 ||e_j||^2):
-// a dot product plus a per-code bias, no N x K matrix. With l2_normalize the codes are unit length and
-// z's (positive) norm scales every score of a row alike, so the argmax is argmax_j z.e_hat_j with raw z
-// and bias 0. Ties go to the lowest j because every comparison below is a strict `>` taken in
-// ascending code order. All arithmetic is fp32; bf16/fp16 inputs are widened when loaded.
+// a dot product plus a per-code bias, no N x K matrix. With l2_normalize, z and the codes are
+// normalised first (x / max(||x||, 1e-12), as F.normalize) and the bias is still -0.5 ||e_hat_j||^2:
+// -0.5 for a unit code (exactly, not its rounded norm), but 0 for an all-zero codebook row,
+// whose distance to z_hat is ||z_hat||^2 = 1, as in the reference, Triton and CUDA kernels (with
+// bias 0 such a row would lose to every code less than 90 degrees from z, instead of only to those
+// within 60 degrees; with raw z the bias would not weigh alike on every row). Ties go to the lowest
+// j because every comparison below is a strict `>` taken in ascending code order. All arithmetic is
+// fp32; bf16/fp16 inputs are widened when loaded.
 //
 // Layout. Per call, each sub-codebook is normalised (if asked) and packed once into tiles of T codes
 // stored D-major: packed[i][tile][d][0..T), plus bias[i][code] (-inf for the padding codes of the last
@@ -12,7 +16,8 @@
 // codes sit in the SIMD lanes whatever D is: D = 8 costs 8 FMAs per W (row, code) pairs on AVX2 (W = 8)
 // and on AVX-512 (W = 16, i.e. two D = 8 codes' worth of data per vector), with no horizontal sums.
 // The packed copy is k*K*D floats (1.5 MiB at k=3, K=16384, D=8); the only other memory is per
-// block: an fp32 copy of that block's z rows, and the running best score / index per row.
+// block: an fp32 copy of that block's z rows (normalised when asked), and the running best score /
+// index per row.
 //
 // Micro-kernel (tile()): R rows x C vectors of codes (T = C*W codes) of accumulators in registers,
 // started at the bias, then one loop over d: C code-vector loads, R broadcasts of z[r][d], R*C FMAs.
@@ -28,15 +33,13 @@
 // an item, codes go in chunks of ~16 KiB of packed data (512 codes at D = 8): the chunk stays in L1
 // while all row groups of the block pass over it, and the block's z rows (8 KiB) stay in L1 too.
 //
-// ISA. The kernel section at the bottom of this file is compiled three times, by re-including the
-// file inside a `#pragma GCC target` region (portable, avx2+fma, avx512f/vl/bw/dq), with the vector
-// type from cpu/simd.h. One source of the kernel logic, one build with no -march flag, and the
-// instruction set picked at run time with __builtin_cpu_supports (see chosen_isa()).
+// ISA. The kernel pass at the bottom of this file is compiled once per instruction set (cpu/isa.h),
+// with that set's vector type V from cpu/simd.h and its tile shape (R, C above).
 //
 // Fast paths are templated on D in {4, 8, 16, 32} (the d loop fully unrolled); any other D takes the
 // same code with a run-time loop.
 
-#ifndef FQGAN_NC_KERNEL_PASS  // ======================= driver (compiled once) =======================
+#ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -44,155 +47,55 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
+#include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
-
-// Each kernel pass defines, in namespace fqgan::cpu::<isa>: tile_codes(), tile_rows(), scan().
-#define FQGAN_NC_KERNEL_PASS
-
-#define FQGAN_NC_NS nc_portable
-#define FQGAN_NC_VEC Portable
-#define FQGAN_NC_ROWS 4
-#define FQGAN_NC_VECS 2
-#include "nearest_code.cpp"
-#undef FQGAN_NC_NS
-#undef FQGAN_NC_VEC
-#undef FQGAN_NC_ROWS
-#undef FQGAN_NC_VECS
-
-#if FQGAN_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define FQGAN_NC_NS nc_avx2
-#define FQGAN_NC_VEC Avx2
-#define FQGAN_NC_ROWS 4
-#define FQGAN_NC_VECS 3
-#include "nearest_code.cpp"
-#undef FQGAN_NC_NS
-#undef FQGAN_NC_VEC
-#undef FQGAN_NC_ROWS
-#undef FQGAN_NC_VECS
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
-#define FQGAN_NC_NS nc_avx512
-#define FQGAN_NC_VEC Avx512
-#define FQGAN_NC_ROWS 6
-#define FQGAN_NC_VECS 4
-#include "nearest_code.cpp"
-#undef FQGAN_NC_NS
-#undef FQGAN_NC_VEC
-#undef FQGAN_NC_ROWS
-#undef FQGAN_NC_VECS
-#pragma GCC pop_options
-#endif  // FQGAN_X86
-
-#undef FQGAN_NC_KERNEL_PASS
 
 namespace fqgan::cpu {
 namespace {
 
-enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa best_supported_isa() {
-#if FQGAN_X86
-  __builtin_cpu_init();
-  // libgcc's checks include the OS (XCR0) support for the wider register state.
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kPortable;
-}
-
-// The path the kernels take, decided once per process. FQGAN_CPU_ISA=portable|avx2|avx512 forces a
-// path, so tests can check the paths against each other on one machine. Forcing a path this CPU
-// lacks (or an unknown name) falls back to the best path it has, instead of dying on an illegal
-// instruction: isa() tells which one actually runs.
-Isa chosen_isa() {
-  static const Isa isa = [] {
-    const Isa best = best_supported_isa();
-    const char* env = std::getenv("FQGAN_CPU_ISA");
-    if (env == nullptr) return best;
-    const std::string want(env);
-    Isa forced;
-    if (want == "portable") {
-      forced = Isa::kPortable;
-    } else if (want == "avx2") {
-      forced = Isa::kAvx2;
-    } else if (want == "avx512") {
-      forced = Isa::kAvx512;
-    } else {
-      return best;
-    }
-    return static_cast<int>(forced) <= static_cast<int>(best) ? forced : best;
-  }();
-  return isa;
-}
-
 using ScanFn = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, float*, int64_t*);
 
+// What a kernel pass provides: its tile shape and the scan of a block of rows over one sub-codebook.
 struct Kernel {
   int64_t tile_codes;  // T: codes per packed tile
   int64_t tile_rows;   // R: rows per micro-kernel call; row blocks are padded to a multiple
   ScanFn scan;
 };
 
-Kernel kernel_for(Isa isa) {
-  switch (isa) {
-#if FQGAN_X86
-    case Isa::kAvx512:
-      return {nc_avx512::tile_codes(), nc_avx512::tile_rows(), &nc_avx512::scan};
-    case Isa::kAvx2:
-      return {nc_avx2::tile_codes(), nc_avx2::tile_rows(), &nc_avx2::scan};
-#endif
-    default:
-      return {nc_portable::tile_codes(), nc_portable::tile_rows(), &nc_portable::scan};
-  }
-}
+}  // namespace
+}  // namespace fqgan::cpu
+
+#define FQGAN_ISA_SELF "cpu/nearest_code.cpp"
+#include "cpu/isa_passes.h"
+
+namespace fqgan::cpu {
+namespace {
 
 // Normalises (if asked) and packs codebooks [k, K, D] into tiles [k][Kpad / T][D][T] (fp32) and the
-// per-code bias [k][Kpad]. The normalisation follows F.normalize(eps=1e-12): e / max(||e||, eps).
+// per-code bias [k][Kpad], in blocks of 16 tiles per task (the pass's pack_tiles).
 template <typename scalar_t>
 void pack_codebooks(const scalar_t* cb, int64_t k, int64_t K, int64_t D, int64_t T, int64_t Kpad,
                     bool l2_normalize, float* packed, float* bias) {
-  const int64_t ntiles = Kpad / T;
-  at::parallel_for(0, k * ntiles, 16, [&](int64_t begin, int64_t end) {
+  const int64_t ntiles = Kpad / T, per = 16, blocks = (ntiles + per - 1) / per;
+  const auto pack_fn = FQGAN_ISA_PICK(pack_tiles<scalar_t>);
+  fpstate::parallel_for(0, k * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / ntiles, t = item % ntiles;
-      float* tile = packed + (i * Kpad + t * T) * D;
-      for (int64_t lane = 0; lane < T; ++lane) {
-        const int64_t j = t * T + lane;
-        if (j >= K) {
-          for (int64_t d = 0; d < D; ++d) tile[d * T + lane] = 0.f;
-          bias[i * Kpad + j] = -std::numeric_limits<float>::infinity();
-          continue;
-        }
-        const scalar_t* e = cb + (i * K + j) * D;
-        float ss = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float x = static_cast<float>(e[d]);
-          ss += x * x;
-        }
-        const float denom = l2_normalize ? std::max(std::sqrt(ss), 1e-12f) : 1.f;
-        for (int64_t d = 0; d < D; ++d) tile[d * T + lane] = static_cast<float>(e[d]) / denom;
-        bias[i * Kpad + j] = l2_normalize ? 0.f : -0.5f * ss;
-      }
+      const int64_t i = item / blocks, t0 = (item % blocks) * per;
+      pack_fn(cb + i * K * D, K, D, l2_normalize, t0, std::min(ntiles, t0 + per), packed + i * Kpad * D,
+              bias + i * Kpad);
     }
   });
 }
 
 template <typename scalar_t>
-void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* packed, const float* bias,
-            int64_t Kpad, const Kernel& kern, scalar_t* codes, int64_t* indices) {
+void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, bool l2_normalize, const float* packed,
+            const float* bias, int64_t Kpad, const Kernel& kern, scalar_t* codes, int64_t* indices) {
   const int64_t T = kern.tile_codes, R = kern.tile_rows;
   // Blocks of 256 rows keep z in L1 next to a code chunk; smaller blocks only when there would
   // otherwise be too few work items to keep every thread busy (small N).
@@ -202,7 +105,7 @@ void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* pac
   rb = std::max<int64_t>(R, (rb + R - 1) / R * R);
   const int64_t nblk = (N + rb - 1) / rb;
 
-  at::parallel_for(0, k * nblk, 1, [&](int64_t begin, int64_t end) {
+  fpstate::parallel_for(0, k * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> zbuf(rb * D), best(rb);
     std::vector<int64_t> arg(rb);
     for (int64_t item = begin; item < end; ++item) {
@@ -210,7 +113,16 @@ void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* pac
       const int64_t rows = std::min(rb, N - n0), prows = (rows + R - 1) / R * R;
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t* src = z + ((n0 + r) * k + i) * D;
-        for (int64_t d = 0; d < D; ++d) zbuf[r * D + d] = static_cast<float>(src[d]);
+        float* dst = zbuf.data() + r * D;
+        float ss = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          dst[d] = static_cast<float>(src[d]);
+          ss += dst[d] * dst[d];
+        }
+        if (l2_normalize) {
+          const float denom = std::max(std::sqrt(ss), 1e-12f);
+          for (int64_t d = 0; d < D; ++d) dst[d] /= denom;
+        }
       }
       std::fill(zbuf.begin() + rows * D, zbuf.begin() + prows * D, 0.f);
       std::fill(best.begin(), best.begin() + prows, -std::numeric_limits<float>::infinity());
@@ -231,17 +143,6 @@ void search(const scalar_t* z, int64_t N, int64_t k, int64_t D, const float* pac
 
 }  // namespace
 
-std::string isa() {
-  switch (chosen_isa()) {
-    case Isa::kAvx512:
-      return "avx512";
-    case Isa::kAvx2:
-      return "avx2";
-    default:
-      return "portable";
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::Tensor& codebooks, bool l2_normalize) {
   TORCH_CHECK(z.dim() == 3 && codebooks.dim() == 3, "nearest_code: z [N,k,D] and codebooks [k,K,D], got ",
               z.sizes(), " and ", codebooks.sizes());
@@ -255,8 +156,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::T
   TORCH_CHECK(K > 0, "nearest_code: empty codebooks (K = 0)");
   TORCH_CHECK(D > 0, "nearest_code: D = 0");
 
+  const fpstate::FlushDenormals fp_guard;
   const at::Tensor zc = z.contiguous(), cbc = codebooks.contiguous();
-  const Kernel kern = kernel_for(chosen_isa());
+  const Kernel& kern = *FQGAN_ISA_PICK(kernel);
   const int64_t Kpad = (K + kern.tile_codes - 1) / kern.tile_codes * kern.tile_codes;
   at::Tensor packed = at::empty({k * Kpad * D}, z.options().dtype(at::kFloat));
   at::Tensor bias = at::empty({k * Kpad}, z.options().dtype(at::kFloat));
@@ -264,25 +166,19 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& z, const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "nearest_code_cpu", [&] {
     pack_codebooks<scalar_t>(cbc.data_ptr<scalar_t>(), k, K, D, kern.tile_codes, Kpad, l2_normalize,
                              packed.data_ptr<float>(), bias.data_ptr<float>());
-    search<scalar_t>(zc.data_ptr<scalar_t>(), N, k, D, packed.data_ptr<float>(), bias.data_ptr<float>(), Kpad,
-                     kern, codes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+    search<scalar_t>(zc.data_ptr<scalar_t>(), N, k, D, l2_normalize, packed.data_ptr<float>(),
+                     bias.data_ptr<float>(), Kpad, kern, codes.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
   });
   return {codes, indices};
 }
 
 }  // namespace fqgan::cpu
 
-#else  // ============ kernel pass: compiled once per ISA, inside that ISA's target region ============
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
 
-namespace fqgan::cpu::FQGAN_NC_NS {
-
-using V = simd::FQGAN_NC_VEC;
-constexpr int kRows = FQGAN_NC_ROWS;    // R
-constexpr int kVecs = FQGAN_NC_VECS;    // C
-constexpr int kTile = kVecs * V::W;     // T codes per packed tile
-
-int64_t tile_codes() { return kTile; }
-int64_t tile_rows() { return kRows; }
+constexpr int kRows = kIsa == isa::Isa::kAvx512 ? 6 : 4;                           // R
+constexpr int kVecs = kIsa == isa::Isa::kAvx512 ? 4 : kIsa == isa::Isa::kAvx2 ? 3 : 2;  // C
+constexpr int kTile = kVecs * V::W;                                                // T codes per packed tile
 
 // Scores of kRows rows (z, row stride D) against one packed tile (D x kTile, starting at code `code0`),
 // folded into the rows' running best score / index.
@@ -316,17 +212,80 @@ __attribute__((always_inline)) inline void tile(const float* z, int64_t D, const
 #pragma GCC unroll 8
     for (int c = 1; c < kVecs; ++c) m = V::max(m, acc[r][c]);
     if (__builtin_expect(V::any_gt(m, best[r]), 0)) {
-      // Rare: some code of this tile beats the row's best. Scan in code order with a strict `>`,
-      // so among equal scores the lowest index stays.
-      float s[kTile];
-      for (int c = 0; c < kVecs; ++c) V::store(s + c * V::W, acc[r][c]);
-      for (int j = 0; j < kTile; ++j) {
-        if (s[j] > best[r]) {
-          best[r] = s[j];
-          arg[r] = code0 + j;
+      // Rare: the tile's top score beats the row's best. It is the largest lane of m, and its code
+      // the first lane holding it in code order (vector c, then lane), so among equal scores the
+      // lowest index stays (a later tile needs a strictly greater score). In vector operations: a
+      // scalar scan of the tile's scores cost ~30 % of the search at K = 16384 (~7 records a row).
+      // With NaN lanes (check_finite=False on non-finite input) top may match no lane: keep the record.
+      const float top = V::hmax(m);
+#pragma GCC unroll 8
+      for (int c = 0; c < kVecs; ++c) {
+        const uint32_t eq = V::eq_mask(acc[r][c], top);
+        if (eq != 0u) {
+          best[r] = top;
+          arg[r] = code0 + c * V::W + __builtin_ctz(eq);
+          break;
         }
       }
     }
+  }
+}
+
+// Tiles [t0, t1) of one sub-codebook cb [K, D]: codes normalised as F.normalize (x / max(||x||, eps))
+// when l2, transposed into pk [tile][d][kTile], and bias [code] = -||e_hat||^2 / 2 (exactly -0.5 for
+// a code divided by its own norm, so that equal distances (z_hat = 0) stay exact ties; below eps a
+// code keeps its shorter length, 0 if all zero), -inf for the padding codes past K. Loops over the
+// tile's codes, so they vectorise across codes like the search.
+template <typename scalar_t, int kD>
+void pack_impl(const scalar_t* cb, int64_t K, int64_t D, bool l2, int64_t t0, int64_t t1, float* pk, float* bias) {
+  const int64_t dn = kD > 0 ? kD : D;
+  alignas(64) float ss[kTile], norm[kTile], ss_hat[kTile];
+  for (int64_t t = t0; t < t1; ++t) {
+    float* tile = pk + t * kTile * dn;
+    float* b = bias + t * kTile;
+    const int64_t j0 = t * kTile, n = std::min<int64_t>(kTile, K - j0);
+    for (int64_t lane = 0; lane < n; ++lane) {
+      const scalar_t* e = cb + (j0 + lane) * dn;
+      for (int64_t d = 0; d < dn; ++d) tile[d * kTile + lane] = static_cast<float>(e[d]);
+    }
+    for (int64_t d = 0; d < dn; ++d)
+      for (int64_t lane = n; lane < kTile; ++lane) tile[d * kTile + lane] = 0.f;
+    for (int lane = 0; lane < kTile; ++lane) ss[lane] = 0.f;
+    for (int64_t d = 0; d < dn; ++d)
+      for (int lane = 0; lane < kTile; ++lane) ss[lane] += tile[d * kTile + lane] * tile[d * kTile + lane];
+    if (l2) {
+      for (int lane = 0; lane < kTile; ++lane) {
+        norm[lane] = std::sqrt(ss[lane]);
+        ss_hat[lane] = 0.f;
+      }
+      for (int64_t d = 0; d < dn; ++d) {
+        for (int lane = 0; lane < kTile; ++lane) {
+          const float x = tile[d * kTile + lane] / std::max(norm[lane], 1e-12f);
+          tile[d * kTile + lane] = x;
+          ss_hat[lane] += x * x;
+        }
+      }
+      for (int lane = 0; lane < kTile; ++lane) b[lane] = norm[lane] >= 1e-12f ? -0.5f : -0.5f * ss_hat[lane];
+    } else {
+      for (int lane = 0; lane < kTile; ++lane) b[lane] = -0.5f * ss[lane];
+    }
+    for (int64_t lane = n; lane < kTile; ++lane) b[lane] = -std::numeric_limits<float>::infinity();
+  }
+}
+
+template <typename scalar_t>
+void pack_tiles(const scalar_t* cb, int64_t K, int64_t D, bool l2, int64_t t0, int64_t t1, float* pk, float* bias) {
+  switch (D) {
+    case 4:
+      return pack_impl<scalar_t, 4>(cb, K, D, l2, t0, t1, pk, bias);
+    case 8:
+      return pack_impl<scalar_t, 8>(cb, K, D, l2, t0, t1, pk, bias);
+    case 16:
+      return pack_impl<scalar_t, 16>(cb, K, D, l2, t0, t1, pk, bias);
+    case 32:
+      return pack_impl<scalar_t, 32>(cb, K, D, l2, t0, t1, pk, bias);
+    default:
+      return pack_impl<scalar_t, 0>(cb, K, D, l2, t0, t1, pk, bias);
   }
 }
 
@@ -363,6 +322,6 @@ void scan(const float* z, int64_t rows, int64_t D, const float* pk, const float*
   }
 }
 
-}  // namespace fqgan::cpu::FQGAN_NC_NS
+const Kernel kernel{kTile, kRows, &scan};
 
-#endif  // FQGAN_NC_KERNEL_PASS
+#endif  // FQGAN_ISA_PASS

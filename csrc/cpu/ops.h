@@ -47,7 +47,4 @@ at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncon
                   const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
                   const at::Tensor& uniform);
 
-// Name of the instruction set the kernels dispatch to on this CPU ("avx512", "avx2", "portable").
-std::string isa();
-
 }  // namespace fqgan::cpu

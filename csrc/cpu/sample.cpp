@@ -3,10 +3,13 @@
 // fqgan_kernels/sample.py; the reference is fqgan_kernels/reference.py::sample.
 //
 // Precision: the guided logits are formed in float32 with the reference's operation order
-// (uncond + cfg * (cond - uncond), then / T), exp in float32 (the vectorisable polynomial of
-// cpu/simd.h, ~2 ulp), every sum over V in float64. The per-row body is compiled twice (default
-// x86-64 and AVX2+FMA) and picked at run time, so its passes over V vectorise.
+// (uncond + cfg * (cond - uncond), then / T; non-finite logits as reference.guided_logits), exp in
+// float32 (the vectorisable polynomial of cpu/simd.h, ~2 ulp), every sum over V in float64. The per-row
+// body is the kernel pass at the bottom of this file, compiled once per instruction set (cpu/isa.h), so
+// its passes over V vectorise.
 // Memory: per row in flight, V uint32 keys + V float32 exps (128 KiB at V = 16384).
+#ifndef FQGAN_ISA_PASS  // ======================= driver (compiled once) =======================
+
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
@@ -17,6 +20,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/fpstate.h"
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 #include "cpu/simd.h"
 
@@ -89,6 +94,27 @@ uint32_t crossing_key(const uint32_t* key, const float* e, int64_t V, double P) 
   return prefix;
 }
 
+// The float with bits b, or -inf when b is a NaN's bits (integer ops only, so loops vectorise).
+__attribute__((always_inline)) inline float no_nan(uint32_t b) {
+  const uint32_t nan = 0u - static_cast<uint32_t>((b & 0x7fffffffu) > 0x7f800000u);
+  b = (0xff800000u & nan) | (b & ~nan);
+  float x;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// A row whose guided logits hold +inf: uniform draw among its +inf tokens (the softmax's limit),
+// token number floor(u * count) in index order, as reference.sample.
+inline int64_t draw_posinf(const float* x, int64_t V, double u) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < V; ++j) count += x[j] == std::numeric_limits<float>::infinity();
+  int64_t r = std::min<int64_t>(static_cast<int64_t>(u * static_cast<double>(count)), count - 1);
+  for (int64_t j = 0; j < V; ++j) {
+    if (x[j] == std::numeric_limits<float>::infinity() && r-- == 0) return j;
+  }
+  return V - 1;  // unreachable: count >= 1
+}
+
 constexpr int64_t kDrawBlock = 256;
 
 // sum of n floats in float64, 8 fixed lanes (the fixed-width inner loop vectorises; a float64
@@ -123,18 +149,99 @@ __attribute__((always_inline)) inline int64_t draw_all_kept(const float* __restr
   return -1;
 }
 
+}  // namespace
+}  // namespace fqgan::cpu
+
+#define FQGAN_ISA_SELF "cpu/sample.cpp"
+#include "cpu/isa_passes.h"
+
+namespace fqgan::cpu {
+namespace {
+
 template <typename T>
-__attribute__((always_inline)) inline int64_t sample_row_body(const T* __restrict cond, const T* __restrict uncond,
-                                                              int64_t V, const RowParams& p, uint32_t* __restrict key,
-                                                              float* __restrict e) {
-  // Pass 1: guided logits (reference op order, float32) into e, their keys, the max.
+void sample_rows(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const float* cfg,
+                 const float* temperature, const int64_t* top_k, const float* top_p, const double* uniform,
+                 int64_t* out) {
+  const int64_t B = cond.size(0), V = cond.size(1);
+  const T* c = cond.data_ptr<T>();
+  const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
+  const auto row_fn = FQGAN_ISA_PICK(sample_row<T>);
+  fpstate::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t> key(V);
+    std::vector<float> e(V);
+    for (int64_t b = b0; b < b1; ++b) {
+      const RowParams p{cfg[b], temperature[b], top_p[b], top_k[b], uniform[b]};
+      out[b] = row_fn(c + b * V, u == nullptr ? nullptr : u + b * V, V, p, key.data(), e.data());
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const at::Tensor& cfg,
+                  const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+                  const at::Tensor& uniform) {
+  TORCH_CHECK(cond.dim() == 2 && cond.is_contiguous() && cond.device().is_cpu(),
+              "sample (cpu): cond must be a contiguous CPU [B, V] tensor, got ", cond.sizes());
+  const int64_t B = cond.size(0);
+  TORCH_CHECK(cond.size(1) >= 1, "sample (cpu): V must be >= 1");
+  if (uncond.has_value()) {
+    TORCH_CHECK(uncond->sizes() == cond.sizes() && uncond->scalar_type() == cond.scalar_type() &&
+                    uncond->is_contiguous() && uncond->device().is_cpu(),
+                "sample (cpu): uncond must match cond ", cond.sizes(), " and ", cond.scalar_type());
+  }
+  auto check_param = [B](const at::Tensor& t, at::ScalarType dt, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(),
+                "sample (cpu): ", name, " must be a contiguous CPU [", B, "] ", dt, " tensor");
+  };
+  check_param(cfg, at::kFloat, "cfg");
+  check_param(temperature, at::kFloat, "temperature");
+  check_param(top_k, at::kLong, "top_k");
+  check_param(top_p, at::kFloat, "top_p");
+  check_param(uniform, at::kDouble, "uniform");
+  const fpstate::FlushDenormals fp_guard;
+  at::Tensor out = at::empty({B}, cond.options().dtype(at::kLong));
+  const float* cf = cfg.data_ptr<float>();
+  const float* tp = temperature.data_ptr<float>();
+  const int64_t* tk = top_k.data_ptr<int64_t>();
+  const float* pp = top_p.data_ptr<float>();
+  const double* un = uniform.data_ptr<double>();
+  int64_t* o = out.data_ptr<int64_t>();
+  switch (cond.scalar_type()) {
+    case at::kFloat: sample_rows<float>(cond, uncond, cf, tp, tk, pp, un, o); break;
+    case at::kBFloat16: sample_rows<at::BFloat16>(cond, uncond, cf, tp, tk, pp, un, o); break;
+    case at::kHalf: sample_rows<at::Half>(cond, uncond, cf, tp, tk, pp, un, o); break;
+    default: TORCH_CHECK(false, "sample (cpu): logits must be float32, bfloat16 or float16, got ", cond.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace fqgan::cpu
+
+#else  // ========== kernel pass: compiled once per ISA, in namespace isa_<name> (cpu/isa.h) ==========
+
+// The token of one row; key, e: V-element scratch.
+template <typename T>
+int64_t sample_row(const T* __restrict cond, const T* __restrict uncond, int64_t V, const RowParams& p,
+                   uint32_t* __restrict key, float* __restrict e) {
+  // Pass 1: guided logits (reference op order, float32) into e, their keys, the max. Non-finite
+  // inputs follow reference.guided_logits: where cond == uncond (bit-equal; +-0 give the same x
+  // either way) the guided logit is cond, so a token masked (-inf) in both stays masked; a NaN left
+  // (opposite infinities, or NaN logits when the caller's scan is off) becomes -inf. Integer selects:
+  // GCC vectorises them, not float compares in a loop that stores (-ftrapping-math).
   float m = -std::numeric_limits<float>::infinity();
   const float cfg = p.cfg, temp = p.temperature;
   if (uncond != nullptr) {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
       const float c = static_cast<float>(cond[j]), u = static_cast<float>(uncond[j]);
-      const float x = (u + cfg * (c - u)) / temp + 0.0f;  // + 0: -0 -> +0
+      const float g = u + cfg * (c - u);
+      uint32_t cb, ub, gb;
+      std::memcpy(&cb, &c, sizeof(cb));
+      std::memcpy(&ub, &u, sizeof(ub));
+      std::memcpy(&gb, &g, sizeof(gb));
+      const uint32_t same = 0u - static_cast<uint32_t>(cb == ub);
+      const float x = no_nan((cb & same) | (gb & ~same)) / temp + 0.0f;  // + 0: -0 -> +0
       e[j] = x;
       key[j] = float_key(x);
       m = m > x ? m : x;
@@ -142,12 +249,17 @@ __attribute__((always_inline)) inline int64_t sample_row_body(const T* __restric
   } else {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
-      const float x = static_cast<float>(cond[j]) / temp + 0.0f;
+      const float c = static_cast<float>(cond[j]);
+      uint32_t cb;
+      std::memcpy(&cb, &c, sizeof(cb));
+      const float x = no_nan(cb) / temp + 0.0f;
       e[j] = x;
       key[j] = float_key(x);
       m = m > x ? m : x;
     }
   }
+  if (m == -std::numeric_limits<float>::infinity()) return -1;  // nothing to draw: the caller raises
+  if (m == std::numeric_limits<float>::infinity()) return draw_posinf(e, V, p.u);
   // top-k: keep x >= the k-th largest (ties kept).
   uint32_t lo = 0;
   if (p.top_k > 0 && p.top_k < V) lo = kth_largest_key(key, V, p.top_k);
@@ -200,81 +312,4 @@ __attribute__((always_inline)) inline int64_t sample_row_body(const T* __restric
   return last;  // only reached when rounding puts u * S_kept at the very end
 }
 
-#if defined(__x86_64__) || defined(_M_X64)
-template <typename T>
-__attribute__((target("avx2,fma"))) int64_t sample_row_avx2(const T* cond, const T* uncond, int64_t V,
-                                                              const RowParams& p, uint32_t* key, float* e) {
-  return sample_row_body<T>(cond, uncond, V, p, key, e);
-}
-#endif
-
-template <typename T>
-int64_t sample_row_portable(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
-  return sample_row_body<T>(cond, uncond, V, p, key, e);
-}
-
-template <typename T>
-int64_t sample_row(const T* cond, const T* uncond, int64_t V, const RowParams& p, uint32_t* key, float* e) {
-#if defined(__x86_64__) || defined(_M_X64)
-  if (simd::has_avx2_fma()) return sample_row_avx2<T>(cond, uncond, V, p, key, e);
-#endif
-  return sample_row_portable<T>(cond, uncond, V, p, key, e);
-}
-
-template <typename T>
-void sample_rows(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const float* cfg,
-                 const float* temperature, const int64_t* top_k, const float* top_p, const double* uniform,
-                 int64_t* out) {
-  const int64_t B = cond.size(0), V = cond.size(1);
-  const T* c = cond.data_ptr<T>();
-  const T* u = uncond.has_value() ? uncond->data_ptr<T>() : nullptr;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> key(V);
-    std::vector<float> e(V);
-    for (int64_t b = b0; b < b1; ++b) {
-      const RowParams p{cfg[b], temperature[b], top_p[b], top_k[b], uniform[b]};
-      out[b] = sample_row<T>(c + b * V, u == nullptr ? nullptr : u + b * V, V, p, key.data(), e.data());
-    }
-  });
-}
-
-}  // namespace
-
-at::Tensor sample(const at::Tensor& cond, const std::optional<at::Tensor>& uncond, const at::Tensor& cfg,
-                  const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-                  const at::Tensor& uniform) {
-  TORCH_CHECK(cond.dim() == 2 && cond.is_contiguous() && cond.device().is_cpu(),
-              "sample (cpu): cond must be a contiguous CPU [B, V] tensor, got ", cond.sizes());
-  const int64_t B = cond.size(0);
-  TORCH_CHECK(cond.size(1) >= 1, "sample (cpu): V must be >= 1");
-  if (uncond.has_value()) {
-    TORCH_CHECK(uncond->sizes() == cond.sizes() && uncond->scalar_type() == cond.scalar_type() &&
-                    uncond->is_contiguous() && uncond->device().is_cpu(),
-                "sample (cpu): uncond must match cond ", cond.sizes(), " and ", cond.scalar_type());
-  }
-  auto check_param = [B](const at::Tensor& t, at::ScalarType dt, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == dt && t.is_contiguous() && t.device().is_cpu(),
-                "sample (cpu): ", name, " must be a contiguous CPU [", B, "] ", dt, " tensor");
-  };
-  check_param(cfg, at::kFloat, "cfg");
-  check_param(temperature, at::kFloat, "temperature");
-  check_param(top_k, at::kLong, "top_k");
-  check_param(top_p, at::kFloat, "top_p");
-  check_param(uniform, at::kDouble, "uniform");
-  at::Tensor out = at::empty({B}, cond.options().dtype(at::kLong));
-  const float* cf = cfg.data_ptr<float>();
-  const float* tp = temperature.data_ptr<float>();
-  const int64_t* tk = top_k.data_ptr<int64_t>();
-  const float* pp = top_p.data_ptr<float>();
-  const double* un = uniform.data_ptr<double>();
-  int64_t* o = out.data_ptr<int64_t>();
-  switch (cond.scalar_type()) {
-    case at::kFloat: sample_rows<float>(cond, uncond, cf, tp, tk, pp, un, o); break;
-    case at::kBFloat16: sample_rows<at::BFloat16>(cond, uncond, cf, tp, tk, pp, un, o); break;
-    case at::kHalf: sample_rows<at::Half>(cond, uncond, cf, tp, tk, pp, un, o); break;
-    default: TORCH_CHECK(false, "sample (cpu): logits must be float32, bfloat16 or float16, got ", cond.scalar_type());
-  }
-  return out;
-}
-
-}  // namespace fqgan::cpu
+#endif  // FQGAN_ISA_PASS

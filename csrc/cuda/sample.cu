@@ -104,19 +104,45 @@ sample_kernel(const T* __restrict__ cond, const T* __restrict__ uncond, float* _
   const int64_t top_k = top_ks[row];
   const double u = uniforms[row];
 
-  // pass 1: guided logits -> workspace; max
+  // pass 1: guided logits -> workspace; max. Non-finite logits as reference.guided_logits: where
+  // cond == uncond (bit-equal) the guided logit is cond (a token masked in both stays -inf), and a
+  // NaN (opposite infinities, or NaN logits when the caller's scan is off) becomes -inf.
   float m = -INFINITY;
   for (int64_t j = tid; j < V; j += kThreads) {
     float xf = to_float(c[j]);
     if (kHasUncond) {
       const float uf = to_float(un[j]);
-      xf = __fadd_rn(uf, __fmul_rn(cfg, __fsub_rn(xf, uf)));
+      if (__float_as_uint(xf) != __float_as_uint(uf)) xf = __fadd_rn(uf, __fmul_rn(cfg, __fsub_rn(xf, uf)));
     }
+    if (isnan(xf)) xf = -INFINITY;
     xf = __fadd_rn(__fdiv_rn(xf, temp), 0.0f);  // + 0: -0 -> +0
     x[j] = xf;
     m = fmaxf(m, xf);
   }
   m = block_reduce(m, sf, Max());  // its __syncthreads also publishes x to the block
+  if (m == -INFINITY) {  // nothing to draw: the caller's device-side check reports the row
+    if (tid == 0) out[row] = -1;
+    return;
+  }
+  if (m == INFINITY) {  // uniform among the +inf tokens (the softmax's limit): number floor(u * count)
+    const int64_t chunk = (V + kThreads - 1) / kThreads;
+    const int64_t j0 = min(V, tid * chunk), j1 = min(V, j0 + chunk);
+    long long mine = 0;
+    for (int64_t j = j0; j < j1; ++j) mine += x[j] == INFINITY;
+    const long long before = block_exclusive_scan(mine, sl);
+    const long long count = block_reduce(mine, sl, Sum());
+    const long long r = min(static_cast<long long>(u * static_cast<double>(count)), count - 1);
+    if (r >= before && r < before + mine) {
+      long long seen = before;
+      for (int64_t j = j0; j < j1; ++j) {
+        if (x[j] == INFINITY && seen++ == r) {
+          out[row] = j;
+          break;
+        }
+      }
+    }
+    return;
+  }
 
   // top-k: largest key K with count(key >= K) >= k
   uint32_t lo = 0;

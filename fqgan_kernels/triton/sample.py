@@ -6,7 +6,10 @@ later passes) and finds the max; top-k and top-p are 32-step bisections on the o
 keys of x (``key = bits ^ 0x7fffffff`` for negative floats, as int32, then offset to [0, 2^32) in
 int64) done as radix descents, 4 bits (16 candidates tested at once, a [16, BLOCK_V] compare) per
 pass over V, 8 passes each; the draw is an inverse-CDF scan in index order with a float64
-running sum. Deterministic: no atomics, every sum in a fixed order.
+running sum. Deterministic: no atomics, every sum in a fixed order. Non-finite logits follow
+reference.sample: pass 1 applies reference.guided_logits' rule (cond == uncond gives cond; NaN counts
+as -inf); a row whose max is +inf draws among its +inf tokens instead, and a row whose max is -inf
+(nothing to draw) gets -1, which the front door (fqgan_kernels/sample.py) reports.
 
 Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``TUNING.configs``, keyed on V,
 HAS_UNCOND and the power-of-two bucket of B (``B_BUCKET``, read by the kernel nowhere: a batch of 2
@@ -36,7 +39,11 @@ def _sample_kernel(COND_ptr, UNCOND_ptr, X_ptr, CFG_ptr, TEMP_ptr, TOPK_ptr, TOP
     top_p = tl.load(TOPP_ptr + row)
     u = tl.load(U_ptr + row)
 
-    # pass 1: guided logits (reference op order, float32) -> workspace; max
+    # pass 1: guided logits (reference op order, float32) -> workspace; max. Non-finite logits as
+    # reference.guided_logits: where cond == uncond (bit-equal) the guided logit is cond, so a token
+    # masked (-inf) in both stays masked; a NaN left (opposite infinities, or NaN logits when the
+    # caller's scan is off) becomes -inf. NaN is tested on the bits: the sign of a NaN is not defined
+    # (x86 makes inf - inf negative, a GPU positive), so its key would land at either end.
     m = tl.full((), float("-inf"), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
@@ -44,11 +51,45 @@ def _sample_kernel(COND_ptr, UNCOND_ptr, X_ptr, CFG_ptr, TEMP_ptr, TOPK_ptr, TOP
         x = tl.load(COND_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
         if HAS_UNCOND:
             un = tl.load(UNCOND_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-            x = un + cfg * (x - un)
+            same = x.to(tl.int32, bitcast=True) == un.to(tl.int32, bitcast=True)
+            x = tl.where(same, x, un + cfg * (x - un))
+        x = tl.where((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000, float("-inf"), x)
         x = tl.math.div_rn(x, temp) + 0.0  # correctly rounded as on CPU; + 0: -0 -> +0
         tl.store(X_ptr + base + idx, x, mask=mask)
         m = tl.maximum(m, tl.max(tl.where(mask, x, float("-inf")), axis=0))
 
+    # m = -inf: nothing to draw, the row stays -1 (the caller's check reports it). m = +inf: uniform
+    # among the +inf tokens (the softmax's limit), token number floor(u * count) in index order, as
+    # reference.sample, whatever top-k / top-p say. Otherwise the finite path below.
+    res = tl.full((), -1, tl.int64)
+    if m == float("inf"):
+        count = tl.zeros((), tl.int64)
+        for v0 in range(0, V, BLOCK_V):
+            idx = v0 + offs
+            x = tl.load(X_ptr + base + idx, mask=idx < V, other=0.0)
+            count += tl.sum((x == float("inf")).to(tl.int64), axis=0)
+        r = tl.minimum((u * count.to(tl.float64)).to(tl.int64), count - 1)
+        seen = tl.zeros((), tl.int64)
+        tok_inf = tl.full((), V, tl.int64)
+        for v0 in range(0, V, BLOCK_V):
+            idx = v0 + offs
+            x = tl.load(X_ptr + base + idx, mask=idx < V, other=0.0)
+            is_inf = (x == float("inf")).to(tl.int64)
+            number = seen + tl.cumsum(is_inf, axis=0) - is_inf
+            hit = (is_inf > 0) & (number == r)
+            tok_inf = tl.minimum(tok_inf, tl.min(tl.where(hit, idx.to(tl.int64), V), axis=0))
+            seen += tl.sum(is_inf, axis=0)
+        res = tok_inf
+    if (m > float("-inf")) & (m < float("inf")):
+        res = _draw_finite(X_ptr, base, V, m, top_k, top_p, u, BLOCK_V)
+    tl.store(OUT_ptr + row, res)
+
+
+@triton.jit
+def _draw_finite(X_ptr, base, V, m, top_k, top_p, u, BLOCK_V: tl.constexpr):
+    """The finite path (max m finite) of one row of guided logits in the workspace: top-k, top-p and
+    the inverse-CDF draw (see the module docstring); returns the token."""
+    offs = tl.arange(0, BLOCK_V)
     # top-k: largest key K with count(key >= K) >= k (the k-th largest value; ties kept), by a radix
     # descent: 8 passes, each testing the 16 values of the next 4 key bits at once
     bins = tl.arange(0, 16).to(tl.int64)
@@ -148,7 +189,7 @@ def _sample_kernel(COND_ptr, UNCOND_ptr, X_ptr, CFG_ptr, TEMP_ptr, TOPK_ptr, TOP
         last = tl.where(tl.max(keep.to(tl.int32), axis=0) > 0,
                         tl.max(tl.where(keep, idx.to(tl.int64), -1), axis=0), last)
         cum += tl.sum(e, axis=0).to(tl.float64)
-    tl.store(OUT_ptr + row, tl.where(tok < V, tok, last))
+    return tl.where(tok < V, tok, last)
 
 
 TUNING = Tuning(

@@ -1,0 +1,282 @@
+"""Token codes for generator training: ``fqgan extract-codes`` writes them, :class:`CodeDataset` reads them.
+
+As the official ``autoregressive/train/extract_codes_c2i_{dual,triple}_code.py``: every image is
+centre-cropped (``center_crop_arr``), encoded together with its horizontal flip, and both k index maps
+are kept; generator training picks one of the augmentations per item and epoch. (That is the official
+script's default path. The released FAR run, ``train_far_dual.sh``, extracts with ``--ten-crop
+--crop-range 1.1`` instead: a centre crop of ``int(1.1 * image_size)`` cut by torchvision
+``TenCrop(image_size)`` -- four corners and centre, then the same of the flipped image -- so A = 10;
+not implemented here.)
+
+A code folder holds:
+
+* ``codes.npy``: ``[N, A, k, h, w]`` (uint16 when K <= 65536, else int32): image n, augmentation a
+  (0 = as is, 1 = flipped), sub-codebook i (the tokenizer's order), token grid;
+* ``labels.npy``: ``[N]`` int64 class ids;
+* ``meta.json``: ``kind = "fqgan-codes"``, N, A, k, K, grid size, image size, class names, sub-codebook
+  names, the tokenizer checkpoint and its config (so a generator can be checked against a tokenizer).
+
+Under torchrun each rank encodes images ``rank, rank + W, ...`` into one shared memory-mapped file.
+The files are written under temporary names and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fqgan.data import collate
+
+CODES_KIND = "fqgan-codes"
+CODES_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CodesMeta:
+    """What ``meta.json`` says about a code folder."""
+
+    num_images: int
+    num_aug: int
+    num_codebooks: int
+    codebook_size: int
+    grid_size: int
+    image_size: int
+    classes: tuple[str, ...]
+    codebook_names: tuple[str, ...]
+    tokenizer: str | None = None
+    tokenizer_config: dict[str, Any] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": CODES_KIND, "format": CODES_FORMAT, "num_images": self.num_images, "num_aug": self.num_aug,
+                "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
+                "grid_size": self.grid_size, "image_size": self.image_size, "classes": list(self.classes),
+                "codebook_names": list(self.codebook_names), "tokenizer": self.tokenizer,
+                "tokenizer_config": self.tokenizer_config}
+
+
+def _code_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+
+
+def _flip(x: Tensor) -> Tensor:
+    return torch.flip(x, dims=[-1])
+
+
+@torch.no_grad()
+def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.PathLike, *, flip: bool = True,
+                  batch_size: int = 32, num_workers: int = 0, device: torch.device | str = "cpu",
+                  tokenizer_path: str | None = None, classes: list[str] | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> CodesMeta:
+    """Encode every image of ``dataset`` (items ``(image [3, H, W], label)``, evaluation crops) with
+    ``tokenizer`` (an :class:`~fqgan.tokenizer.FQTokenizer`) and write a code folder to ``out_dir``.
+
+    :param flip: also encode each image's horizontal flip (official extraction): ``A = 2``
+    :param classes: class names (default: ``dataset.classes``)
+    :returns: the :class:`CodesMeta` written
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    device = torch.device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    c = tokenizer.config
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the data set is empty: nothing to encode")
+    num_aug = 2 if flip else 1
+    grid = c.image_size // c.down_factor
+    classes = list(classes if classes is not None else getattr(dataset, "classes", []))
+    meta = CodesMeta(n, num_aug, c.num_codebooks, c.codebook_size, grid, c.image_size, tuple(classes),
+                     tuple(c.codebook_names), tokenizer_path, c.to_dict())
+    out = os.fspath(out_dir)
+    tmp_codes = os.path.join(out, ".codes.npy.tmp")
+    shape = (n, num_aug, c.num_codebooks, grid, grid)
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        np.lib.format.open_memmap(tmp_codes, mode="w+", dtype=_code_dtype(c.codebook_size), shape=shape).flush()
+    if world > 1:
+        dist.barrier()
+    codes = np.lib.format.open_memmap(tmp_codes, mode="r+")
+    labels = np.zeros(n, dtype=np.int64)
+    mine = list(range(rank, n, world))
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate, pin_memory=device.type == "cuda")
+    was_training = tokenizer.training
+    tokenizer.eval()
+    pos = 0
+    try:
+        for images, y in loader:
+            x = images.to(device, non_blocking=True)
+            b = x.shape[0]
+            if flip:
+                x = torch.cat([x, _flip(x)])
+            idx = tokenizer.encode(x).cpu().numpy()  # [A*b, k, h, w]
+            idx = idx.reshape(num_aug, b, *idx.shape[1:]).transpose(1, 0, 2, 3, 4)  # [b, A, k, h, w]
+            rows = mine[pos:pos + b]
+            codes[rows] = idx.astype(codes.dtype)
+            labels[rows] = y.numpy()
+            pos += b
+            if on_batch is not None:
+                on_batch(b)
+    finally:
+        tokenizer.train(was_training)
+    codes.flush()
+    del codes
+    if world > 1:
+        t = torch.from_numpy(labels).to(device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)  # each label is non-zero on one rank only
+        labels = t.cpu().numpy()
+        dist.barrier()
+    if rank == 0:
+        _save_npy_atomic(os.path.join(out, "labels.npy"), labels)
+        os.replace(tmp_codes, os.path.join(out, "codes.npy"))
+        _write_atomic(os.path.join(out, "meta.json"), json.dumps(meta.to_dict(), indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
+    return meta
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_npy_atomic(path: str, array: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def load_codes_meta(path: str | os.PathLike) -> CodesMeta:
+    """Read and check ``meta.json`` of a code folder; errors name the folder and what is wrong."""
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"code folder {folder!r} not found (looked at {os.path.abspath(folder)}); "
+                                f"write one with `fqgan extract-codes --tokenizer CKPT --out {folder}`")
+    meta_path = os.path.join(folder, "meta.json")
+    for name in ("meta.json", "codes.npy", "labels.npy"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise FileNotFoundError(f"code folder {folder!r} has no {name} (an interrupted `fqgan extract-codes`? "
+                                    f"run it again)")
+    try:
+        with open(meta_path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{meta_path} is not readable JSON: {exc}") from exc
+    if m.get("kind") != CODES_KIND:
+        raise ValueError(f"{meta_path} is not an fqgan code folder's meta.json (kind {m.get('kind')!r})")
+    return CodesMeta(int(m["num_images"]), int(m["num_aug"]), int(m["num_codebooks"]), int(m["codebook_size"]),
+                     int(m["grid_size"]), int(m["image_size"]), tuple(m["classes"]), tuple(m["codebook_names"]),
+                     m.get("tokenizer"), m.get("tokenizer_config"))
+
+
+class CodeDataset(Dataset):
+    """Items ``(codes [k, T] int64, label)`` of a code folder (T = grid_size ** 2, raster order), the
+    augmentation (as is / flipped) drawn per item from ``(seed, epoch, index)`` as the official
+    ``CustomDataset*Code`` draws one at random. ``set_epoch`` before each epoch.
+
+    :param path: a folder written by :func:`extract_codes`
+    :param augment: draw the augmentation (training); False: always augmentation 0
+    """
+
+    def __init__(self, path: str | os.PathLike, augment: bool = True, seed: int = 0) -> None:
+        self.path = os.fspath(path)
+        self.meta = load_codes_meta(self.path)
+        self.codes = np.load(os.path.join(self.path, "codes.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(self.path, "labels.npy"))
+        m = self.meta
+        expect = (m.num_images, m.num_aug, m.num_codebooks, m.grid_size, m.grid_size)
+        if self.codes.shape != expect or self.labels.shape != (m.num_images,):
+            raise ValueError(f"code folder {self.path!r}: codes.npy has shape {self.codes.shape} and labels.npy "
+                             f"{self.labels.shape}, but meta.json says {expect} and ({m.num_images},)")
+        self.augment = bool(augment)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = seed
+        self.epoch = 0
+        self.classes = list(m.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.meta.num_images
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        a = 0
+        if self.augment and self.meta.num_aug > 1:
+            a = int(np.random.default_rng([3, self.seed, self.epoch, index]).integers(self.meta.num_aug))
+        k = self.meta.num_codebooks
+        codes = torch.from_numpy(np.asarray(self.codes[index, a], dtype=np.int64)).view(k, -1)
+        return codes, int(self.labels[index])
+
+
+def check_generator_tokenizer(generator_config: Any, tokenizer_config: Any) -> None:
+    """Raise ValueError unless a FAR (``FARConfig``) and a tokenizer (``TokenizerConfig``) fit together:
+    the same k, the generator's vocabulary = the tokenizer's codebook size, and its T = the token grid."""
+    g, t = generator_config, tokenizer_config
+    if g.num_factors != t.num_codebooks:
+        raise ValueError(f"the generator predicts k={g.num_factors} sub-tokens per position but the tokenizer has "
+                         f"{t.num_codebooks} sub-codebooks: use the tokenizer whose codes trained the generator")
+    if g.vocab_size != t.codebook_size:
+        raise ValueError(f"the generator was built for codebook size {g.vocab_size} but the tokenizer's "
+                         f"sub-codebooks have {t.codebook_size} codes: use the tokenizer whose codes trained it")
+    if g.block_size != t.grid_size ** 2:
+        raise ValueError(f"the generator makes {g.block_size} tokens per image but the tokenizer's grid is "
+                         f"{t.grid_size}x{t.grid_size} = {t.grid_size ** 2}: use the matching tokenizer")
+
+
+def resolve_classes(requested: list[str], num_classes: int, names: list[str] | tuple[str, ...] = ()) -> list[int]:
+    """Class ids from ``requested`` (ids, or names listed in ``names``), each checked against ``num_classes``."""
+    out = []
+    for r in requested:
+        text = str(r).strip()
+        if text.lstrip("-").isdigit():
+            cid = int(text)
+        elif text in names:
+            cid = list(names).index(text)
+        else:
+            known = f"; names: {', '.join(names)}" if names else ""
+            raise ValueError(f"unknown class {text!r}: give an id in [0, {num_classes}){known}")
+        if not 0 <= cid < num_classes:
+            raise ValueError(f"unknown class id {cid}: this generator has classes 0..{num_classes - 1}")
+        out.append(cid)
+    return out
+
+
+@torch.no_grad()
+def sample_images(generator: nn.Module, tokenizer: nn.Module, labels: Tensor, *, batch_size: int = 32,
+                  **sampling: Any) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] for class ids ``labels [B]``: FAR codes
+    (:func:`fqgan.generator.generate` with ``sampling`` = cfg_scale, temperature, top_k, top_p, seed)
+    decoded by the tokenizer, ``batch_size`` rows at a time."""
+    from fqgan.generator import generate
+
+    check_generator_tokenizer(generator.config, tokenizer.config)
+    seed = sampling.pop("seed", None)
+    g = grid = tokenizer.config.grid_size
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        chunk = labels[start:start + batch_size]
+        s = None if seed is None else seed + start
+        codes = generate(generator, chunk, seed=s, **sampling)  # [b, k, T]
+        out.append(tokenizer.decode_indices(codes.view(codes.shape[0], codes.shape[1], g, grid)).clamp(-1, 1))
+    return torch.cat(out)

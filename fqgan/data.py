@@ -1,0 +1,304 @@
+"""Image data for tokenizer training and evaluation.
+
+Two sources, one item format ``(image, label)``: ``image`` float32 ``[3, H, W]`` in ``[-1, 1]``
+(the official ``Normalize(mean=0.5, std=0.5)``), ``label`` an int.
+
+* :class:`ImageFolder`: an image folder of any depth; the label is the first-level class folder
+  (sorted names -> 0, 1, ...), as torchvision's ``ImageFolder`` that the official scripts use.
+* :class:`SampleImages`: the built-in sample set -- random crops of the photographs shipped inside
+  scikit-image's wheel (read as files with PIL: no pooch, no network), one class per photograph.
+
+Augmentation follows the official ``dataset/augmentation.py``: training takes ``random_crop_arr``
+(resize the shorter side to a random size in ``[size, size / 0.8]``, then a random ``size x size``
+crop) and a horizontal flip with probability 0.5; evaluation takes ``center_crop_arr``.
+
+Randomness is a pure function of ``(seed, epoch, index)`` (a NumPy generator per item), not of a
+global RNG, so a run resumed mid-epoch sees exactly the images it would have seen, with any number
+of DataLoader workers. Call ``dataset.set_epoch(epoch)`` before iterating an epoch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+# Photographs inside scikit-image's wheel (skimage/data/*), checked to load with PIL alone:
+# 9 colour and 10 grey-level pictures (grey ones are repeated on 3 channels). Synthetic images
+# (chessboard, phantom, logo, horse, color wheel) and tiny ones (microaneurysms 102 px) are left out.
+SAMPLE_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "ihc.png",
+    "retina.jpg", "motorcycle_left.png", "motorcycle_right.png",
+    "camera.png", "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png", "cell.png",
+    "clock_motion.png", "page.png", "text.png",
+)
+
+
+# -- augmentation (official dataset/augmentation.py behaviour) ----------------------------------
+def _halve_while(img: Image.Image, limit: int) -> Image.Image:
+    # BOX downsampling by powers of two first, then one bicubic resize (ADM's quality trick).
+    while min(img.size) >= 2 * limit:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    return img
+
+
+def center_crop_arr(img: Image.Image, image_size: int) -> Image.Image:
+    """Resize so the shorter side is ``image_size`` (BOX halvings, then bicubic), centre crop
+    ``image_size x image_size``. Equals the official/ADM ``center_crop_arr``."""
+    img = _halve_while(img, image_size)
+    scale = image_size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top: top + image_size, left: left + image_size])
+
+
+def random_crop_arr(img: Image.Image, image_size: int, rng: np.random.Generator,
+                    min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> Image.Image:
+    """Resize the shorter side to a size drawn uniformly from
+    ``[ceil(image_size / max_crop_frac), ceil(image_size / min_crop_frac)]``, then take a random
+    ``image_size`` square. The official ``random_crop_arr`` with its RNG passed in."""
+    lo = math.ceil(image_size / max_crop_frac)
+    hi = math.ceil(image_size / min_crop_frac)
+    smaller = int(rng.integers(lo, hi + 1))
+    img = _halve_while(img, smaller)
+    scale = smaller / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top = int(rng.integers(0, arr.shape[0] - image_size + 1))
+    left = int(rng.integers(0, arr.shape[1] - image_size + 1))
+    return Image.fromarray(arr[top: top + image_size, left: left + image_size])
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float32 ``[3, H, W]`` in ``[-1, 1]`` (ToTensor + Normalize(0.5, 0.5))."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().div_(127.5).sub_(1.0)
+
+
+# Independent streams of draws per item: the augmentation, and the sample set's patch choice.
+_AUGMENT, _PATCH_PER_EPOCH, _PATCH_FIXED = 0, 1, 2
+
+
+def _item_rng(stream: int, seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([stream, seed, epoch, index])
+
+
+def _check_size(image_size: int) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return image_size
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return seed
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises several types for bad files
+        raise ValueError(f"cannot read image {path!r}: {exc}") from exc
+
+
+class _AugmentedImages(Dataset):
+    """Shared item logic: a PIL image per index, official augmentation, tensor out."""
+
+    image_size: int
+    augment: bool
+    seed: int
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch`` (call before each epoch's iterator)."""
+        self.epoch = int(epoch)
+
+    def _load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def _label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def _transform(self, img: Image.Image, index: int) -> torch.Tensor:
+        if self.augment:
+            rng = _item_rng(_AUGMENT, self.seed, self.epoch, index)
+            img = random_crop_arr(img, self.image_size, rng)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            img = center_crop_arr(img, self.image_size)
+        return to_tensor(img)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        return self._transform(self._load(index), index), self._label(index)
+
+
+class ImageFolder(_AugmentedImages):
+    """Every image under ``root`` at any depth; label = index of its first-level folder.
+
+    ``root/dog/a.jpg`` and ``root/dog/more/b.png`` are class ``dog``. A folder with images but no
+    class folders is one class (label 0). Mixing loose images and class folders is an error.
+
+    :param root: the folder
+    :param image_size: side of the square output
+    :param augment: official training augmentation (random crop + flip) if True, centre crop if False
+    :param seed: seeds the per-item augmentation draws
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, augment: bool = True, seed: int = 0) -> None:
+        self.root = os.fspath(root)
+        self.image_size = _check_size(image_size)
+        self.augment = bool(augment)
+        self.seed = _check_seed(seed)
+        self.epoch = 0
+        if not os.path.isdir(self.root):
+            what = "is not a folder" if os.path.exists(self.root) else "does not exist"
+            raise FileNotFoundError(f"image folder {self.root!r} {what} (pass --data PATH to a folder of images, "
+                                    f"or --data sample for the built-in sample set)")
+        self.samples, self.classes = _scan_folder(self.root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Image.Image:
+        return _open_rgb(self.samples[index][0])
+
+    def _label(self, index: int) -> int:
+        return self.samples[index][1]
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+    return found
+
+
+def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    loose = [e.path for e in entries if e.is_file() and _is_image(e.name)]
+    class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    per_class = [(d.name, _walk_images(d.path)) for d in class_dirs]
+    per_class = [(name, files) for name, files in per_class if files]
+    if loose and per_class:
+        raise ValueError(f"image folder {root!r} holds both loose images ({os.path.basename(loose[0])!r}, ...) "
+                         f"and class folders ({per_class[0][0]!r}, ...): put every image in a class folder")
+    if loose:
+        return [(p, 0) for p in loose], [os.path.basename(os.path.abspath(root))]
+    if not per_class:
+        raise ValueError(f"image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                         f"at any depth)")
+    samples = [(path, label) for label, (_, files) in enumerate(per_class) for path in files]
+    return samples, [name for name, _ in per_class]
+
+
+def sample_photo_dir() -> str:
+    """The folder of scikit-image's bundled pictures (``skimage/data``), found without importing
+    scikit-image (its data module would route unknown names to pooch downloads)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("the built-in sample set needs scikit-image: pip install scikit-image "
+                                  "(or pip install 'fqgan-kernels[model]')")
+    return os.path.join(os.path.dirname(spec.origin), "data")
+
+
+_PHOTO_CACHE: dict[str, Image.Image] = {}
+
+
+def load_sample_photo(name: str) -> Image.Image:
+    """One bundled photograph as an RGB PIL image (cached per process)."""
+    if name not in _PHOTO_CACHE:
+        path = os.path.join(sample_photo_dir(), name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"sample photograph {name!r} not found at {path!r} (scikit-image install "
+                                    f"without its data files?)")
+        _PHOTO_CACHE[name] = _open_rgb(path)
+    return _PHOTO_CACHE[name]
+
+
+class SampleImages(_AugmentedImages):
+    """The built-in sample set: ``length`` random crops of the bundled photographs.
+
+    Item ``i`` comes from photograph ``i % len(photos)`` (label = that photograph's position in
+    ``photos``), so every photograph appears equally often. A crop is a random square of side
+    ``crop_frac * shorter side`` with ``crop_frac`` uniform in ``[min_crop, 1]`` (a patch rather
+    than the whole picture, so that small images still carry photographic detail), then the official
+    augmentation at ``image_size`` when ``augment``, a centre crop otherwise. With ``augment=False``
+    the crops are fixed by ``(seed, i)``; with ``augment=True`` they change with the epoch.
+
+    :param image_size: side of the square output
+    :param length: number of items (crops) per epoch
+    :param augment: draw new crops and flips every epoch (training) or keep them fixed (evaluation)
+    :param seed: seeds the draws
+    :param photos: file names in ``skimage/data`` (default :data:`SAMPLE_PHOTOS`)
+    :param min_crop: smallest crop side as a fraction of the photograph's shorter side
+    """
+
+    def __init__(self, image_size: int, length: int = 512, augment: bool = True, seed: int = 0,
+                 photos: Sequence[str] = SAMPLE_PHOTOS, min_crop: float = 0.3) -> None:
+        self.image_size = _check_size(image_size)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a positive int, got {length!r}")
+        if not 0.0 < min_crop <= 1.0:
+            raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
+        if len(photos) == 0:
+            raise ValueError("photos is empty")
+        self.length = length
+        self.augment = bool(augment)
+        self.seed = _check_seed(seed)
+        self.epoch = 0
+        self.photos = tuple(photos)
+        self.classes = [os.path.splitext(p)[0] for p in self.photos]
+        self.min_crop = float(min_crop)
+        sample_photo_dir()  # fail early, with the install hint, when scikit-image is missing
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _label(self, index: int) -> int:
+        return index % len(self.photos)
+
+    def _load(self, index: int) -> Image.Image:
+        photo = load_sample_photo(self.photos[self._label(index)])
+        # The patch depends on the epoch only when augmenting.
+        rng = (_item_rng(_PATCH_PER_EPOCH, self.seed, self.epoch, index) if self.augment
+               else _item_rng(_PATCH_FIXED, self.seed, 0, index))
+        short = min(photo.size)
+        side = max(1, round(short * rng.uniform(self.min_crop, 1.0)))
+        left = int(rng.integers(0, photo.size[0] - side + 1))
+        top = int(rng.integers(0, photo.size[1] - side + 1))
+        return photo.crop((left, top, left + side, top + side))
+
+
+def build_dataset(source: str, image_size: int, augment: bool = True, seed: int = 0,
+                  sample_length: int = 512) -> ImageFolder | SampleImages:
+    """``source == "sample"``: :class:`SampleImages`; otherwise an :class:`ImageFolder` at that path."""
+    if source == "sample":
+        return SampleImages(image_size, length=sample_length, augment=augment, seed=seed)
+    return ImageFolder(source, image_size, augment=augment, seed=seed)
+
+
+def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack items: images ``[B, 3, H, W]`` float32, labels ``[B]`` int64."""
+    images = torch.stack([b[0] for b in batch])
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
+    return images, labels

@@ -1,0 +1,121 @@
+"""FAR model arguments and named presets (FAR-tiny, FAR-B, FAR-L).
+
+FAR-B / FAR-L are the official sizes (showlab/FQGAN ``autoregressive/models/far_dual.py``:
+``FAR_B``: 24 layers, 16 heads, dim 1024, 3 AR-head layers; ``FAR_L``: 36 / 20 / 1280 / 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+
+def find_multiple(n: int, k: int) -> int:
+    """The smallest multiple of ``k`` that is >= ``n``."""
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass(frozen=True)
+class FARConfig:
+    """Arguments of :class:`fqgan.generator.FAR` (names follow the official ``ModelArgs``).
+
+    The official code is the dual (k = 2) / triple (k = 3) case of ``num_factors``.
+    """
+
+    num_factors: int = 2            # k sub-tokens per image position (one sub-codebook each)
+    vocab_size: int = 16384         # V codes per sub-codebook
+    block_size: int = 256           # T image positions (a square grid, raster order)
+    num_classes: int = 1000
+    dim: int = 1024
+    n_layer: int = 24               # trunk layers
+    n_head: int = 16
+    n_kv_head: int | None = None    # None = n_head (no grouped-query attention, as every official preset)
+    ar_n_layer: int = 3             # layers of the factorized AR head (run over the k slots of a position)
+    multiple_of: int = 256          # SwiGLU hidden size rounded up to this
+    ffn_dim_multiplier: float | None = None
+    ffn_dim: int | None = None      # explicit SwiGLU hidden size (None: the official formula)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    class_dropout_prob: float = 0.1  # > 0 adds the null-class row CFG needs
+
+    def __post_init__(self) -> None:
+        for name in ("num_factors", "vocab_size", "block_size", "num_classes", "dim", "n_layer", "n_head",
+                     "ar_n_layer", "multiple_of"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FARConfig.{name} must be a positive int, got {value!r}")
+        if self.ar_n_layer < 1:
+            raise ValueError("FARConfig.ar_n_layer must be >= 1")
+        if self.dim % self.n_head:
+            raise ValueError(f"FARConfig.dim ({self.dim}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim % 4:
+            # 2-D RoPE: half the rotary pairs for rows, half for columns.
+            raise ValueError(f"head_dim = dim / n_head = {self.head_dim} must be divisible by 4 (2-D RoPE)")
+        kv = self.kv_heads
+        if kv < 1 or self.n_head % kv:
+            raise ValueError(f"FARConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
+        if math.isqrt(self.block_size) ** 2 != self.block_size:
+            raise ValueError(f"FARConfig.block_size ({self.block_size}) must be a square (grid_size ** 2)")
+        if self.num_factors > self.block_size + 1:
+            # The AR head's slots take their rotations from the first k rows of the trunk's table.
+            raise ValueError(f"num_factors ({self.num_factors}) must be <= block_size + 1 ({self.block_size + 1})")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            raise ValueError(f"FARConfig.ffn_dim must be None or >= 1, got {self.ffn_dim}")
+        for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate",
+                     "class_dropout_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"FARConfig.{name} must be in [0, 1), got {p}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def hidden_dim(self) -> int:
+        """SwiGLU hidden size: ``ffn_dim``, else the official
+        ``find_multiple(int(2 * 4 * dim / 3) [* ffn_dim_multiplier], multiple_of)``."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether the label table has the extra "no class" row (index ``num_classes``) CFG uses."""
+        return self.class_dropout_prob > 0
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> FARConfig:
+        """``PRESETS[name]`` with ``overrides`` (any field, e.g. ``num_factors=3, vocab_size=1024``)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown FAR preset {name!r}; known: {sorted(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"unknown FARConfig fields {bad}; known: {sorted(known)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, FARConfig] = {
+    # Trains on CPU in minutes on 8x8 / 16x16 token grids (demo); override vocab_size/num_classes to taste.
+    "FAR-tiny": FARConfig(dim=128, n_layer=4, n_head=4, ar_n_layer=2, block_size=64, multiple_of=64),
+    "FAR-B": FARConfig(dim=1024, n_layer=24, n_head=16, ar_n_layer=3),
+    "FAR-L": FARConfig(dim=1280, n_layer=36, n_head=20, ar_n_layer=4),
+}

@@ -1,0 +1,1 @@
+"""Training: shared components (:mod:`.common`), configs (:mod:`.config`) and the loops."""
