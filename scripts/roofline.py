@@ -195,8 +195,11 @@ def reference_bound(op: str, shape: tuple, dtype: str) -> Bound:
         return Bound(op, shape, dtype, "reference", b, f, "fp32_flops", exps=2.0 * k * N * V)
     if op == "sample":
         B, V = shape
-        c, u = torch.empty(B, V, **meta), torch.empty(B, V, **meta)
-        uni = torch.empty(B, device="meta", dtype=torch.float64)
+        # real CPU tensors (B x V is small): reference.sample reads values (.item() in its non-finite
+        # rule), which meta tensors cannot; the traffic counted is the same
+        g = torch.Generator().manual_seed(0)
+        c, u = (torch.randn(B, V, generator=g).to(dt) for _ in range(2))
+        uni = torch.rand(B, generator=g, dtype=torch.float64)
         # the heaviest setting of bench_sample.py (top-k and top-p: topk, sort, softmax, cumsum)
         b, f = _count(lambda: [ref.sample(c, u, 4.0, 1.0, 1000, 0.9, uniform=uni) for _ in range(SAMPLE_STEPS)])
         return Bound(op, shape, dtype, "reference", b, f, "fp32_flops", exps=2.0 * SAMPLE_STEPS * B * V,
@@ -206,7 +209,7 @@ def reference_bound(op: str, shape: tuple, dtype: str) -> Bound:
         step = _quantizer_reference_step()
         z = torch.empty(N // 256, k * D, 16, 16, **meta, requires_grad=True)
         cb = torch.empty(k, K, D, **meta, requires_grad=True)
-        b, f = _count(lambda: step(z, cb).backward())
+        b, f = _count(lambda: step(z, cb, 0.01)[0].backward())  # (loss, indices); traffic independent of T
         return Bound(op, shape, dtype, "reference", b, f, peak, exps=3.0 * N * K * k)
     raise ValueError(op)
 
