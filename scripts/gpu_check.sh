@@ -7,9 +7,14 @@
 # benchmark table last. Wheels in .whl/ (peers such as liger-kernel, cut-cross-entropy) are
 # installed into a temporary folder first. Logs (and the benchmark JSON) go to $OUT when it is set,
 # else to a temp folder. Every step runs even if an earlier one failed; the exit status is non-zero
-# if any did.
+# if any did. The last table is the one to paste into benchmarks/RESULTS.md: per benchmark row the
+# measured min / median and the ratio to the H200 roofline bound of its composition
+# (scripts/roofline.py), so a kernel far from its bound shows on the first run.
 #   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (s): per-step limits (default 180 / 150; the build gets 240).
-#   GPU_CHECK_TESTS=0 / GPU_CHECK_BENCH=0: skip a step; GPU_CHECK_BENCH_K: a -k filter for the benchmarks.
+#   GPU_CHECK_BUILD=0 / GPU_CHECK_CEILINGS=0 / GPU_CHECK_TESTS=0 / GPU_CHECK_BENCH=0: skip a step
+#   (with GPU_CHECK_BENCH=0 and a bench.json already in $OUT, the table is made from that file:
+#   tests/test_gpu_checks.py runs the script so on a CPU machine). GPU_CHECK_BENCH_K: a -k filter
+#   for the benchmarks.
 #   Extra arguments go to the test step's pytest (e.g. -k nearest_code).
 set -euo pipefail
 
@@ -67,7 +72,9 @@ PYEOF
 [[ -n "$CU_INC" ]] && export CPATH="$CU_INC${CPATH:+:$CPATH}" && echo "CPATH += $CU_INC"
 
 # 1. Build in place (CPU + CUDA extensions), no network; skipped when prebuilt modules match the sources.
-if "$PY" - <<'PYEOF'
+if [[ "${GPU_CHECK_BUILD:-1}" == 0 ]]; then
+  echo "build: skipped (GPU_CHECK_BUILD=0)"
+elif "$PY" - <<'PYEOF'
 import importlib, sys
 from fqgan_kernels import _build, _ext
 for kind, name in (("cpu", _build.CPU_EXT_NAME), ("cuda", _build.CUDA_EXT_NAME)):
@@ -86,7 +93,9 @@ ls fqgan_kernels/_C*.so 2>/dev/null || echo "no compiled modules in fqgan_kernel
 
 # 2. What the package sees, and the card's measured ceilings (copy bandwidth, mm rates).
 step backends 60 "$PY" -c 'import fqgan_kernels as f; print(f.backends())'
-step ceilings 60 "$PY" scripts/gpu_ceilings.py
+if [[ "${GPU_CHECK_CEILINGS:-1}" != 0 ]]; then
+  step ceilings 60 "$PY" scripts/gpu_ceilings.py
+fi
 
 # 3. GPU tests.
 XDIST=()
@@ -112,20 +121,14 @@ for name in "${ORDER[@]}"; do
   [[ "${STATUS[$name]}" == rc=0* ]] || failed=1
 done
 grep -E "passed|failed|error" "$LOGS/tests.log" 2>/dev/null | tail -n 1 | sed 's/^/  tests: /' || true
-"$PY" - "$LOGS/bench.json" <<'PYEOF' || echo "  (no benchmark table: see $LOGS/bench.log)"
-import json, sys
-data = json.load(open(sys.argv[1]))["benchmarks"]
-rows = []
-for b in sorted(data, key=lambda b: (b.get("group") or "", b["name"])):
-    s, x = b["stats"], b.get("extra_info", {})
-    gf, peak = x.get("GFLOP/s"), x.get("peak_extra_MiB")
-    rows.append((b.get("group") or "", b["name"], s["min"] * 1e3, s["median"] * 1e3,
-                 f"{gf:.0f}" if isinstance(gf, (int, float)) else "-",
-                 f"{peak:.0f}" if isinstance(peak, (int, float)) else "-"))
-w = max([len(r[0]) for r in rows] + [5])
-n = max([len(r[1]) for r in rows] + [4])
-print(f"{'group':<{w}}  {'name':<{n}}  {'min ms':>9}  {'median ms':>9}  {'GFLOP/s':>8}  {'peak MiB':>8}")
-for g, name, mn, md, gf, peak in rows:
-    print(f"{g:<{w}}  {name:<{n}}  {mn:9.3f}  {md:9.3f}  {gf:>8}  {peak:>8}")
-PYEOF
+# One table to paste into benchmarks/RESULTS.md: every benchmark row with measured / roofline bound
+# (scripts/roofline.py: bytes, FLOPs and exps of the same shapes on H200).
+if [[ -s "$LOGS/bench.json" ]]; then
+  echo
+  echo "== benchmark table (min / bound: measured over the H200 roofline bound of its composition)"
+  "$PY" scripts/roofline.py --bench-json "$LOGS/bench.json" | tee "$LOGS/table.md" \
+    || echo "  (roofline join failed: see the JSON in $LOGS/bench.json)"
+else
+  echo "  (no benchmark table: see $LOGS/bench.log)"
+fi
 exit $failed

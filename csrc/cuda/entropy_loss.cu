@@ -130,12 +130,22 @@ __global__ void __launch_bounds__(kThreads) entropy_colsum_kernel(const float* _
 // Sweep 3: per row, s = sum_j p c_j, A = sum_j p (c_j - w lp) e_j, B = sum_j p e_j;
 // renormalised by W = sum_j p (fqgan_kernels/entropy_loss.py, "Rounding"): beta = u - Q / W,
 // grad_z = (2/T)(A + beta B) / W; row_scratch[0] = beta, row_scratch[1] = 1 / W.
+// Registers (scripts/check_cuda_compile.sh): z, A and B are 3 * DMAX live floats per thread. At
+// DMAX = 64 that is more than ptxas's 255 registers (it spilled), so there the K sweep runs twice,
+// each pass accumulating half of A's and B's dimensions (p recomputed; same sums, same order). At
+// DMAX = 16, ptxas 13.0 without a minimum-blocks hint picks 80 registers on sm_80 and spills; with
+// the hint it takes 84-87 and spills nothing.
 template <int DMAX>
-__global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(
+constexpr int rows_bwd_min_blocks() { return DMAX == 16 ? 1 : 0; }
+
+template <int DMAX>
+__global__ void __launch_bounds__(kThreads, rows_bwd_min_blocks<DMAX>()) entropy_rows_bwd_kernel(
     const float* __restrict__ zs, const float* __restrict__ e, const float* __restrict__ eb,
     const float* __restrict__ lse, const float* __restrict__ grad_lse, const float* __restrict__ grad_ent,
     const float* __restrict__ grad_col, float* grad_z, float* beta_out, float* inv_w_out, int64_t N, int64_t K,
     int64_t D, int64_t k, float two_over_t) {
+  constexpr int kPasses = DMAX > 32 ? 2 : 1;
+  constexpr int DH = DMAX / kPasses;
   __shared__ float tile[kTile][DMAX];
   __shared__ float tb[kTile];
   __shared__ float tc[kTile];
@@ -143,42 +153,50 @@ __global__ void __launch_bounds__(kThreads) entropy_rows_bwd_kernel(
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool active = n < N;
   const int64_t r = i * N + (active ? n : 0);
-  float z[DMAX], A[DMAX], B[DMAX];
+  float z[DMAX], A[DH], B[DH];
   load_vec<DMAX>(zs + r * D, D, z);
-#pragma unroll
-  for (int d = 0; d < DMAX; ++d) A[d] = 0.f, B[d] = 0.f;
   const float L = lse[r], w = grad_ent[r];
-  float sw = 0.f, sq = 0.f;
-  for (int64_t j0 = 0; j0 < K; j0 += kTile) {
-    __syncthreads();
-    stage<DMAX>(e + i * K * D, K, j0, D, tile, eb + i * K, tb, grad_col + i * K, tc, nullptr, nullptr);
-    __syncthreads();
-    const int cnt = K - j0 < kTile ? static_cast<int>(K - j0) : kTile;
-    if (active) {
-      for (int v = 0; v < cnt; ++v) {
-        const float lp = dot<DMAX>(z, tile[v]) + tb[v] - L;
-        const float p = expf(lp);
-        const float q = p * (tc[v] - w * lp);
-        sw += p;
-        sq += q;
+  float sw = 0.f, sq = 0.f, inv_w = 0.f, b = 0.f;
+#pragma unroll 1
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int d0 = pass * DH;
 #pragma unroll
-        for (int d = 0; d < DMAX; ++d) {
-          A[d] = fmaf(q, tile[v][d], A[d]);
-          B[d] = fmaf(p, tile[v][d], B[d]);
+    for (int d = 0; d < DH; ++d) A[d] = 0.f, B[d] = 0.f;
+    for (int64_t j0 = 0; j0 < K; j0 += kTile) {
+      __syncthreads();
+      stage<DMAX>(e + i * K * D, K, j0, D, tile, eb + i * K, tb, grad_col + i * K, tc, nullptr, nullptr);
+      __syncthreads();
+      const int cnt = K - j0 < kTile ? static_cast<int>(K - j0) : kTile;
+      if (active) {
+        for (int v = 0; v < cnt; ++v) {
+          const float lp = dot<DMAX>(z, tile[v]) + tb[v] - L;
+          const float p = expf(lp);
+          const float q = p * (tc[v] - w * lp);
+          if (pass == 0) {
+            sw += p;
+            sq += q;
+          }
+#pragma unroll
+          for (int d = 0; d < DH; ++d) {
+            A[d] = fmaf(q, tile[v][d0 + d], A[d]);
+            B[d] = fmaf(p, tile[v][d0 + d], B[d]);
+          }
         }
       }
     }
-  }
-  if (active) {
-    const float inv_w = 1.0f / sw;
-    const float b = grad_lse[r] - sq * inv_w;
-    beta_out[r] = b;
-    inv_w_out[r] = inv_w;
-    float* gz = grad_z + (n * k + i) * D;
-    const float scale = two_over_t * inv_w;
+    if (active) {
+      if (pass == 0) {
+        inv_w = 1.0f / sw;
+        b = grad_lse[r] - sq * inv_w;
+        beta_out[r] = b;
+        inv_w_out[r] = inv_w;
+      }
+      float* gz = grad_z + (n * k + i) * D;
+      const float scale = two_over_t * inv_w;
 #pragma unroll
-    for (int d = 0; d < DMAX; ++d)
-      if (d < D) gz[d] = scale * (A[d] + b * B[d]);
+      for (int d = 0; d < DH; ++d)
+        if (d0 + d < D) gz[d0 + d] = scale * (A[d] + b * B[d]);
+    }
   }
 }
 

@@ -156,8 +156,14 @@ __device__ __forceinline__ void stage_tile(float* dst_e, float* dst_b, const flo
   for (int c = tid; c < b_chunks; c += kThreads) copy16(dst_b + 4 * c, b_src + k0 + 4 * c);
 }
 
+// Blocks per SM asked of ptxas (0: no .minnctapersm). DP = 16: left alone, ptxas 13.0 picks 64
+// registers for sm_90a and spills 8 bytes (scripts/check_cuda_compile.sh); with 3 blocks (<= 85
+// registers) it uses 78 and spills nothing, on sm_80 as well. Same 24 warps per SM as DP = 8.
+template <int DP>
+constexpr int search_min_blocks() { return DP == 16 ? 3 : 0; }
+
 template <typename T, int DP, int R>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, search_min_blocks<DP>())
     nearest_code_search_kernel(const T* __restrict__ z, const float* __restrict__ packed,
                                const float* __restrict__ bias, T* __restrict__ codes, int64_t* __restrict__ indices,
                                int64_t N, int64_t k, int K, int KP, int D, int S, bool l2) {

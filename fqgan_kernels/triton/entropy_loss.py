@@ -10,23 +10,23 @@ Dots use ``input_precision="ieee"``: at T = 0.01 a TF32 dot would move the logit
 * ``_entropy_grad_e_kernel``    program (code block, sub-codebook), rows swept: dL/de.
 Each output element is written by exactly one program: no atomics, deterministic.
 
-Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the plain ``@triton.jit`` kernels run with one
-fixed config; on a GPU the same kernels run through ``triton.autotune``.
+Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``TUNING[name].configs``, keyed on
+N's power-of-two bucket (``N_BUCKET``, read by no kernel), K and D; one fixed config under
+``TRITON_INTERPRET=1`` (CPU tensors, tests) or with ``FQGAN_TRITON_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import Tuning, autotuned, launch, pow2_bucket
+
 
 @triton.jit
-def _entropy_rows_fwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, ENT_ptr, N, K, D,
+def _entropy_rows_fwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, ENT_ptr, N, K, D, N_BUCKET,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -63,7 +63,7 @@ def _entropy_rows_fwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, ENT_ptr, N, K, D,
 
 
 @triton.jit
-def _entropy_colsum_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, COL_ptr, N, K, D,
+def _entropy_colsum_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, COL_ptr, N, K, D, N_BUCKET,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_k = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -90,7 +90,7 @@ def _entropy_colsum_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, COL_ptr, N, K, D,
 
 @triton.jit
 def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GLSE_ptr, GENT_ptr, GCOL_ptr,
-                             GZ_ptr, BETA_ptr, INVW_ptr, N, K, D, NUM_CB, two_over_t,
+                             GZ_ptr, BETA_ptr, INVW_ptr, N, K, D, N_BUCKET, NUM_CB, two_over_t,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -135,7 +135,7 @@ def _entropy_rows_bwd_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GLSE_ptr, GENT_ptr,
 
 @triton.jit
 def _entropy_grad_e_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GENT_ptr, GCOL_ptr, BETA_ptr, INVW_ptr, GE_ptr,
-                           N, K, D, two_over_t,
+                           N, K, D, N_BUCKET, two_over_t,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_k = tl.program_id(0)
     i = tl.program_id(1).to(tl.int64)
@@ -168,61 +168,62 @@ def _entropy_grad_e_kernel(ZS_ptr, E_ptr, EB_ptr, LSE_ptr, GENT_ptr, GCOL_ptr, B
     tl.store(GE_ptr + e_offs, ge, mask=cmask[:, None] & dmask[None, :])
 
 
-# -- launch: fixed config under the interpreter, autotuned on the GPU --------------------------------
-_KERNELS = {
+# -- launch: autotuned on the GPU, one fixed config otherwise (_launch.py) ------------------------------
+KERNELS = {
     "rows_fwd": _entropy_rows_fwd_kernel,
     "colsum": _entropy_colsum_kernel,
     "rows_bwd": _entropy_rows_bwd_kernel,
     "grad_e": _entropy_grad_e_kernel,
 }
-_INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 32}
+# rows_*: one program per row block (grid over N); colsum, grad_e: one per code block (grid over K)
+GRID_OVER_ROWS = {"rows_fwd": True, "colsum": False, "rows_bwd": True, "grad_e": False}
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-@functools.cache
-def _autotuned(name: str):
-    configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-        for bn, bk, nw, ns in [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-                               (32, 128, 4, 3), (64, 256, 8, 2)]
-    ]
-    return triton.autotune(configs=configs, key=["N", "K", "D"])(_KERNELS[name])
+_CONFIGS = [_config(*c) for c in [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
+                                  (32, 128, 4, 3), (64, 256, 8, 2)]]
+TUNING = {
+    name: Tuning(configs=_CONFIGS, default=_config(64, 64, 4, 2), interpret=_config(16, 32, 4, 2),
+                 key=["N_BUCKET", "K", "D"])
+    for name in KERNELS
+}
+_TUNED = {name: autotuned(kernel, TUNING[name]) for name, kernel in KERNELS.items()}
 
 
-def _launch(name: str, grid_rows: bool, N: int, K: int, k: int, args: tuple, block_d: int) -> None:
-    if _interpret():
-        cfg = _INTERPRET_CONFIG
-        n_blocks = triton.cdiv(N if grid_rows else K, cfg["BLOCK_N" if grid_rows else "BLOCK_K"])
-        _KERNELS[name][(n_blocks, k)](*args, BLOCK_D=block_d, **cfg)
-        return
-    key = "BLOCK_N" if grid_rows else "BLOCK_K"
-    size = N if grid_rows else K
-    _autotuned(name)[lambda meta: (triton.cdiv(size, meta[key]), k)](*args, BLOCK_D=block_d)
+def block_d(D: int) -> int:
+    """``BLOCK_D`` of every entropy kernel: tl.dot needs every dim >= 16."""
+    return max(16, triton.next_power_of_2(D))
 
 
-def _prepare(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor, int]:
+def _launch(name: str, N: int, K: int, k: int, args: tuple, D: int) -> None:
+    key, size = ("BLOCK_N", N) if GRID_OVER_ROWS[name] else ("BLOCK_K", K)
+    launch(KERNELS[name], _TUNED[name], TUNING[name], lambda m: (triton.cdiv(size, m[key]), k), args,
+           {"BLOCK_D": block_d(D)})
+
+
+def _prepare(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     zs = (zn.float() * (2.0 / temperature)).permute(1, 0, 2).contiguous()  # [k, N, D]
     e = en.float().contiguous()
     eb = ((e * e).sum(-1) * (-1.0 / temperature)).contiguous()  # [k, K]
-    block_d = max(16, triton.next_power_of_2(e.shape[-1]))  # tl.dot needs every dim >= 16
-    return zs, e, eb, block_d
+    return zs, e, eb
 
 
 def entropy_stats(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """(lse [k, N], H [k, N], S [k, K]) float32; see fqgan_kernels/entropy_loss.py."""
     N, k, D = zn.shape
     K = en.shape[1]
-    zs, e, eb, block_d = _prepare(zn, en, temperature)
+    zs, e, eb = _prepare(zn, en, temperature)
     lse = torch.empty(k, N, device=zn.device, dtype=torch.float32)
     ent = torch.empty_like(lse)
     colsum = torch.zeros(k, K, device=zn.device, dtype=torch.float32)
     if N == 0:
         return lse, ent, colsum
-    _launch("rows_fwd", True, N, K, k, (zs, e, eb, lse, ent, N, K, D), block_d)
-    _launch("colsum", False, N, K, k, (zs, e, eb, lse, colsum, N, K, D), block_d)
+    nb = pow2_bucket(N)
+    _launch("rows_fwd", N, K, k, (zs, e, eb, lse, ent, N, K, D, nb), D)
+    _launch("colsum", N, K, k, (zs, e, eb, lse, colsum, N, K, D, nb), D)
     return lse, ent, colsum
 
 
@@ -231,7 +232,7 @@ def entropy_backward(zn: Tensor, en: Tensor, lse: Tensor, grad_lse: Tensor, grad
     """(dL/dzn [N, k, D], dL/den [k, K, D]) from the upstream gradients of (lse, H, S)."""
     N, k, D = zn.shape
     K = en.shape[1]
-    zs, e, eb, block_d = _prepare(zn, en, temperature)
+    zs, e, eb = _prepare(zn, en, temperature)
     # H is not an input: the backward renormalises p itself (fqgan_kernels/entropy_loss.py, "Rounding").
     lse, grad_lse, grad_ent, grad_colsum = (t.float().contiguous() for t in (lse, grad_lse, grad_ent, grad_colsum))
     grad_z = torch.empty(N, k, D, device=zn.device, dtype=torch.float32)
@@ -241,8 +242,9 @@ def entropy_backward(zn: Tensor, en: Tensor, lse: Tensor, grad_lse: Tensor, grad
         return grad_z.to(zn.dtype), grad_e.to(en.dtype)
     two_over_t = 2.0 / temperature
     inv_w = torch.empty_like(beta)
-    _launch("rows_bwd", True, N, K, k, (zs, e, eb, lse, grad_lse, grad_ent, grad_colsum, grad_z, beta, inv_w,
-                                        N, K, D, k, two_over_t), block_d)
-    _launch("grad_e", False, N, K, k, (zs, e, eb, lse, grad_ent, grad_colsum, beta, inv_w, grad_e, N, K, D,
-                                       two_over_t), block_d)
+    nb = pow2_bucket(N)
+    _launch("rows_bwd", N, K, k, (zs, e, eb, lse, grad_lse, grad_ent, grad_colsum, grad_z, beta, inv_w,
+                                  N, K, D, nb, k, two_over_t), D)
+    _launch("grad_e", N, K, k, (zs, e, eb, lse, grad_ent, grad_colsum, beta, inv_w, grad_e, N, K, D, nb,
+                                two_over_t), D)
     return grad_z.to(zn.dtype), grad_e.to(en.dtype)

@@ -13,23 +13,24 @@ Float32 inputs use ``input_precision="ieee"`` dots (TF32 would move the logits b
 bf16/fp16 inputs use native dots with float32 accumulation, dlogits cast to the input dtype for
 the gradient dots (as cut-cross-entropy / Liger).
 
-Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the plain ``@triton.jit`` kernels run with one
-small fixed config; on a GPU the same kernels run through ``triton.autotune``.
+Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``TUNING[(name, ieee)].configs``,
+keyed on N's power-of-two bucket (``N_BUCKET``, read by no kernel), V and H; one small fixed config
+under ``TRITON_INTERPRET=1`` (CPU tensors, tests) or with ``FQGAN_TRITON_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._backend import triton_interpret
+from ._launch import Tuning, autotuned, launch, pow2_bucket
+
 
 @triton.jit
-def _lce_fwd_kernel(X_ptr, W_ptr, B_ptr, T_ptr, LOSS_ptr, LSE_ptr, N, V, H,
+def _lce_fwd_kernel(X_ptr, W_ptr, B_ptr, T_ptr, LOSS_ptr, LSE_ptr, N, V, H, N_BUCKET,
                     stride_xk, stride_xn, stride_wk, stride_wv, stride_bk, stride_tk, stride_ok,
                     ignore_index, eps, z_loss,
                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -79,7 +80,7 @@ def _lce_fwd_kernel(X_ptr, W_ptr, B_ptr, T_ptr, LOSS_ptr, LSE_ptr, N, V, H,
 
 
 @triton.jit
-def _lce_bwd_kernel(X_ptr, W_ptr, B_ptr, T_ptr, LSE_ptr, G_ptr, GX_ptr, GW_ptr, GB_ptr, N, V, H,
+def _lce_bwd_kernel(X_ptr, W_ptr, B_ptr, T_ptr, LSE_ptr, G_ptr, GX_ptr, GW_ptr, GB_ptr, N, V, H, N_BUCKET,
                     stride_xk, stride_xn, stride_wk, stride_wv, stride_bk, stride_tk, stride_ok,
                     ignore_index, eps, z_loss,
                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -141,25 +142,52 @@ def _lce_bwd_kernel(X_ptr, W_ptr, B_ptr, T_ptr, LSE_ptr, G_ptr, GX_ptr, GW_ptr, 
         tl.atomic_add(gw_base + (h0 + offs_h)[None, :], gw, mask=mask_v[:, None] & mask_h[None, :])
 
 
-# -- launch: fixed config under the interpreter, autotuned on the GPU --------------------------------
-
-_INTERPRET_CONFIG = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# -- launch: autotuned on the GPU, one fixed config otherwise (_launch.py) ------------------------------
+KERNELS = {"fwd": _lce_fwd_kernel, "bwd": _lce_bwd_kernel}
 
 
-@functools.cache
-def _autotuned(name: str):
-    configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=w, num_stages=st)
-        for bn, bv, bh, w, st in [(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                                  (64, 256, 32, 8, 3), (128, 256, 64, 8, 3)]
-    ]
-    kernel = {"fwd": _lce_fwd_kernel, "bwd": _lce_bwd_kernel}[name]
-    reset = ["GX_ptr", "GW_ptr", "GB_ptr"] if name == "bwd" else None
-    return triton.autotune(configs=configs, key=["N", "V", "H"], reset_to_zero=reset)(kernel)
+def _config(bn: int, bv: int, bh: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh}, num_warps=warps, num_stages=stages)
+
+
+# scripts/check_triton_compile.py removed every config that spills or exceeds shared memory on sm_90a
+# or sm_80 for any dtype / bias variant: the old shared list's (128, 256, 64, 8w) (spills, and 272
+# KiB of shared memory in the backward), (128, 64, 64, 4w) and (64, 128, 64, 4w) (spills), and for
+# float32 all of it: IEEE float32 dots are FMA loops over register tiles (up to 14 KB of spills per
+# thread), so float32 has its own smaller tiles, and its backward (two more dots per H block) smaller
+# ones still.
+_CONFIGS = {
+    ("fwd", False): [(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
+    ("bwd", False): [(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3)],
+    ("fwd", True): [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2), (32, 64, 32, 4, 2)],
+    # (64, 64, 16, 8w, 2s) removed too: a 32-byte stack frame (spill) at 80 registers for float32 with
+    # bias on sm_90a (check of 2026-11-30).
+    ("bwd", True): [(64, 64, 32, 8, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+}
+# Keyed by (kernel, ieee): float32 inputs take IEEE float32 dots (FMA, no tensor cores), which need
+# other tiles than the bf16/fp16 tensor-core dots.
+TUNING = {
+    (name, ieee): Tuning(configs=[_config(*c) for c in cfgs], default=_config(*cfgs[0]),
+                         interpret=_config(16, 32, 16, 4, 3), key=["N_BUCKET", "V", "H"],
+                         reset_to_zero=["GX_ptr", "GW_ptr", "GB_ptr"] if name == "bwd" else None)
+    for (name, ieee), cfgs in _CONFIGS.items()
+}
+_TUNED = {key: autotuned(KERNELS[key[0]], tuning) for key, tuning in TUNING.items()}
+
+
+def flags(dtype: torch.dtype, has_bias: bool) -> dict:
+    """The constexprs of both kernels for inputs of ``dtype``.
+
+    UPCAST: the Triton interpreter (numpy, no bfloat16) computes bf16 x bf16 dots wrongly (seen
+    with triton 3.9), so under TRITON_INTERPRET=1 bf16 operands are converted to float32 before
+    tl.dot (same values: products of bf16 are exact in float32). GPUs use native bf16 dots."""
+    return {"HAS_BIAS": bool(has_bias), "IEEE": dtype == torch.float32,
+            "UPCAST": triton_interpret() and dtype == torch.bfloat16}
+
+
+def _launch(name: str, grid, args: tuple, meta: dict) -> None:
+    key = (name, meta["IEEE"])
+    launch(KERNELS[name], _TUNED[key], TUNING[key], grid, args, meta)
 
 
 def _common(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None) -> tuple:
@@ -171,27 +199,14 @@ def _common(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None
     return k, n, h, v, b, strides
 
 
-def _flags(hidden: Tensor, bias: Tensor | None) -> dict:
-    # UPCAST: the Triton interpreter (numpy, no bfloat16) computes bf16 x bf16 dots wrongly (seen
-    # with triton 3.9), so under TRITON_INTERPRET=1 bf16 operands are converted to float32 before
-    # tl.dot (same values: products of bf16 are exact in float32). GPUs use native bf16 dots.
-    return {"HAS_BIAS": bias is not None, "IEEE": hidden.dtype == torch.float32,
-            "UPCAST": _interpret() and hidden.dtype == torch.bfloat16}
-
-
 def forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, ignore_index: int,
             eps: float, z_loss: float) -> tuple[Tensor, Tensor]:
     """-> (per-row loss [k, N], lse [k, N]) in float32. Inputs contiguous."""
     k, n, h, v, b, strides = _common(hidden, weight, targets, bias)
     loss = torch.empty((k, n), dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(loss)
-    args = (hidden, weight, b, targets, loss, lse, n, v, h, *strides, ignore_index, eps, z_loss)
-    flags = _flags(hidden, bias)
-    if _interpret():
-        cfg = _INTERPRET_CONFIG
-        _lce_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), k)](*args, **flags, **cfg)
-    else:
-        _autotuned("fwd")[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), k)](*args, **flags)
+    args = (hidden, weight, b, targets, loss, lse, n, v, h, pow2_bucket(n), *strides, ignore_index, eps, z_loss)
+    _launch("fwd", lambda m: (triton.cdiv(n, m["BLOCK_N"]), k), args, flags(hidden.dtype, bias is not None))
     return loss, lse
 
 
@@ -205,13 +220,9 @@ def backward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | Non
     gb = torch.zeros((k, v), **f32) if bias is not None else gw
     lse = lse.float().contiguous()
     row_grad = row_grad.float().contiguous()
-    args = (hidden, weight, b, targets, lse, row_grad, gx, gw, gb, n, v, h, *strides, ignore_index, eps, z_loss)
-    flags = _flags(hidden, bias)
-    if _interpret():
-        cfg = _INTERPRET_CONFIG
-        _lce_bwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]), k)](*args, **flags, **cfg)
-    else:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(v, meta["BLOCK_V"]), k)
-        _autotuned("bwd")[grid](*args, **flags)
+    args = (hidden, weight, b, targets, lse, row_grad, gx, gw, gb, n, v, h, pow2_bucket(n), *strides, ignore_index,
+            eps, z_loss)
+    _launch("bwd", lambda m: (triton.cdiv(n, m["BLOCK_N"]), triton.cdiv(v, m["BLOCK_V"]), k), args,
+            flags(hidden.dtype, bias is not None))
     return (gx.to(hidden.dtype), gw.to(weight.dtype),
             gb.to(bias.dtype) if bias is not None else None)

@@ -21,31 +21,27 @@ row), never written.
   j, so each element keeps its lowest j), and reduced once per row block at the end: the row max,
   then the lowest j holding it. The epilogue gathers the chosen rows of eh into ``codes``.
 
-Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the plain ``@triton.jit`` kernel runs with one
-fixed config (``INTERPRET_CONFIG``); on a GPU the same kernel runs through ``triton.autotune``
-(``FQGAN_TRITON_AUTOTUNE=0``: one fixed config, ``DEFAULT_CONFIG``, no tuning sweep).
+Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``FWD_TUNING.configs``, keyed on
+N's power-of-two bucket; ``FWD_TUNING.default`` with ``FQGAN_TRITON_AUTOTUNE=0``;
+``FWD_TUNING.interpret`` under ``TRITON_INTERPRET=1`` (CPU tensors, tests).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import Tuning, autotuned, launch, pow2_bucket
+
 L2_EPS = 1e-12  # F.normalize's default, as in the reference
 
 # D below this: unrolled outer products; at or above: tl.dot (needs all dot dims >= 16).
 DOT_MIN_D = 16
 
-# Few programs (the interpreter's cost is per op, not per element), but several code tiles.
-INTERPRET_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 32}
-# FQGAN_TRITON_AUTOTUNE=0: skip the tuning sweep on a GPU and use this config (fast tests).
-DEFAULT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-PREP_BLOCK = 64
 
 
 @triton.jit
@@ -90,7 +86,11 @@ def _nearest_code_fwd_kernel(Z_ptr, ET_ptr, B_ptr, CODES_ptr, IDX_ptr, N, K, NSU
     if L2:
         scale = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), 1e-12)
     else:
-        scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+        # Exactly 1 for finite z (the front door rejects non-finite z), but computed from the z tile,
+        # as with L2: a constant scale left z dead, the layout pass then gave the score tile one row
+        # per thread, and the D broadcast z columns hoisted out of the K loop took 8 x 32 registers
+        # and spilled (scripts/check_triton_compile.py, fp32/bf16/fp16 at D = 8).
+        scale = 1.0 + 0.0 * tl.sum(z * z, axis=1)
     if USE_DOT:
         zh = z * scale[:, None]
 
@@ -128,44 +128,48 @@ def _nearest_code_fwd_kernel(Z_ptr, ET_ptr, B_ptr, CODES_ptr, IDX_ptr, N, K, NSU
              mask=omask)
 
 
-def _configs() -> list[triton.Config]:
-    # The running (best, j) tiles cost 3 registers per tile element: keep BLOCK_N * BLOCK_K per
-    # thread at <= 32 (<= 96 registers for them) so nothing spills.
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bn, bk, warps, stages in [
-            (64, 64, 4, 2), (32, 128, 4, 2), (128, 32, 4, 2), (32, 64, 4, 3),
-            (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 8, 3),
-        ]
-    ]
+# The prep kernel runs once per call over k * K codes: one fixed config, not tuned.
+PREP_CONFIG = triton.Config({"BLOCK": 64}, num_warps=4, num_stages=3)
 
 
-# Keyed on the shape class, not on N itself: N (tokens in a batch) changes often; its power-of-two
-# bucket does not.
-_autotuned = triton.autotune(configs=_configs(), key=["N_BUCKET", "K", "D", "L2", "USE_DOT"])(
-    _nearest_code_fwd_kernel
+def prep_meta(D: int, l2: bool) -> dict:
+    """The constexprs of ``_nearest_code_prep_kernel`` other than its config's."""
+    return {"L2": bool(l2), "BLOCK_D": triton.next_power_of_2(D)}
+
+
+def fwd_meta(D: int, l2: bool) -> dict:
+    """The constexprs of ``_nearest_code_fwd_kernel`` for codebook dim D (also read by
+    scripts/check_triton_compile.py, which compiles every combination)."""
+    use_dot = D >= DOT_MIN_D
+    return {"D": D, "L2": bool(l2), "USE_DOT": use_dot,
+            "BLOCK_D": max(triton.next_power_of_2(D), 16 if use_dot else 1)}
+
+
+def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# The running (best, j) tiles cost 3 registers per tile element: keep BLOCK_N * BLOCK_K per
+# thread at <= 32 (<= 96 registers for them). Removed after scripts/check_triton_compile.py:
+# (64, 64, 4, 2) spills 16 B on sm_80 (ptxas 12.9 stops at 168 registers; 255 with maxnreg=255,
+# still spilling) and (128, 32, 4, 2) spills 8 B for bf16/fp16 at D = 8 on sm_90a and sm_80.
+FWD_TUNING = Tuning(
+    configs=[_config(*c) for c in [(32, 128, 4, 2), (32, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2),
+                                   (64, 64, 8, 3)]],
+    default=_config(64, 64, 8, 3),
+    # few programs (the interpreter's cost is per op, not per element), but several code tiles
+    interpret=_config(64, 32, 4, 2),
+    # N (tokens in a batch) changes often; its power-of-two bucket does not
+    key=["N_BUCKET", "K", "D", "L2", "USE_DOT"],
 )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_fwd_tuned = autotuned(_nearest_code_fwd_kernel, FWD_TUNING)
 
 
 def _launch_fwd(z: Tensor, et: Tensor, bias: Tensor, codes: Tensor, idx: Tensor, N: int, K: int, k: int,
                 D: int, l2: bool) -> None:
-    use_dot = D >= DOT_MIN_D
-    block_d = max(triton.next_power_of_2(D), 16 if use_dot else 1)
-    n_bucket = min(triton.next_power_of_2(N), 1 << 20)
-    args = (z, et, bias, codes, idx, N, K, k, n_bucket)
-    meta = {"D": D, "L2": l2, "USE_DOT": use_dot, "BLOCK_D": block_d}
-    if _interpreting() or os.environ.get("FQGAN_TRITON_AUTOTUNE", "1") == "0":
-        # triton.autotune needs an active GPU driver; the interpreter has none.
-        cfg = INTERPRET_CONFIG if _interpreting() else DEFAULT_CONFIG
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), k)
-        _nearest_code_fwd_kernel[grid](*args, **meta, **cfg)
-    else:
-        grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), k)
-        _autotuned[grid](*args, **meta)
+    args = (z, et, bias, codes, idx, N, K, k, pow2_bucket(N))
+    launch(_nearest_code_fwd_kernel, _fwd_tuned, FWD_TUNING, lambda m: (triton.cdiv(N, m["BLOCK_N"]), k),
+           args, fwd_meta(D, l2))
 
 
 def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tensor, Tensor]:
@@ -184,9 +188,8 @@ def nearest_code(z: Tensor, codebooks: Tensor, l2_normalize: bool) -> tuple[Tens
     et = torch.empty((k, D, K), dtype=torch.float32, device=z.device)
     bias = torch.empty((k, K), dtype=torch.float32, device=z.device)
     with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-        _nearest_code_prep_kernel[(triton.cdiv(K, PREP_BLOCK), k)](
-            codebooks, et, bias, K, D, L2=bool(l2_normalize), BLOCK=PREP_BLOCK,
-            BLOCK_D=triton.next_power_of_2(D))
+        _nearest_code_prep_kernel[(triton.cdiv(K, PREP_CONFIG.kwargs["BLOCK"]), k)](
+            codebooks, et, bias, K, D, **prep_meta(D, l2_normalize), **PREP_CONFIG.all_kwargs(), enable_fp_fusion=True)
         _launch_fwd(z, et, bias, codes, idx, N, K, k, D, bool(l2_normalize))
     return codes, idx
 

@@ -11,23 +11,24 @@ reference.sample: pass 1 applies reference.guided_logits' rule (cond == uncond g
 as -inf); a row whose max is +inf draws among its +inf tokens instead, and a row whose max is -inf
 (nothing to draw) gets -1, which the front door (fqgan_kernels/sample.py) reports.
 
-Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the plain ``@triton.jit`` kernel runs with one
-fixed config; on a GPU the same kernel runs through ``triton.autotune``.
+Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``TUNING.configs``, keyed on V,
+HAS_UNCOND and the power-of-two bucket of B (``B_BUCKET``, read by the kernel nowhere: a batch of 2
+rows and one of 128 want different warps per row); one fixed config under ``TRITON_INTERPRET=1``
+(CPU tensors, tests) or with ``FQGAN_TRITON_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import Tuning, autotuned, launch, pow2_bucket
+
 
 @triton.jit
-def _sample_kernel(COND_ptr, UNCOND_ptr, X_ptr, CFG_ptr, TEMP_ptr, TOPK_ptr, TOPP_ptr, U_ptr, OUT_ptr, V,
+def _sample_kernel(COND_ptr, UNCOND_ptr, X_ptr, CFG_ptr, TEMP_ptr, TOPK_ptr, TOPP_ptr, U_ptr, OUT_ptr, V, B_BUCKET,
                    HAS_UNCOND: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = row * V
@@ -191,14 +192,13 @@ def _draw_finite(X_ptr, base, V, m, top_k, top_p, u, BLOCK_V: tl.constexpr):
     return tl.where(tok < V, tok, last)
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=1)
-def _autotuned():
-    configs = [triton.Config({"BLOCK_V": bv}, num_warps=w) for bv in (256, 512, 1024) for w in (4, 8)]
-    return triton.autotune(configs=configs, key=["V", "HAS_UNCOND"])(_sample_kernel)
+TUNING = Tuning(
+    configs=[triton.Config({"BLOCK_V": bv}, num_warps=w) for bv in (256, 512, 1024) for w in (4, 8)],
+    default=triton.Config({"BLOCK_V": 512}, num_warps=4),
+    interpret=triton.Config({"BLOCK_V": 256}, num_warps=4),
+    key=["B_BUCKET", "V", "HAS_UNCOND"],
+)
+_tuned = autotuned(_sample_kernel, TUNING)
 
 
 def sample(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
@@ -213,11 +213,7 @@ def sample(cond: Tensor, uncond: Tensor | None, cfg: Tensor, temperature: Tensor
     x = torch.empty(B, V, dtype=torch.float32, device=cond.device)
     has_uncond = uncond is not None
     un = uncond if has_uncond else cond
-    args = (cond, un, x, cfg, temperature, top_k, top_p, uniform, out, V)
-    if _interpret():
-        block = min(256, triton.next_power_of_2(V))
-        _sample_kernel[(B,)](*args, HAS_UNCOND=has_uncond, BLOCK_V=block)
-    else:
-        # no FMA contraction of uncond + cfg * (cond - uncond): keep the reference's two roundings
-        _autotuned()[(B,)](*args, HAS_UNCOND=has_uncond, enable_fp_fusion=False)
+    args = (cond, un, x, cfg, temperature, top_k, top_p, uniform, out, V, pow2_bucket(B))
+    # no FMA contraction of uncond + cfg * (cond - uncond): keep the reference's two roundings
+    launch(_sample_kernel, _tuned, TUNING, lambda m: (B,), args, {"HAS_UNCOND": has_uncond}, fp_fusion=False)
     return out

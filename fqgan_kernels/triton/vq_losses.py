@@ -4,25 +4,23 @@ Forward: each program takes ``BLOCK_N`` rows of z and codes [N, k, D] and writes
 sums to its own row of a (programs, k + P) buffer, summed afterwards in a fixed order (no atomics,
 deterministic). Backward: each program writes grad_z and grad_codes of its rows; nothing is reduced.
 The k sub-codebooks and the pairs are unrolled at compile time (``K_SUB`` constexpr).
-Under ``TRITON_INTERPRET=1`` the plain ``@triton.jit`` kernels run with one fixed config; on a GPU
-the same kernels go through ``@triton.autotune``.
+Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``FWD_TUNING`` / ``BWD_TUNING``,
+keyed on N's power-of-two bucket (``N_BUCKET``, read by no kernel), D, k and the disentanglement
+flag; one fixed config under ``TRITON_INTERPRET=1`` (CPU tensors, tests) or with
+``FQGAN_TRITON_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import Tuning, autotuned, launch, pow2_bucket
+
 _EPS = 1e-12  # F.normalize's eps
 _FWD_BLOCK_N = 256  # rows per forward program: fixed, it sizes the partial-sum buffer
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -44,7 +42,7 @@ def _normalize(c, EPS: tl.constexpr):
 
 
 @triton.jit
-def _vq_losses_fwd_kernel(Z_ptr, C_ptr, Part_ptr, N, D: tl.constexpr, K_SUB: tl.constexpr,
+def _vq_losses_fwd_kernel(Z_ptr, C_ptr, Part_ptr, N, N_BUCKET, D: tl.constexpr, K_SUB: tl.constexpr,
                           DISENTANGLE: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, EPS: tl.constexpr):
     pid = tl.program_id(0)
@@ -67,7 +65,7 @@ def _vq_losses_fwd_kernel(Z_ptr, C_ptr, Part_ptr, N, D: tl.constexpr, K_SUB: tl.
 
 
 @triton.jit
-def _vq_losses_bwd_kernel(Z_ptr, C_ptr, Coef_ptr, GZ_ptr, GC_ptr, N, D: tl.constexpr, K_SUB: tl.constexpr,
+def _vq_losses_bwd_kernel(Z_ptr, C_ptr, Coef_ptr, GZ_ptr, GC_ptr, N, N_BUCKET, D: tl.constexpr, K_SUB: tl.constexpr,
                           DISENTANGLE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           EPS: tl.constexpr):
     pid = tl.program_id(0)
@@ -93,42 +91,48 @@ def _vq_losses_bwd_kernel(Z_ptr, C_ptr, Coef_ptr, GZ_ptr, GC_ptr, N, D: tl.const
         tl.store(GC_ptr + offs, gc.to(GC_ptr.dtype.element_ty), mask=mask)
 
 
-_FWD_CONFIGS = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-_BWD_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w) for n in (128, 256, 512) for w in (4, 8)]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["D", "K_SUB", "DISENTANGLE"])(_vq_losses_fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["D", "K_SUB", "DISENTANGLE"])(_vq_losses_bwd_kernel)
+_KEY = ["N_BUCKET", "D", "K_SUB", "DISENTANGLE"]
+FWD_TUNING = Tuning(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)],
+                    default=triton.Config({}, num_warps=4), interpret=triton.Config({}, num_warps=4), key=_KEY)
+# (BLOCK_N 512, 4 warps) removed: 4 rows per thread at D = 16, k = 3 with the disentanglement pairs
+# spill 64-4248 B per thread on sm_90a and sm_80 in every dtype (scripts/check_triton_compile.py,
+# 2026-11-30).
+BWD_TUNING = Tuning(configs=[triton.Config({"BLOCK_N": n}, num_warps=w)
+                             for n, w in ((128, 4), (128, 8), (256, 4), (256, 8), (512, 8))],
+                    default=triton.Config({"BLOCK_N": 256}, num_warps=4),
+                    interpret=triton.Config({"BLOCK_N": 64}, num_warps=4), key=_KEY)
+_fwd_tuned = autotuned(_vq_losses_fwd_kernel, FWD_TUNING)
+_bwd_tuned = autotuned(_vq_losses_bwd_kernel, BWD_TUNING)
+
+
+def meta(D: int, k: int, disentangle: bool) -> dict:
+    """The constexprs shared by both kernels (also read by scripts/check_triton_compile.py)."""
+    return {"D": D, "K_SUB": k, "DISENTANGLE": bool(disentangle and k > 1),
+            "BLOCK_D": triton.next_power_of_2(D), "EPS": _EPS}
+
+
+def fwd_slots(k: int, disentangle: bool) -> int:
+    """Partial sums per forward program: k squared errors, then one per pair when disentangling."""
+    return k + (k * (k - 1) // 2 if disentangle and k > 1 else 0)
 
 
 def vq_losses_forward(z: Tensor, codes: Tensor, disentangle: bool) -> Tensor:
     """Sums [k + P] float32: per sub-codebook sum (codes - z)^2, then per pair sum_n (q_a . q_b)^2."""
     N, k, D = z.shape
-    dis = bool(disentangle and k > 1)
-    slots = k + (k * (k - 1) // 2 if dis else 0)
+    slots = fwd_slots(k, disentangle)
     programs = triton.cdiv(N, _FWD_BLOCK_N)
     part = torch.empty(programs, slots, device=z.device, dtype=torch.float32)
-    args = (z, codes, part, N, D, k, dis, slots, _FWD_BLOCK_N, triton.next_power_of_2(D), _EPS)
-    if _interpret():
-        _vq_losses_fwd_kernel[(programs,)](*args, num_warps=4)
-    else:
-        _fwd_tuned[(programs,)](*args)
+    launch(_vq_losses_fwd_kernel, _fwd_tuned, FWD_TUNING, lambda m: (programs,), (z, codes, part, N, pow2_bucket(N)),
+           {**meta(D, k, disentangle), "SLOTS": slots, "BLOCK_N": _FWD_BLOCK_N})
     return part.sum(0)
 
 
 def vq_losses_backward(z: Tensor, codes: Tensor, coef: Tensor, disentangle: bool) -> tuple[Tensor, Tensor]:
     """(grad_z, grad_codes) in the dtypes of z and codes; ``coef`` as in fqgan_kernels/vq_losses.py."""
     N, k, D = z.shape
-    dis = bool(disentangle and k > 1)
     grad_z = torch.empty_like(z)
     grad_codes = torch.empty_like(codes)
     coef = coef.to(torch.float32).contiguous()
-    block_d = triton.next_power_of_2(D)
-    if _interpret():
-        block_n = 64
-        _vq_losses_bwd_kernel[(triton.cdiv(N, block_n),)](z, codes, coef, grad_z, grad_codes, N, D, k, dis,
-                                                          block_n, block_d, _EPS, num_warps=4)
-    else:
-        def grid(meta):
-            return (triton.cdiv(N, meta["BLOCK_N"]),)
-
-        _bwd_tuned[grid](z, codes, coef, grad_z, grad_codes, N, D, k, dis, BLOCK_D=block_d, EPS=_EPS)
+    launch(_vq_losses_bwd_kernel, _bwd_tuned, BWD_TUNING, lambda m: (triton.cdiv(N, m["BLOCK_N"]),),
+           (z, codes, coef, grad_z, grad_codes, N, pow2_bucket(N)), meta(D, k, disentangle))
     return grad_z, grad_codes
