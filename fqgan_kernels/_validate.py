@@ -112,7 +112,10 @@ def finite(*named: tuple[str, Tensor, int], enabled: bool | None = None) -> None
     named = tuple(item for item in named if item[1].numel())
     if not named:
         return
-    ok = torch.stack([torch.isfinite(x).all() for _, x, _ in named]).all()
+    # min and max propagate NaN and hold any +-inf: two finite extremes mean a finite tensor. One
+    # reduction without a [numel] bool buffer: ~9x faster than isfinite(x).all() on CPU (0.06 vs
+    # 0.52 ms for a [3, 16384, 8] codebook), which was half of nearest_code's time at N = 256.
+    ok = torch.stack([torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all() for _, x, _ in named]).all()
     names = ", ".join(name for name, _, _ in named)
     summary = f"non-finite values (NaN or Inf) in {names}"
     require(ok, named[0][1], summary, lambda: _first_non_finite(named) or summary)
