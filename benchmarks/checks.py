@@ -208,29 +208,6 @@ def check_no_worse_than_eager(what: str, got: Tensor, eager: Tensor, truth: Tens
 
 
 # -- sample --------------------------------------------------------------------------------------
-def near_boundary(cond: Tensor, uncond: Tensor | None, cfg_scale: float, temperature: float, top_k: int,
-                  top_p: float, uniform: Tensor, rtol: float) -> Tensor:
-    """Rows (B,) whose top-p crossing or inverse-CDF draw sits within ``rtol`` of its threshold, in
-    float64 from the float32 guided logits (tests/test_sample.py::near_boundary)."""
-    x = ref.guided_logits(cond.cpu(), None if uncond is None else uncond.cpu(), cfg_scale, temperature).double()
-    V = x.shape[-1]
-    if top_k > 0:
-        kth = torch.topk(x, min(top_k, V), dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    near = torch.zeros(x.shape[0], dtype=torch.bool)
-    if top_p < 1.0:
-        s, order = torch.sort(x, descending=True, dim=-1, stable=True)
-        cum = s.softmax(-1).cumsum(-1)
-        near |= ((cum - top_p).abs() < rtol).any(-1)
-        remove = cum > top_p
-        remove[..., 1:] = remove[..., :-1].clone()
-        remove[..., 0] = False
-        x = x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    cdf = x.softmax(-1).cumsum(-1)
-    near |= ((cdf - uniform.cpu().double().reshape(-1, 1)).abs() < rtol).any(-1)
-    return near
-
-
 def check_draws(what: str, got: Tensor, want: Tensor, near_args: tuple) -> None:
     """Equal draws except on rows near a threshold, and those rare (the test's constants)."""
     t = suite_module("test_sample")
@@ -240,7 +217,7 @@ def check_draws(what: str, got: Tensor, want: Tensor, near_args: tuple) -> None:
     bad = got != want
     if not bad.any():
         return
-    near = near_boundary(*near_args, rtol=t.BOUNDARY_RTOL)
+    near = t.near_boundary(*(a.cpu() if isinstance(a, Tensor) else a for a in near_args))
     if (bad & ~near).any():
         raise AssertionError(f"{what}: {int(bad.sum())} of {got.numel()} draws differ, rows "
                              f"{bad.nonzero().flatten().tolist()[:8]}: got {got[bad][:8].tolist()} "

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import time
@@ -119,17 +118,6 @@ def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- kernel vs reference timing -----------------------------------------------------------------------
@@ -398,7 +386,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "config": dataclasses.asdict(cfg),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads, "device": str(device),
+        "machine": {"cpu": fk.backends().cpu_model, "cores": os.cpu_count(), "threads": threads, "device": str(device),
                     "load_before": load_before, "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "backend": backend,
