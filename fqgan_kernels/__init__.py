@@ -12,10 +12,9 @@ Everything a user (or the models in ``fqgan/``) may import is in ``__all__``; ot
 names starting with ``_`` are internal.
 """
 
-import warnings
-
 from . import outputs, reference
 from ._backend import BACKENDS, BackendInfo, backends, resolve_backend
+from ._common import deprecated_aliases
 from ._validate import set_check_finite
 from .entropy_loss import entropy_loss
 from .linear_cross_entropy import linear_cross_entropy
@@ -58,17 +57,8 @@ __all__ = [
 ]
 
 # Renamed in 0.2 (see CHANGELOG.md); the old names stay importable for one release, with a warning.
-_DEPRECATED = {
+__getattr__ = deprecated_aliases(__name__, __name__, {
     "NearestCode": NearestCodeOutput,
     "LinearCrossEntropy": LinearCrossEntropyOutput,
     "VQLossTerms": VQLossesOutput,
-}
-
-
-def __getattr__(name: str):
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(f"fqgan_kernels.{name} is deprecated; use fqgan_kernels.{new.__name__}",
-                      DeprecationWarning, stacklevel=2)
-        return new
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+})

@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import ENTROPY_EPS, L2_EPS, compute_dtype, l2_normalize, maybe_normalize, straight_through
+from ._common import (
+    ENTROPY_EPS,
+    L2_EPS,
+    compute_dtype,
+    deprecated_aliases,
+    l2_normalize,
+    maybe_normalize,
+    straight_through,
+)
 from .outputs import CodebookCommitment, EntropyStatistics, LinearCrossEntropyOutput, NearestCodeOutput
 
 __all__ = [
@@ -271,16 +279,5 @@ def sample(cond: Tensor, uncond: Tensor | None = None, cfg_scale: float = 1.0, t
 
 
 # Deprecated names (one release): the result tuples moved to fqgan_kernels.outputs as ...Output.
-_DEPRECATED = {"NearestCode": NearestCodeOutput, "LinearCrossEntropy": LinearCrossEntropyOutput,
-               "VQLosses": CodebookCommitment}
-
-
-def __getattr__(name: str):
-    if name in _DEPRECATED:
-        import warnings
-
-        new = _DEPRECATED[name]
-        warnings.warn(f"fqgan_kernels.reference.{name} is deprecated; use fqgan_kernels.outputs.{new.__name__}",
-                      DeprecationWarning, stacklevel=2)
-        return new
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = deprecated_aliases(__name__, "fqgan_kernels.outputs", {
+    "NearestCode": NearestCodeOutput, "LinearCrossEntropy": LinearCrossEntropyOutput, "VQLosses": CodebookCommitment})

@@ -1,7 +1,9 @@
 """Shared fixtures of the fqgan model tests: small tokenizer configs and random images.
 
 ``tiny_config`` / ``tiny_triple_config``: the TINY presets with a 64-code codebook (fast);
-``images``: a factory ``images(batch=2, size=32, channels=3)`` of random images in [-1, 1].
+``images``: a factory ``images(batch=2, size=32, channels=3)`` of random images in [-1, 1];
+``one_thread``: torch on one thread for the test (modules with tiny ops use it for every test:
+``pytestmark = pytest.mark.usefixtures("one_thread")``).
 """
 
 import pytest
@@ -27,3 +29,12 @@ def images():
         return torch.rand(batch, channels, size, size, generator=g) * 2 - 1
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: one thread is faster, and far faster on a shared machine (OpenMP barriers under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from fqgan.cli import build_parser, main
 
@@ -12,12 +11,7 @@ TINY_FLAGS = ["--preset", "tiny", "--codebook-size", "64", "--perceptual-weight"
               "--batch-size", "4", "--num-workers", "0", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _commands():

@@ -12,13 +12,7 @@ from fqgan.generator import FAR, PRESETS, FARConfig, generate
 RTOL, ATOL = TOLERANCES[torch.float32]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: a second thread only adds contention on the shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**kw) -> FARConfig:

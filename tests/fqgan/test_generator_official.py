@@ -26,12 +26,7 @@ SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:

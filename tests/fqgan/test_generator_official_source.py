@@ -77,12 +77,7 @@ def official(tmp_path_factory) -> dict[str, types.ModuleType]:
     return mods
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = {"B-like": dict(dim=64, n_head=4, n_layer=3, ar_n_layer=3, block_size=16),

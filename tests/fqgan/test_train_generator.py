@@ -22,12 +22,7 @@ from fqgan.train.generator import far_optimizer, load_generator, model_config_fo
 SMALL_FAR = {"dim": 32, "n_layer": 2, "n_head": 2, "ar_n_layer": 1, "multiple_of": 16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_codes(folder, n=24, k=2, K=32, grid=4, classes=5, seed=0):

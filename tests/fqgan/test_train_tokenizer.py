@@ -42,13 +42,7 @@ class ToyTeacher(nn.Module):
         return self.conv(images).mean(dim=(2, 3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: one thread is faster, and far faster on a shared machine (OpenMP barriers under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, name, **changes):
