@@ -24,7 +24,7 @@ from fqgan_kernels import reference as ref
 # (N, K, D, k): 1, odd sizes, CPU chunk edges (K = 512, 513 codes; 32/33 rows per row task) and every k
 SHAPES = [(1, 1, 8, 1), (17, 7, 3, 2), (33, 513, 5, 3), (32, 512, 8, 4), (65, 31, 9, 4), (300, 1000, 8, 3)]
 REAL = (257, 16384, 8, 3)  # FQGAN: K = 16384, D = 8, k = 3 (N kept small: the float64 truth is N x K)
-TRITON_SHAPES = [(1, 1, 8, 1), (17, 7, 3, 2), (20, 40, 8, 3), (33, 45, 5, 4)]  # interpreter: tiny
+TRITON_SHAPES = [(1, 1, 8, 1), (17, 7, 3, 2), (20, 40, 8, 3), (33, 45, 5, 4), (9, 21, 20, 2)]  # interpreter: tiny
 
 
 def make(N, K, D, k, dtype=torch.float32, scale=1.0):
@@ -255,6 +255,17 @@ def test_bad_temperature():
     for t in ("0.01", None, True, torch.tensor(0.01)):
         with pytest.raises(TypeError, match="temperature must be a real number"):
             fk.entropy_loss(z, e, t)
+
+
+def test_wide_codes_on_gpu_kernels(triton_available):
+    """D > 64: the triton (and cuda) kernels refuse before any launch, naming the torch path; that
+    path takes any D. float64 runs on the torch path, so it is not refused."""
+    z, e = make(5, 12, 65, 2)
+    with pytest.raises(ValueError, match=r"triton kernels take D <= 64, got D = 65.*backend='torch'"):
+        fk.entropy_loss(z, e, backend="triton")
+    assert torch.isfinite(fk.entropy_loss(z, e, backend="torch")).all()
+    assert torch.isfinite(fk.entropy_loss(z.double(), e.double(), backend="triton")).all()
+    check("triton", *make(5, 12, 64, 2), 0.01, True)  # the widest accepted
 
 
 def test_bad_shapes_types_devices():

@@ -225,7 +225,7 @@ def test_triton_autotune_keys_bucket_the_sizes_that_vary():
                (sample._sample_kernel, sample.TUNING),
                (vq_losses._vq_losses_fwd_kernel, vq_losses.FWD_TUNING),
                (vq_losses._vq_losses_bwd_kernel, vq_losses.BWD_TUNING)]
-    tunings += [(entropy_loss.KERNELS[name], t) for name, t in entropy_loss.TUNING.items()]
+    tunings += [(entropy_loss.KERNELS[name], t) for (name, _), t in entropy_loss.TUNING.items()]
     tunings += [(linear_cross_entropy.KERNELS[name], t) for (name, _), t in linear_cross_entropy.TUNING.items()]
     for kernel, tuning in tunings:
         names = kernel.arg_names

@@ -10,9 +10,9 @@ Dots use ``input_precision="ieee"``: at T = 0.01 a TF32 dot would move the logit
 * ``_entropy_grad_e_kernel``    program (code block, sub-codebook), rows swept: dL/de.
 Each output element is written by exactly one program: no atomics, deterministic.
 
-Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``TUNING[name].configs``, keyed on
-N's power-of-two bucket (``N_BUCKET``, read by no kernel), K and D; one fixed config under
-``TRITON_INTERPRET=1`` (CPU tensors, tests) or with ``FQGAN_TRITON_AUTOTUNE=0``.
+Launch (fqgan_kernels/triton/_launch.py): autotuned on a GPU over ``TUNING[(name, BLOCK_D)].configs``,
+keyed on N's power-of-two bucket (``N_BUCKET``, read by no kernel), K and D; one fixed config under
+``TRITON_INTERPRET=1`` (CPU tensors, tests) or with ``FQGAN_TRITON_AUTOTUNE=0``. D <= :data:`MAX_D`.
 """
 
 from __future__ import annotations
@@ -183,25 +183,64 @@ def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-_CONFIGS = [_config(*c) for c in [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-                                  (32, 128, 4, 3), (64, 256, 8, 2)]]
-TUNING = {
-    name: Tuning(configs=_CONFIGS, default=_config(64, 64, 4, 2), interpret=_config(16, 32, 4, 2),
-                 key=["N_BUCKET", "K", "D"])
-    for name in KERNELS
+# One list per kernel and BLOCK_D. The dots are float32 IEEE, i.e. FMA loops in which every thread
+# holds its rows and columns of both operands across the whole reduction: the registers grow with the
+# tile and with D, and the backward kernels carry two dots. Every config below compiles for sm_90a and
+# sm_80 without a spill (scripts/check_triton_compile.py); the first is the default
+# (FQGAN_TRITON_AUTOTUNE=0). (BLOCK_N, BLOCK_K, warps, stages):
+_LISTS = {
+    16: {
+        "rows_fwd": [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 128, 4, 3),
+                     (64, 256, 8, 2)],
+        "colsum": [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2),
+                   (32, 128, 8, 2)],
+        "rows_bwd": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2), (16, 64, 4, 2), (128, 32, 8, 2),
+                     (32, 32, 2, 2)],
+        "grad_e": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2),
+                   (128, 32, 8, 2)],
+    },
+    32: {
+        "rows_fwd": [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 128, 4, 3),
+                     (64, 256, 8, 2)],
+        "colsum": [(64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2),
+                   (32, 128, 8, 2)],
+        "rows_bwd": [(32, 32, 4, 2), (64, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 32, 8, 2),
+                     (128, 16, 8, 2)],
+        "grad_e": [(64, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (32, 64, 8, 2), (64, 16, 8, 2),
+                   (128, 16, 8, 2)],
+    },
+    64: {
+        "rows_fwd": [(32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 32, 2, 2),
+                     (32, 16, 2, 2)],
+        "colsum": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 16, 8, 2), (16, 64, 8, 2),
+                   (16, 16, 2, 2)],
+        "rows_bwd": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2),
+                     (64, 16, 8, 2)],
+        "grad_e": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 64, 8, 2), (64, 16, 8, 2),
+                   (16, 16, 2, 2)],
+    },
 }
-_TUNED = {name: autotuned(kernel, TUNING[name]) for name, kernel in KERNELS.items()}
+MAX_D = max(_LISTS)  # as csrc/cuda/entropy_loss.cuh's kEntropyMaxD
+TUNING = {
+    (name, bd): Tuning(configs=[_config(*c) for c in lists[name]], default=_config(*lists[name][0]),
+                       interpret=_config(16, 32, 4, 2), key=["N_BUCKET", "K", "D"])
+    for bd, lists in _LISTS.items() for name in KERNELS
+}
+_TUNED = {key: autotuned(KERNELS[key[0]], tuning) for key, tuning in TUNING.items()}
 
 
 def block_d(D: int) -> int:
-    """``BLOCK_D`` of every entropy kernel: tl.dot needs every dim >= 16."""
+    """``BLOCK_D`` of every entropy kernel: tl.dot needs every dim >= 16; D <= :data:`MAX_D`."""
+    if D > MAX_D:
+        raise ValueError(f"entropy (triton): D = {D} > {MAX_D}; use backend='torch' for wider codes")
     return max(16, triton.next_power_of_2(D))
 
 
 def _launch(name: str, N: int, K: int, k: int, args: tuple, D: int) -> None:
     key, size = ("BLOCK_N", N) if GRID_OVER_ROWS[name] else ("BLOCK_K", K)
-    launch(KERNELS[name], _TUNED[name], TUNING[name], lambda m: (triton.cdiv(size, m[key]), k), args,
-           {"BLOCK_D": block_d(D)})
+    bd = block_d(D)
+    launch(KERNELS[name], _TUNED[(name, bd)], TUNING[(name, bd)], lambda m: (triton.cdiv(size, m[key]), k), args,
+           {"BLOCK_D": bd})
 
 
 def _prepare(zn: Tensor, en: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
