@@ -136,9 +136,10 @@ def _entropy_loss_cases() -> list[Case]:
     }
     out = []
     for name, kernel in m.KERNELS.items():
-        for D in (8, 32):  # BLOCK_D 16 (any D <= 16), BLOCK_D 32
+        for D in (8, 32, m.MAX_D):  # BLOCK_D 16 (any D <= 16), 32 and 64, each with its own config list
+            bd = m.block_d(D)
             out.append(Case("entropy_loss", kernel.__name__, f"fp32 D={D}", kernel, args[name](D),
-                            {"BLOCK_D": m.block_d(D)}, m.TUNING[name].all_configs(), {"enable_fp_fusion": True}))
+                            {"BLOCK_D": bd}, m.TUNING[(name, bd)].all_configs(), {"enable_fp_fusion": True}))
     return out
 
 
@@ -278,22 +279,6 @@ def compile_one(job: tuple[int, int, str]) -> dict:
     return res
 
 
-# Kernels whose spills are known and not fixed yet (issue 13, still open): their spills are printed as
-# KNOWN and do not fail the check, unless --strict; a compile error or over-limit shared memory in them
-# still fails, and so does a spill in any other kernel. Remove an entry once its kernel is fixed.
-KNOWN_SPILLS = {
-    "_entropy_colsum_kernel": "every config spills at D=8 or D=32, sm_90a and sm_80 (16-13,416 B): needs smaller tiles",
-    "_entropy_grad_e_kernel": "every config spills at D=8 or D=32 on sm_90a and sm_80: needs smaller tiles or a rework",
-    "_entropy_rows_bwd_kernel": "every config spills at D=8 or D=32, sm_90a and sm_80: needs smaller tiles or a rework",
-    "_sample_kernel": "spills 8-64 B of stack on sm_90a in most configs: needs fewer live values per thread",
-}
-
-
-def known(res: dict, kernel: str) -> bool:
-    """A failing result that KNOWN_SPILLS excuses: spills only, in a listed kernel."""
-    return kernel in KNOWN_SPILLS and "error" not in res and all(p.startswith("spills") for p in problems(res))
-
-
 def problems(res: dict) -> list[str]:
     """Why a compile result fails the check (empty: it passes)."""
     if "error" in res:
@@ -393,14 +378,12 @@ def _range(a: int, b: int) -> str:
     return f"{a}" if a == b else f"{a}-{b}"
 
 
-def print_report(cases: list[Case], results: list[dict], rows: list[dict], strict: bool = False) -> int:
-    bad = [(cases[r["case"]], r) for r in results if problems(r)]
-    excused = [] if strict else [(c, r) for c, r in bad if known(r, c.kernel)]
-    failed = [(c, r) for c, r in bad if not any(r is x for _, x in excused)]
+def print_report(cases: list[Case], results: list[dict], rows: list[dict]) -> int:
+    failed = [(cases[r["case"]], r) for r in results if problems(r)]
     print(f"{'':4}  {'kernel':<28} {'config':<36} {'arch':<6} {'var':>3} {'regs':>7} {'spill B':>7} "
           f"{'smem KiB':>8} {'warps/SM':>9}")
     for row in sorted(rows, key=lambda r: (r["op"], r["kernel"], r["config"], r["arch"])):
-        mark = ("KNOWN" if row["kernel"] in KNOWN_SPILLS and not strict else "FAIL") if row["failed"] else "ok"
+        mark = "FAIL" if row["failed"] else "ok"
         if "regs_min" in row:
             occ = _range(row["occ_min"], row["occ_max"]) if row["arch"] == SM90.name else ""
             print(f"{mark:<4}  {row['kernel']:<28} {row['config']:<36} {row['arch']:<6} {row['variants']:>3} "
@@ -409,16 +392,13 @@ def print_report(cases: list[Case], results: list[dict], rows: list[dict], stric
         else:
             print(f"{mark:<4}  {row['kernel']:<28} {row['config']:<36} {row['arch']:<6} {row['variants']:>3}  "
                   "(every variant failed to compile)")
-    for mark, items in (("KNOWN", excused), ("FAIL", failed)):
-        for case, r in items:
-            cfg = _config_label(case.configs[r["config"]])
-            for p in problems(r):
-                print(f"{mark:<5} {case.kernel} [{case.variant}] {{{cfg}}} {r['arch']}: {p}")
-    for kernel in sorted({c.kernel for c, _ in excused}):
-        print(f"KNOWN {kernel}: {KNOWN_SPILLS[kernel]} (not failing the check; --strict fails it)")
+    for case, r in failed:
+        cfg = _config_label(case.configs[r["config"]])
+        for p in problems(r):
+            print(f"FAIL {case.kernel} [{case.variant}] {{{cfg}}} {r['arch']}: {p}")
     n = len(results)
     print(f"\n{n} compiles ({len(cases)} kernel variants x their configs x {len({r['arch'] for r in results})} "
-          f"archs), {len(failed)} failed, {len(excused)} known spills; "
+          f"archs), {len(failed)} failed; "
           f"{sum(r['seconds'] for r in results):.0f} s of compile time")
     return 1 if failed else 0
 
@@ -445,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="regex on 'op kernel variant': check only the matching cases")
     p.add_argument("--skip", help="regex on 'op kernel variant': leave out the matching cases")
     p.add_argument("--json", help="write every compile result here")
-    p.add_argument("--strict", action="store_true", help="KNOWN_SPILLS fail the check too")
     p.add_argument("--results", help="write the sm_90a resource table into this markdown file (its generated "
                                      "section; benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
@@ -463,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_CACHE_DIR"] = cache  # read by triton at compile time; the workers inherit it
         results = run(cases, archs, args.jobs)
     rows = summarise(cases, results)
-    status = print_report(cases, results, rows, strict=args.strict)
+    status = print_report(cases, results, rows)
     print(f"wall time {time.time() - t0:.0f} s with {args.jobs} processes; triton {triton.__version__}, "
           f"ptxas {_ptxas_versions(archs)}")
     if args.json:
@@ -480,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                   "One row per kernel and config; `variants` = the constexpr combinations compiled "
                   "(dtype, D, flags), over which regs and warps/SM are ranges. Occupancy is the "
                   "theoretical one on H200 (registers, shared memory and block size; scripts/gpu_resources.py). "
-                  "No row spills except the kernels of KNOWN_SPILLS in the script (issue 13, open).")
+                  "No row spills (the check fails on any spill).")
         replace_section(args.results, "triton-resources", markdown(rows, header),
                         "## Triton kernels: registers, shared memory, occupancy (sm_90a)")
     return status
