@@ -395,7 +395,7 @@ def print_report(cases: list[Case], results: list[dict], rows: list[dict]) -> in
     for case, r in failed:
         cfg = _config_label(case.configs[r["config"]])
         for p in problems(r):
-            print(f"FAIL {case.kernel} [{case.variant}] {{{cfg}}} {r['arch']}: {p}")
+            print(f"FAIL  {case.kernel} [{case.variant}] {{{cfg}}} {r['arch']}: {p}")
     n = len(results)
     print(f"\n{n} compiles ({len(cases)} kernel variants x their configs x {len({r['arch'] for r in results})} "
           f"archs), {len(failed)} failed; "
