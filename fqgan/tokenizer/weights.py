@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "WeightsNotFoundError", "check_state_dict", "find_file", "load_torch_file"]
+__all__ = ["CheckpointError", "WeightsNotFoundError", "check_state_dict", "find_file", "load_reason",
+           "load_torch_file"]
 
 
 class WeightsNotFoundError(FileNotFoundError, ValueError):
@@ -54,6 +55,20 @@ def find_file(what: str, path: str | os.PathLike | None, env: str | None, defaul
     raise WeightsNotFoundError(f"{what}: no such {kind}. Looked at: " + "; ".join(looked) + (f". {how}" if how else ""))
 
 
+def load_reason(exc: BaseException) -> str:
+    """Why ``torch.load`` failed, in one line. For ``weights_only`` loads torch wraps the reason in advice
+    that fits a trusted file with custom classes ("re-running with weights_only=False will likely
+    succeed", "please file an issue"), which is wrong for a corrupted one: keep only the reason
+    after "WeightsUnpickler error:" (e.g. "Unsupported operand 189")."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        tail = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        return tail[0] if tail else "the unpickler stopped"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def load_torch_file(path: str | os.PathLike, what: str, trusted: bool = False) -> Any:
     """``torch.load(path, map_location="cpu")`` restricted to tensors and plain containers (plus
     ``argparse.Namespace``, which the official training checkpoints hold under ``"args"``), unless
@@ -66,17 +81,14 @@ def load_torch_file(path: str | os.PathLike, what: str, trusted: bool = False) -
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line
-                       or line.strip().startswith("Unsupported")), str(e).splitlines()[0] if str(e) else "")
-        if "Unsupported global" in str(e):
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
+            KeyError, IndexError) as e:
+        reason = load_reason(e)
+        if reason.startswith("Unsupported global"):  # a well-formed file that pickles classes
             raise CheckpointError(f"{what}: {path} holds Python objects beyond tensors and containers; if you trust "
-                                  f"the file, load it with trusted=True. ({detail})") from e
+                                  f"the file, load it with trusted=True. ({reason})") from e
         raise CheckpointError(f"{what}: {path} is not a readable PyTorch file (corrupted or truncated?): "
-                              f"{detail}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as e:
-        raise CheckpointError(f"{what}: {path} is not a readable PyTorch file (corrupted or truncated?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+                              f"{reason}") from e
 
 
 def check_state_dict(state: Any, what: str) -> Mapping[str, torch.Tensor]:

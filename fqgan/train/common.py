@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler
 
 # One error type for unusable weight files across fqgan (a ValueError): corrupted, truncated, wrong kind.
-from fqgan.tokenizer.weights import CheckpointError
+from fqgan.tokenizer.weights import CheckpointError, load_reason
 
 __all__ = [
     "EMA",
@@ -282,8 +282,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError,
             AttributeError, KeyError, IndexError) as exc:
         raise CheckpointError(f"checkpoint {path!r} ({size} bytes) is corrupted or truncated and cannot be "
-                              f"loaded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                              ) from exc
+                              f"loaded: {load_reason(exc)}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(state).__name__}, not a checkpoint dict")
     if kind is not None:

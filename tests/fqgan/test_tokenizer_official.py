@@ -642,3 +642,25 @@ def test_missing_unexpected_and_misshapen_keys():
         from_official({"model": {"a": 1}})
     with pytest.raises(TypeError, match="source must be a checkpoint path or a"):
         from_official(torch.zeros(3))
+
+
+class _Custom:  # a class torch's weights_only unpickler refuses
+    pass
+
+
+def test_load_torch_file_reasons(tmp_path):
+    """A broken file says so, with the unpickler's reason and without torch's advice for trusted files;
+    a well-formed file with pickled classes points to trusted=True."""
+    from fqgan.tokenizer.weights import load_torch_file
+
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02" + bytes(range(7, 250)))
+    with pytest.raises(CheckpointError, match=r"junk.pt is not a readable PyTorch file.*: Unsupported") as info:
+        load_torch_file(tmp_path / "junk.pt", "teacher")
+    assert "weights_only" not in str(info.value) and "file an issue" not in str(info.value)
+    assert "trusted=True" not in str(info.value)
+    torch.save({"w": torch.ones(2), "extra": _Custom()}, tmp_path / "custom.pt")
+    with pytest.raises(CheckpointError, match=r"custom.pt holds Python objects.*trusted=True.*Unsupported global"):
+        load_torch_file(tmp_path / "custom.pt", "teacher")
+    assert isinstance(load_torch_file(tmp_path / "custom.pt", "teacher", trusted=True)["extra"], _Custom)
+    with pytest.raises(WeightsNotFoundError, match="teacher: no such file"):
+        load_torch_file(tmp_path / "missing.pt", "teacher")
