@@ -270,7 +270,8 @@ def entropy_loss(z: Tensor, codebooks: Tensor, temperature: float = 0.01, l2_nor
     without any N x K buffer: two streaming sweeps forward, two backward, extra memory
     O(k * (N + K)) plus the normalised copies of z and the codebooks.
 
-    :param z: (N, k, D) float32, bfloat16 or float16 (float64 runs on the ``torch`` path)
+    :param z: (N, k, D) float32, bfloat16 or float16 (float64 runs on the ``torch`` path); the
+        ``triton`` and ``cuda`` kernels take D <= 64 (FQGAN: 8), ``torch`` and ``cpu`` any D
     :param codebooks: (k, K, D), same dtype and device as ``z``
     :param temperature: T > 0 (FQGAN: 0.01)
     :param l2_normalize: normalise z and the codes first (FQGAN/LlamaGen ``l2_norm=True``)
