@@ -111,6 +111,40 @@ def test_triton_draw_for_draw(V, cfg, dtype, triton_available):
     check_backend("triton", V, dtype, cfg, Bn=2, temperatures=[0.5], top_ps=[0.5, 1.0], ks=[0, 5])
 
 
+try:  # the Triton sampler's key, applied elementwise (module level: @triton.jit resolves globals)
+    import triton
+    import triton.language as tl
+
+    from fqgan_kernels.triton.sample import _key
+
+    @triton.jit
+    def _keys_kernel(X, OUT, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(X + offs, mask=offs < n, other=0.0)
+        tl.store(OUT + offs, _key(x).to(tl.int64), mask=offs < n)
+except ImportError:
+    _keys_kernel = None
+
+
+def test_triton_key_orders_like_the_floats(triton_available):
+    """The Triton sampler's uint32 key (top-k / top-p radix descents) is strictly increasing in the
+    float value over the whole range: -inf, -max, negative normals and subnormals, -0 and +0 (one key
+    apart; pass 1 turns -0 into +0 before any key is taken), positive subnormals and normals, +inf;
+    and equals the int64 key it replaced."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([float("-inf"), -3.4e38, -2.0, -1.0, -tiny, -1e-45, -0.0, 0.0, 1e-45, tiny, 1.0, 2.0,
+                      3.4e38, float("inf")], dtype=torch.float32)
+    x = torch.cat([x, torch.randn(50).sort().values * 10])
+    x = x.sort(stable=True).values  # -0.0 before +0.0 keep their order (they compare equal)
+    out = torch.empty(x.numel(), dtype=torch.int64)
+    _keys_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert out.min() >= 0 and out.max() < 2**32
+    bits = x.view(torch.int32).long()
+    want = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # the int64 key it replaced
+    assert torch.equal(out, want)
+    assert (out.diff() >= 0).all() and ((out.diff() > 0) | (x.diff() == 0)).all()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
