@@ -14,6 +14,9 @@ from torch import Tensor
 
 L2_EPS = 1e-12  # F.normalize's default, as in LlamaGen/FQGAN
 ENTROPY_EPS = 1e-5  # log(avg_probs + 1e-5) in LlamaGen/FQGAN compute_entropy_loss
+# The GPU entropy kernels hold a code's D values in registers: D <= 64 (csrc/cuda/entropy_loss.cuh
+# kEntropyMaxD, the BLOCK_D lists of fqgan_kernels/triton/entropy_loss.py). torch and cpu take any D.
+ENTROPY_GPU_MAX_D = 64
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -73,15 +73,12 @@ from torch import Tensor
 
 from . import reference
 from ._backend import Op, Route, cpu_kernel, cuda_kernel, triton_kernel
-from ._common import ENTROPY_EPS, maybe_normalize
+from ._common import ENTROPY_EPS, ENTROPY_GPU_MAX_D, maybe_normalize
 from .outputs import EntropyStatistics
 
 __all__ = ["entropy_loss"]
 
 _CHUNK_ELEMENTS = 1 << 20  # the torch path holds at most this many a_nj at once (4 MiB fp32)
-# The GPU kernels hold a code's D values in registers: D <= 64 (csrc/cuda/entropy_loss.cuh kEntropyMaxD,
-# fqgan_kernels/triton/entropy_loss.py MAX_D). The torch and cpu paths take any D.
-GPU_MAX_D = 64
 
 
 # -- plain-PyTorch path (backend "torch", and float64 for gradcheck), chunked over rows ------------
@@ -290,8 +287,8 @@ def entropy_loss(z: Tensor, codebooks: Tensor, temperature: float = 0.01, l2_nor
     dist_on = _use_distributed(distributed)
     name = OP.resolve(backend, z.device)
     routed = OP.routed("stats", name, z.dtype) if name != "reference" else name
-    if routed in ("triton", "cuda") and z.shape[-1] > GPU_MAX_D:
-        raise ValueError(f"entropy_loss: the {routed} kernels take D <= {GPU_MAX_D}, got D = {z.shape[-1]} "
+    if routed in ("triton", "cuda") and z.shape[-1] > ENTROPY_GPU_MAX_D:
+        raise ValueError(f"entropy_loss: the {routed} kernels take D <= {ENTROPY_GPU_MAX_D}, got D = {z.shape[-1]} "
                          f"(z shape {tuple(z.shape)}); use backend='torch' (any device) for wider codes")
     if z.shape[0] == 0 and not dist_on:
         raise ValueError(f"z has N = 0 rows (shape {tuple(z.shape)}): the entropy loss is a mean over rows")

@@ -10,6 +10,7 @@ the logits' conditioning max|a_nj| / 40 (>= 1; ~7.5 for normalised inputs at T =
 the absolute part.
 """
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -266,6 +267,21 @@ def test_wide_codes_on_gpu_kernels(triton_available):
     assert torch.isfinite(fk.entropy_loss(z, e, backend="torch")).all()
     assert torch.isfinite(fk.entropy_loss(z.double(), e.double(), backend="triton")).all()
     check("triton", *make(5, 12, 64, 2), 0.01, True)  # the widest accepted
+
+
+def test_gpu_width_limit_is_one_number():
+    """The front door's limit is the CUDA kernels' kEntropyMaxD and the widest Triton BLOCK_D list."""
+    import pathlib
+    import re
+
+    from fqgan_kernels._common import ENTROPY_GPU_MAX_D
+
+    header = pathlib.Path(__file__).parents[1] / "csrc" / "cuda" / "entropy_loss.cuh"
+    assert int(re.search(r"kEntropyMaxD = (\d+);", header.read_text()).group(1)) == ENTROPY_GPU_MAX_D
+    if importlib.util.find_spec("triton") is not None:
+        from fqgan_kernels.triton import entropy_loss as tri
+
+        assert max(bd for _, bd in tri.TUNING) == ENTROPY_GPU_MAX_D == tri.MAX_D
 
 
 def test_bad_shapes_types_devices():

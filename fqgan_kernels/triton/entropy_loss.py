@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._common import ENTROPY_GPU_MAX_D
 from ._launch import Tuning, autotuned, launch, pow2_bucket
 
 
@@ -188,10 +189,11 @@ def _config(bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 # tile and with D, and the backward kernels carry two dots. Every config below compiles for sm_90a and
 # sm_80 without a spill (scripts/check_triton_compile.py); the first is the default
 # (FQGAN_TRITON_AUTOTUNE=0). (BLOCK_N, BLOCK_K, warps, stages):
+_ROWS_FWD_UP_TO_32 = [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 128, 4, 3),
+                      (64, 256, 8, 2)]  # one dot, registers for the tile only: the same list up to D = 32
 _LISTS = {
     16: {
-        "rows_fwd": [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 128, 4, 3),
-                     (64, 256, 8, 2)],
+        "rows_fwd": _ROWS_FWD_UP_TO_32,
         "colsum": [(64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2),
                    (32, 128, 8, 2)],
         "rows_bwd": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2), (16, 64, 4, 2), (128, 32, 8, 2),
@@ -200,8 +202,7 @@ _LISTS = {
                    (128, 32, 8, 2)],
     },
     32: {
-        "rows_fwd": [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (32, 128, 4, 3),
-                     (64, 256, 8, 2)],
+        "rows_fwd": _ROWS_FWD_UP_TO_32,
         "colsum": [(64, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2),
                    (32, 128, 8, 2)],
         "rows_bwd": [(32, 32, 4, 2), (64, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 32, 8, 2),
@@ -209,7 +210,7 @@ _LISTS = {
         "grad_e": [(64, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (32, 64, 8, 2), (64, 16, 8, 2),
                    (128, 16, 8, 2)],
     },
-    64: {
+    ENTROPY_GPU_MAX_D: {
         "rows_fwd": [(32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 32, 2, 2),
                      (32, 16, 2, 2)],
         "colsum": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 16, 8, 2), (16, 64, 8, 2),
@@ -220,7 +221,7 @@ _LISTS = {
                    (16, 16, 2, 2)],
     },
 }
-MAX_D = max(_LISTS)  # as csrc/cuda/entropy_loss.cuh's kEntropyMaxD
+MAX_D = ENTROPY_GPU_MAX_D  # the widest BLOCK_D with a list
 TUNING = {
     (name, bd): Tuning(configs=[_config(*c) for c in lists[name]], default=_config(*lists[name][0]),
                        interpret=_config(16, 32, 4, 2), key=["N_BUCKET", "K", "D"])
@@ -230,9 +231,8 @@ _TUNED = {key: autotuned(KERNELS[key[0]], tuning) for key, tuning in TUNING.item
 
 
 def block_d(D: int) -> int:
-    """``BLOCK_D`` of every entropy kernel: tl.dot needs every dim >= 16; D <= :data:`MAX_D`."""
-    if D > MAX_D:
-        raise ValueError(f"entropy (triton): D = {D} > {MAX_D}; use backend='torch' for wider codes")
+    """``BLOCK_D`` of every entropy kernel: tl.dot needs every dim >= 16. D <= :data:`MAX_D` (the front
+    door, fqgan_kernels/entropy_loss.py, refuses wider codes before any launch)."""
     return max(16, triton.next_power_of_2(D))
 
 
