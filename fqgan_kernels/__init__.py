@@ -1,6 +1,6 @@
 """fqgan-kernels: fused kernels for factorized visual tokenization and generation (FQGAN + FAR).
 
-Public API (see README.md and DESIGN.md section 4)::
+Public API (see README.md and docs/design.md section 4)::
 
     import fqgan_kernels as fk
     fk.backends()
@@ -14,7 +14,6 @@ names starting with ``_`` are internal.
 
 from . import outputs, reference
 from ._backend import BACKENDS, BackendInfo, backends, resolve_backend
-from ._common import deprecated_aliases
 from ._validate import set_check_finite
 from .entropy_loss import entropy_loss
 from .linear_cross_entropy import linear_cross_entropy
@@ -55,10 +54,3 @@ __all__ = [
     "set_check_finite",
     "vq_losses",
 ]
-
-# Renamed in 0.2 (see CHANGELOG.md); the old names stay importable for one release, with a warning.
-__getattr__ = deprecated_aliases(__name__, __name__, {
-    "NearestCode": NearestCodeOutput,
-    "LinearCrossEntropy": LinearCrossEntropyOutput,
-    "VQLossTerms": VQLossesOutput,
-})

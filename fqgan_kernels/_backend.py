@@ -1,4 +1,4 @@
-"""Backend choice and the one dispatch table runner (DESIGN.md section 5).
+"""Backend choice and the one dispatch table runner (docs/design.md section 5).
 
 Backends:
 

@@ -5,9 +5,6 @@ One definition each: the epsilons of the official code, the compute dtype rule, 
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,18 +39,3 @@ def maybe_normalize(z: Tensor, codebooks: Tensor, l2: bool) -> tuple[Tensor, Ten
 def straight_through(z: Tensor, codes: Tensor) -> Tensor:
     """``z + (codes - z).detach()``: the value of ``codes``, the gradient of ``z``."""
     return z + (codes - z).detach()
-
-
-def deprecated_aliases(module: str, new_home: str, aliases: dict[str, type]) -> Callable[[str], type]:
-    """A module ``__getattr__`` that serves each old name of ``aliases`` with a ``DeprecationWarning``
-    pointing at ``<new_home>.<new name>`` (names renamed in 0.2 stay importable for one release)."""
-
-    def __getattr__(name: str) -> type:
-        if name in aliases:
-            new = aliases[name]
-            warnings.warn(f"{module}.{name} is deprecated; use {new_home}.{new.__name__}", DeprecationWarning,
-                          stacklevel=2)
-            return new
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-
-    return __getattr__

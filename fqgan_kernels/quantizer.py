@@ -9,13 +9,12 @@ statistics (counts, perplexity, usage) on the device.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _common, _validate, reference
+from . import _common, _usage, _validate
 from .entropy_loss import entropy_loss
 from .nearest_code import nearest_code
 from .outputs import LossBreakdown, QuantizerOutput, QuantizerOutputWithBreakdown
@@ -135,15 +134,10 @@ class FactorizedQuantizer(nn.Module):
         return _common.l2_normalize(self.codebooks) if self.l2_normalize else self.codebooks
 
     # -- layout -----------------------------------------------------------------------------
-    def _is_channel_first(self, x: Tensor) -> bool:
-        if self.channel_first is not None:
-            return self.channel_first
-        return x.dim() == 4  # deprecated channel_first=None: the old guess
-
     def _check_input(self, z: Tensor) -> bool:
         _validate.tensor(z, "z")
         _validate.float_dtype(z, "z")
-        cf = self._is_channel_first(z)
+        cf = self.channel_first
         need = self.num_codebooks * self.codebook_dim
         layout = "[B, k*D, *spatial] (channel_first=True)" if cf else "[..., k*D] (channel_first=False)"
         if z.dim() < 2:
@@ -212,7 +206,7 @@ class FactorizedQuantizer(nn.Module):
         if not return_loss_breakdown:
             return QuantizerOutput(out_q, out_idx, loss)
         with torch.no_grad():
-            perplexity = reference.perplexity(counts)
+            perplexity = _usage.perplexity(counts)
             usage = self.codebook_usage()
         breakdown = LossBreakdown(codebook, commitment, entropy, disentangle, perplexity, usage)
         return QuantizerOutputWithBreakdown(out_q, out_idx, loss, breakdown)
@@ -232,7 +226,7 @@ class FactorizedQuantizer(nn.Module):
         training also marks the chosen codes as used at the new step. Scatter only: no
         ``torch.unique``, no host sync; under DDP one all-reduce of the counts, so ``last_used``
         stays equal on every rank."""
-        counts = _code_counts(idx, self.codebook_size)
+        counts = _usage.code_counts(idx, self.codebook_size)
         if self._global_stats():
             import torch.distributed as dist
 
@@ -247,7 +241,7 @@ class FactorizedQuantizer(nn.Module):
         """(k,) fraction of codes chosen within the last ``window`` training steps (default
         ``usage_window``), on the device; a code chosen at the current step counts."""
         window = self.usage_window if window is None else _count("window", window)
-        return ((self.step - self.last_used) < window).float().mean(-1)
+        return _usage.recent_usage(self.step, self.last_used, window)
 
     # -- decode -----------------------------------------------------------------------------
     def decode_indices(self, indices: Tensor, channel_first: bool | None = None) -> Tensor:
@@ -259,7 +253,7 @@ class FactorizedQuantizer(nn.Module):
         _validate.tensor(indices, "indices")
         if indices.dtype not in _validate.INDEX_DTYPES:
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        cf = self._is_channel_first(indices) if channel_first is None else _layout(channel_first)
+        cf = self.channel_first if channel_first is None else _layout(channel_first)
         k = self.num_codebooks
         axis = 1 if cf else -1
         if indices.dim() < (2 if cf else 1) or indices.shape[axis] != k:
@@ -276,21 +270,8 @@ class FactorizedQuantizer(nn.Module):
         return codes.movedim(-1, 1) if cf else codes
 
 
-def _layout(channel_first: object) -> bool | None:
-    if channel_first is None:
-        warnings.warn("channel_first=None (guess the layout from the rank) is deprecated: pass "
-                      "channel_first=True ([B, k*D, *spatial]) or False ([..., k*D])", DeprecationWarning,
-                      stacklevel=3)
-        return None
+def _layout(channel_first: object) -> bool:
     if not isinstance(channel_first, bool):
-        raise TypeError(f"channel_first must be a bool, got {type(channel_first).__name__}")
+        raise TypeError(f"channel_first must be a bool: True ([B, k*D, *spatial]) or False ([..., k*D]), "
+                        f"got {channel_first!r}")
     return channel_first
-
-
-def _code_counts(indices: Tensor, codebook_size: int) -> Tensor:
-    """Equals :func:`reference.code_counts` (``counts[i, j] = #{n : indices[n, i] == j}``) by one
-    ``scatter_add_``: no ``torch.unique``, no host sync. :param indices: (N, k) int64 -> (k, K) int64."""
-    k = indices.shape[1]
-    counts = torch.zeros(k, codebook_size, dtype=torch.long, device=indices.device)
-    idx = indices.t().long()
-    return counts.scatter_add_(1, idx, torch.ones_like(idx))

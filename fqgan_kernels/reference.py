@@ -18,20 +18,19 @@ from torch import Tensor
 
 from ._common import (
     ENTROPY_EPS,
-    L2_EPS,
     compute_dtype,
-    deprecated_aliases,
     l2_normalize,
     maybe_normalize,
-    straight_through,
+    straight_through,  # noqa: F401  not used here: benchmarks/bench_quantizer.py still reads ref.straight_through
 )
 from .outputs import CodebookCommitment, EntropyStatistics, LinearCrossEntropyOutput, NearestCodeOutput
 
+# The ground-truth ops only. The shared constants and helpers (epsilons, normalisation,
+# straight-through) live in ``_common``; the runtime's code statistics in ``_usage``.
 __all__ = [
-    "ENTROPY_EPS", "L2_EPS", "code_counts", "codebook_usage", "disentangle_loss", "entropy_loss",
-    "entropy_statistics", "guided_logits", "l2_normalize", "linear_cross_entropy", "maybe_normalize",
-    "nearest_code", "perplexity", "sample", "squared_distances", "straight_through", "top_k_top_p_filter",
-    "vq_losses",
+    "code_counts", "codebook_usage", "disentangle_loss", "entropy_from_statistics", "entropy_loss",
+    "entropy_statistics", "guided_logits", "linear_cross_entropy", "nearest_code", "perplexity", "sample",
+    "squared_distances", "top_k_top_p_filter", "vq_losses",
 ]
 
 
@@ -276,8 +275,3 @@ def sample(cond: Tensor, uncond: Tensor | None = None, cfg_scale: float = 1.0, t
     u = uniform.double().reshape(-1, 1) * cdf[:, -1:]
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return token.clamp_max(probs.shape[-1] - 1)
-
-
-# Deprecated names (one release): the result tuples moved to fqgan_kernels.outputs as ...Output.
-__getattr__ = deprecated_aliases(__name__, "fqgan_kernels.outputs", {
-    "NearestCode": NearestCodeOutput, "LinearCrossEntropy": LinearCrossEntropyOutput, "VQLosses": CodebookCommitment})

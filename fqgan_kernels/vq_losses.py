@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import _validate, reference
 from ._backend import Op, Route, cpu_kernel, cuda_kernel, triton_kernel
-from ._common import L2_EPS, compute_dtype, l2_normalize
+from ._common import L2_EPS, compute_dtype, l2_normalize, straight_through
 from .outputs import VQLossesOutput
 
 __all__ = ["vq_losses"]
@@ -191,7 +191,7 @@ def _reference(z: Tensor, codes: Tensor, w_cb: float, w_cm: float, w_dis: float)
     """The ground truth composition (fqgan_kernels/reference.py)."""
     terms = reference.vq_losses(z, codes)
     if w_dis != 0.0 and z.shape[1] > 1:
-        disentangle = w_dis * reference.disentangle_loss(reference.straight_through(z, codes))
+        disentangle = w_dis * reference.disentangle_loss(straight_through(z, codes))
     else:
         disentangle = terms.codebook.new_zeros(())
     return VQLossesOutput(w_cb * terms.codebook, w_cm * terms.commitment, disentangle)
@@ -201,7 +201,7 @@ def vq_losses(z: Tensor, codes: Tensor, *, codebook_weight: float = 1.0, commitm
               disentangle_weight: float = 0.0, backend: str | None = None,
               check_finite: bool | None = None) -> VQLossesOutput:
     """Equals ``(w_cb * reference.vq_losses(z, codes).codebook, w_cm * ....commitment,
-    w_dis * reference.disentangle_loss(reference.straight_through(z, codes)))`` in value and in
+    w_dis * reference.disentangle_loss(z + (codes - z).detach()))`` in value and in
     gradients, in one pass over z and codes forward and one backward.
 
     :param z: (N, k, D) encoder output (normalised when the quantizer normalises), float32,

@@ -39,7 +39,7 @@ from test_nearest_code import check_against_reference as check_nearest
 from test_sample import assert_same_draws, make_logits
 
 import fqgan_kernels as fk
-from fqgan_kernels import _ext
+from fqgan_kernels import _common, _ext
 from fqgan_kernels import reference as ref
 
 C = _ext.cpu()
@@ -162,10 +162,10 @@ def test_kernels_flush_subnormals_in_every_thread():
 def test_entropy_peaked_rows_match_reference():
     """T = 0.01 on rows that sit near one code: p is nearly one-hot, the other exps underflow."""
     N, K, D, k = 200, 2048, 8, 2
-    e = ref.l2_normalize(torch.randn(k, K, D))
+    e = _common.l2_normalize(torch.randn(k, K, D))
     pick = torch.randint(0, K, (N, k))
     z = torch.stack([e[i, pick[:, i]] for i in range(k)], 1) + 0.02 * torch.randn(N, k, D)
-    p = torch.softmax(-torch.cdist(ref.l2_normalize(z[:, 0]), e[0]) ** 2 / 0.01, -1)
+    p = torch.softmax(-torch.cdist(_common.l2_normalize(z[:, 0]), e[0]) ** 2 / 0.01, -1)
     assert (p.max(-1).values > 0.9).float().mean() > 0.5  # the inputs are peaked
     check_entropy("cpu", z, e, 0.01, True)
 

@@ -20,6 +20,7 @@ import torch
 from tolerances import TOLERANCES
 
 import fqgan_kernels as fk
+from fqgan_kernels import _common
 from fqgan_kernels import reference as ref
 
 # (N, K, D, k): 1, odd sizes, CPU chunk edges (K = 512, 513 codes; 32/33 rows per row task) and every k
@@ -52,7 +53,7 @@ def check(backend, z, e, temperature, l2, skip=(), device="cpu"):
     rtol, atol = TOLERANCES[z.dtype]
     # Conditioning: rounding moves each logit by ~eps * max|a_nj|, and max|a_nj| reaches hundreds
     # (normalised, T = 0.01) or thousands (raw inputs): the relative tolerance scales with it.
-    zn, en = ref.maybe_normalize(z.double(), e.double(), l2)
+    zn, en = _common.maybe_normalize(z.double(), e.double(), l2)
     amax = (2 * zn.norm(dim=-1).max() * en.norm(dim=-1).max() + en.norm(dim=-1).max() ** 2).item() / temperature
     cond = max(1.0, amax / 40.0)
     rtol, atol = rtol * cond, atol * cond
@@ -97,7 +98,7 @@ def equal_distance_inputs(N, K, on_code=True):
     second sub-codebook holds one code K times, and rows 3-5 sit exactly on a code (at T = 0.01 the
     logits then spread over ~400)."""
     z, e = make(N, K, 8, 2)
-    z, e = ref.l2_normalize(z), ref.l2_normalize(e)
+    z, e = _common.l2_normalize(z), _common.l2_normalize(e)
     z[:3] = 0.0
     e[1] = e[1, :1].expand(K, 8)
     if on_code:
@@ -156,8 +157,8 @@ def test_gpu_all_equal_distance_rows(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_opcheck_and_determinism(backend):
     N, K, D, k = (300, 1000, 8, 2)
-    zn = ref.l2_normalize(torch.randn(N, k, D, device="cuda")).requires_grad_()
-    en = ref.l2_normalize(torch.randn(k, K, D, device="cuda")).requires_grad_()
+    zn = _common.l2_normalize(torch.randn(N, k, D, device="cuda")).requires_grad_()
+    en = _common.l2_normalize(torch.randn(k, K, D, device="cuda")).requires_grad_()
     torch.library.opcheck(torch.ops.fqgan.entropy_stats.default, (zn, en, 0.05, backend))
     z, e = make(N, K, D, k)
     grads = [loss_and_grads(lambda a, b: fk.entropy_loss(a, b, backend=backend), z, e, torch.ones(k), "cuda")
@@ -207,8 +208,8 @@ def test_opcheck(backend, request):
     if backend == "triton":
         request.getfixturevalue("triton_available")
     N, K, D, k = (20, 40, 8, 2)
-    zn = ref.l2_normalize(torch.randn(N, k, D)).requires_grad_()
-    en = ref.l2_normalize(torch.randn(k, K, D)).requires_grad_()
+    zn = _common.l2_normalize(torch.randn(N, k, D)).requires_grad_()
+    en = _common.l2_normalize(torch.randn(k, K, D)).requires_grad_()
     torch.library.opcheck(torch.ops.fqgan.entropy_stats.default, (zn, en, 0.05, backend))
     lse, _, _ = torch.ops.fqgan.entropy_stats(zn.detach(), en.detach(), 0.05, backend)
     args = (zn.detach(), en.detach(), lse, torch.randn(k, N), torch.randn(k, N), torch.randn(k, K), 0.05, backend)

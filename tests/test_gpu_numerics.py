@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import fqgan_kernels as fk
+from fqgan_kernels import _common
 from fqgan_kernels import reference as ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -63,7 +64,7 @@ def nearest_code_errors(backend, device, N, K, D, k, dtype=torch.float32):
     z = torch.randn(N, k, D, generator=g).to(device, dtype)
     cb = torch.randn(k, K, D, generator=g).to(device, dtype)
     _, idx = fk.nearest_code(z, cb, True, backend=backend)
-    zn, en = ref.l2_normalize(z.double()), ref.l2_normalize(cb.double())
+    zn, en = _common.l2_normalize(z.double()), _common.l2_normalize(cb.double())
     mism, regret = 0, 0.0
     for i in range(k):
         d = ref.squared_distances(zn[:, i], en[i])  # float64 truth

@@ -10,6 +10,7 @@ import torch
 from tolerances import TOLERANCES
 
 import fqgan_kernels as fk
+from fqgan_kernels import _common
 from fqgan_kernels import reference as ref
 
 BACKENDS = ["reference", "torch", "cpu"]
@@ -26,7 +27,7 @@ SHAPES = [
 def check_against_reference(z, codebooks, l2, codes, idx, chunk=1024):
     """The chosen code's distance is the exact (float64) minimum within 1e-5 relative; indices equal
     the exact argmin wherever the runner-up is clearly farther; codes are the chosen rows."""
-    zn, en = ref.maybe_normalize(z.double(), codebooks.double(), l2)
+    zn, en = _common.maybe_normalize(z.double(), codebooks.double(), l2)
     for start in range(0, z.shape[0], chunk):  # chunks keep the float64 N x K check small
         zc, ic = zn[start:start + chunk], idx[start:start + chunk]
         d = torch.stack([torch.cdist(zc[:, i], en[i]) ** 2 for i in range(en.shape[0])], 1)  # (n, k, K)
@@ -37,7 +38,7 @@ def check_against_reference(z, codebooks, l2, codes, idx, chunk=1024):
         top2 = d.topk(min(2, d.shape[-1]), dim=-1, largest=False).values
         separated = (top2[..., -1] - top2[..., 0] > 1e-4 * scale) | (d.shape[-1] == 1)
         assert torch.equal(ic[separated], exact_idx[separated])
-    table = ref.l2_normalize(codebooks.float()) if l2 else codebooks.float()
+    table = _common.l2_normalize(codebooks.float()) if l2 else codebooks.float()
     expect = torch.stack([table[i][idx[:, i]] for i in range(codebooks.shape[0])], 1).to(z.dtype)
     rtol, atol = TOLERANCES[z.dtype]
     torch.testing.assert_close(codes, expect, rtol=rtol, atol=atol)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tolerances import TOLERANCES
 
-from fqgan_kernels import reference as ref
+from fqgan_kernels import _common
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, K, D, k) under the interpreter (BLOCK_N=64, BLOCK_K=32): N in {1, 17, 65} (one row, a partial
@@ -65,7 +65,7 @@ def check_against_reference(z, codebooks, l2, codes, idx, chunk=1024):
     assert bool(((idx >= 0) & (idx < codebooks.shape[1])).all())
     if z.is_cuda:
         chunk = max(chunk, 2**26 // (k * codebooks.shape[1]))  # float64 (chunk, k, K) blocks of 512 MiB
-    zn, en = ref.maybe_normalize(z.double(), codebooks.double(), l2)
+    zn, en = _common.maybe_normalize(z.double(), codebooks.double(), l2)
     e2 = (en * en).sum(-1)  # (k, K)
     for start in range(0, N, chunk):  # chunks keep the float64 N x K check small
         zc, ic = zn[start:start + chunk], idx[start:start + chunk]
@@ -78,7 +78,7 @@ def check_against_reference(z, codebooks, l2, codes, idx, chunk=1024):
         top2 = d.topk(min(2, d.shape[-1]), dim=-1, largest=False).values
         separated = (top2[..., -1] - top2[..., 0] > 1e-4 * scale) | (d.shape[-1] == 1)
         assert torch.equal(ic[separated], exact_idx[separated])
-    table = ref.l2_normalize(codebooks.float()) if l2 else codebooks.float()
+    table = _common.l2_normalize(codebooks.float()) if l2 else codebooks.float()
     expect = torch.stack([table[i][idx[:, i]] for i in range(k)], 1).to(z.dtype)
     rtol, atol = TOLERANCES[z.dtype]
     torch.testing.assert_close(codes, expect, rtol=rtol, atol=atol)

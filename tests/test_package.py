@@ -1,9 +1,11 @@
-"""The package imports, reports its backends, and chooses them as DESIGN.md section 5 says."""
+"""The package imports, exposes exactly its public names, reports its backends, and chooses them as
+docs/design.md section 5 says."""
 
 import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -62,13 +64,44 @@ def test_every_op_declares_its_backends():
                 assert route.float64 is None or table[route.float64].float64 is None, (op, name)
 
 
-def test_deprecated_names_warn_and_alias():
-    for old, new in (("NearestCode", fk.NearestCodeOutput), ("LinearCrossEntropy", fk.LinearCrossEntropyOutput),
-                     ("VQLossTerms", fk.VQLossesOutput)):
-        with pytest.warns(DeprecationWarning, match=new.__name__):
-            assert getattr(fk, old) is new
-    with pytest.raises(AttributeError):
-        fk.NoSuchName  # noqa: B018
+PUBLIC = {
+    "BACKENDS", "BackendInfo", "FactorizedQuantizer", "LinearCrossEntropyOutput", "LossBreakdown",
+    "NearestCodeOutput", "QuantizerOutput", "QuantizerOutputWithBreakdown", "VQLossesOutput", "backends",
+    "entropy_loss", "linear_cross_entropy", "nearest_code", "outputs", "reference", "resolve_backend", "sample",
+    "sample_from_hidden", "set_check_finite", "vq_losses",
+}
+
+
+def test_all_lists_exactly_the_public_names():
+    """``__all__`` is the public API: nothing else without a leading underscore is importable from the
+    package but its internal modules (``quantizer``), and ``import *`` gives exactly ``__all__``."""
+    assert len(fk.__all__) == len(set(fk.__all__)) and set(fk.__all__) == PUBLIC
+    exported = {n for n in dir(fk) if not n.startswith("_") and not isinstance(getattr(fk, n), types.ModuleType)}
+    assert exported <= PUBLIC, exported - PUBLIC
+    namespace = {}
+    exec("from fqgan_kernels import *", namespace)
+    assert set(namespace) - {"__builtins__"} == PUBLIC
+
+
+def test_reference_all_lists_exactly_its_ground_truth():
+    """``reference.__all__`` is the ground truth defined in reference.py; the shared helpers
+    (``_common``) and the runtime's statistics (``_usage``) are not re-exported."""
+    ref = fk.reference
+    defined = {n for n, v in vars(ref).items()
+               if not n.startswith("_") and getattr(v, "__module__", None) == ref.__name__}
+    assert set(ref.__all__) == defined
+    assert {"code_counts", "perplexity", "codebook_usage"} <= defined  # fqgan/eval reads the last two
+    assert not {"ENTROPY_EPS", "L2_EPS", "l2_normalize", "maybe_normalize", "straight_through"} & set(ref.__all__)
+
+
+@pytest.mark.parametrize("module,names", [
+    (fk, ["NearestCode", "LinearCrossEntropy", "VQLossTerms"]),
+    (fk.reference, ["NearestCode", "LinearCrossEntropy", "VQLosses", "L2_EPS"]),
+])
+def test_pre_release_names_are_gone(module, names):
+    for name in names:
+        with pytest.raises(AttributeError, match=name):
+            getattr(module, name)
 
 
 def test_environment_variable_forces_backend(monkeypatch):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fqgan_kernels as fk
+from fqgan_kernels import _common
 
 
 def fqgan_style_loss(z, weights, beta, entropy_ratio, dis_ratio, T=0.01):
@@ -71,7 +72,7 @@ def test_unpacking_breakdown_and_decode_channel_first():
     assert len(out) == 4 and out.breakdown.codebook.shape == (3,) and out.breakdown.perplexity.shape == (3,)
     torch.testing.assert_close(q.decode_indices(indices), quantized)
     # the quantized value is the chosen normalised code
-    codes = fk.reference.l2_normalize(q.codebooks)[1][indices[:, 1]]  # [B, H, W, D]
+    codes = _common.l2_normalize(q.codebooks)[1][indices[:, 1]]  # [B, H, W, D]
     torch.testing.assert_close(quantized[:, 8:16], codes.permute(0, 3, 1, 2))
 
 
@@ -103,10 +104,26 @@ def test_layout_is_explicit():
     last = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8, channel_first=False)
     with pytest.raises(ValueError, match=r"pass channel_first=True"):
         last(torch.randn(4, 16, 5))
+    # No layout guessing at all: None is not a layout, and the message names the two that are.
+    for bad in ("yes", None, 1):
+        with pytest.raises(TypeError, match=r"channel_first must be a bool: True \(\[B, k\*D, \*spatial\]\) "
+                                            r"or False \(\[\.\.\., k\*D\]\)"):
+            fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8, channel_first=bad)
     with pytest.raises(TypeError, match="channel_first must be a bool"):
-        fk.FactorizedQuantizer(channel_first="yes")
-    with pytest.warns(DeprecationWarning, match="channel_first=None"):
-        fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8, channel_first=None)
+        q.decode_indices(indices, channel_first="yes")
+
+
+def test_channel_first_is_the_default():
+    """README and docs/design.md section 4: ``q(z)`` with z [B, k*D, H, W] and no layout argument."""
+    q = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8)
+    assert q.channel_first is True
+    z = torch.randn(2, 16, 3, 5)
+    quantized, indices, _ = q(z)
+    assert quantized.shape == z.shape and indices.shape == (2, 2, 3, 5)
+    torch.testing.assert_close(q.decode_indices(indices), quantized)
+    last = fk.FactorizedQuantizer(num_codebooks=2, codebook_size=32, codebook_dim=8, channel_first=False)
+    last.load_state_dict(q.state_dict())
+    assert torch.equal(last(z.movedim(1, -1)).indices, indices.movedim(1, -1))
 
 
 def test_matches_reference_backend():

@@ -11,19 +11,41 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fqgan_kernels as fk
-from fqgan_kernels import _validate, reference
-from fqgan_kernels.quantizer import _code_counts as code_counts
+from fqgan_kernels import _usage, _validate, reference
 
 WORLD = 2
 B_PER_RANK, k, K, D = 3, 3, 64, 8
 
 
-@pytest.mark.parametrize("n,kk,KK", [(1, 1, 1), (37, 3, 16), (500, 2, 1000)])
-def test_code_counts_match_reference(n, kk, KK):
-    idx = torch.randint(0, KK, (n, kk))
-    counts = code_counts(idx, KK)
+# (N, k, K): one token and one code, odd sizes, more codes than tokens, the real config (k=3, K=16384).
+USAGE_SHAPES = [(1, 1, 1), (37, 3, 16), (500, 2, 1000), (4096, 3, 16384)]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(17)
+
+
+@pytest.mark.parametrize("n,kk,KK", USAGE_SHAPES)
+def test_runtime_statistics_match_reference(n, kk, KK, gen):
+    """fqgan_kernels/_usage.py (what the quantizer runs) against the ground truth in reference.py."""
+    idx = torch.randint(0, KK, (n, kk), generator=gen)
+    counts = _usage.code_counts(idx, KK)
     assert counts.dtype == torch.long and counts.shape == (kk, KK)
     assert torch.equal(counts, reference.code_counts(idx, KK))
+    perplexity = _usage.perplexity(counts)
+    assert perplexity.dtype == torch.float32 and perplexity.shape == (kk,)
+    torch.testing.assert_close(perplexity, reference.perplexity(counts))
+    # one step's usage over a window of one step is the fraction of codes with a count
+    step = torch.tensor(5)
+    last_used = torch.where(counts > 0, step, torch.full_like(counts, -(2**62)))
+    torch.testing.assert_close(_usage.recent_usage(step, last_used, 1), reference.codebook_usage(counts))
+
+
+def test_perplexity_of_no_counts_is_one():
+    counts = torch.zeros(2, 8, dtype=torch.long)
+    torch.testing.assert_close(_usage.perplexity(counts), torch.ones(2))
+    torch.testing.assert_close(_usage.perplexity(counts), reference.perplexity(counts))
 
 
 class _OpRecorder(TorchDispatchMode):

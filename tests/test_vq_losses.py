@@ -1,5 +1,5 @@
 """Fused codebook / commitment / disentanglement losses (fqgan_kernels.vq_losses): values and
-gradients against the composition of reference.vq_losses, reference.straight_through and
+gradients against the composition of reference.vq_losses, _common.straight_through and
 reference.disentangle_loss, on every backend; opcheck, gradcheck, torch.compile, bad input."""
 
 import pytest
@@ -8,7 +8,7 @@ from tolerances import HAS_CUDA, TOLERANCES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fqgan_kernels as fk
-from fqgan_kernels import reference
+from fqgan_kernels import _common, reference
 from fqgan_kernels.vq_losses import _vq_losses_backward_op, _vq_losses_op
 
 # (N, k, D): 1 row, odd sizes, the Triton forward tile edge (256) +- 1, the real config (k=3, D=8).
@@ -26,7 +26,7 @@ def cpu_backends():
 
 def reference_terms(z, codes, codebook_weight, commitment_weight, disentangle_weight):
     vq = reference.vq_losses(z, codes)
-    dis = reference.disentangle_loss(reference.straight_through(z, codes))
+    dis = reference.disentangle_loss(_common.straight_through(z, codes))
     return codebook_weight * vq.codebook, commitment_weight * vq.commitment, disentangle_weight * dis
 
 
@@ -34,7 +34,7 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", normalized=True):
     z = torch.randn(shape, dtype=torch.float32, device=device)
     codes = torch.randn(shape, dtype=torch.float32, device=device)
     if normalized:  # the quantizer's inputs: unit z and unit codes
-        z, codes = reference.l2_normalize(z), reference.l2_normalize(codes)
+        z, codes = _common.l2_normalize(z), _common.l2_normalize(codes)
     return z.to(dtype).requires_grad_(), codes.to(dtype).requires_grad_()
 
 
