@@ -1,8 +1,13 @@
 """The ``fqgan`` command line: ``fqgan <command> --help`` documents each command.
 
-Commands: ``train-tokenizer``, ``eval-tokenizer``, ``reconstruct``. Every command also runs as
-``python -m fqgan <command>``, and under torchrun (``torchrun --nproc_per_node N -m fqgan <command>``)
-where it trains or evaluates with one process per device.
+Commands: ``demo``, ``train-tokenizer``, ``eval-tokenizer``, ``reconstruct``, ``extract-codes``,
+``train-generator``, ``sample``. Every command also runs as ``python -m fqgan <command>``, and under torchrun
+(``torchrun --nproc_per_node N -m fqgan <command>``) where it trains or evaluates with one process per device.
+
+All argument parsing of the package is here, and only here (so this file is longer than the others: one
+section per command). The training commands' flags are generated from their config dataclasses
+(:func:`fqgan.runtime.options.option` fields: name, type, default and help in one place), so a new
+config field is a new flag without an edit here.
 
 Bad input (a missing file, an empty folder, a corrupted checkpoint, an unknown preset, ...) ends
 with ``fqgan <command>: error: <what to fix>`` and exit status 2, without a traceback
@@ -12,159 +17,120 @@ with ``fqgan <command>: error: <what to fix>`` and exit status 2, without a trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 _EPILOG = """examples:
   fqgan demo                      # a few minutes on a CPU; writes demo_out/report.md
   fqgan train-tokenizer --preset tiny --data sample --steps 300 --perceptual-weight 0 --semantic-weight 0
   torchrun --nproc_per_node 8 -m fqgan train-tokenizer --data /data/imagenet/train --teacher /ckpt/clip-vit-l14
+  torchrun --nproc_per_node 8 -m fqgan train-generator --codes codes/ --preset FAR-L --parallel fsdp
   fqgan eval-tokenizer --checkpoint runs/tokenizer/last.pt --data sample
   fqgan reconstruct photo.jpg --checkpoint runs/tokenizer/last.pt --out recon/
 """
 
 
-def _add_run_arguments(p: argparse.ArgumentParser, run) -> None:
-    """Optimisation and bookkeeping options shared by the training commands (defaults from ``run``)."""
-    g = p.add_argument_group("optimisation (official defaults)")
-    g.add_argument("--batch-size", type=int, default=run.global_batch_size,
-                   help="global batch size, split over the processes (default: %(default)s)")
-    g.add_argument("--steps", type=int, default=None, help="training steps (default: --epochs worth)")
-    g.add_argument("--epochs", type=int, default=run.epochs, help="(default: %(default)s)")
-    g.add_argument("--lr", type=float, default=run.lr,
-                   help="learning rate (default: %(default)s)")
-    g.add_argument("--beta1", type=float, default=run.beta1, help="(default: %(default)s)")
-    g.add_argument("--beta2", type=float, default=run.beta2, help="(default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=run.weight_decay,
-                   help="weight decay (default: %(default)s)")
-    g.add_argument("--max-grad-norm", type=float, default=run.max_grad_norm,
-                   help="gradient clipping, 0 disables (default: %(default)s)")
-    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights (saved as 'ema')")
-    g.add_argument("--ema-decay", type=float, default=run.ema_decay, help="(default: %(default)s)")
-    g.add_argument("--seed", type=int, default=run.seed, help="(default: %(default)s)")
+# -- flags from config dataclasses ------------------------------------------------------------------
+def _field_kind(f: dataclasses.Field) -> tuple[type, bool]:
+    """(element type, repeatable) of an option field, from its annotation (``int | None``, ``tuple[str, ...]``)."""
+    text = str(f.type).replace(" ", "").removesuffix("|None")
+    if text.startswith("tuple"):
+        return str, True
+    return {"int": int, "float": float, "str": str, "bool": bool}[text], False
 
-    g = p.add_argument_group("run")
-    g.add_argument("--out-dir", default=run.out_dir,
-                   help="writes last.pt, metrics.jsonl, config.json here (default: %(default)s)")
-    g.add_argument("--resume", default=None, metavar="CKPT|auto",
-                   help="continue from a checkpoint; 'auto': OUT_DIR/last.pt when it exists")
-    g.add_argument("--device", default=run.device, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=run.precision,
-                   help="autocast dtype (default: %(default)s = bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--log-every", type=int, default=run.log_every,
-                   help="steps per metrics.jsonl record (default: %(default)s)")
-    g.add_argument("--ckpt-every", type=int, default=run.ckpt_every,
-                   help="steps between rewrites of last.pt, 0: only at the end (default: %(default)s)")
-    g.add_argument("--keep-every", type=int, default=run.keep_every,
-                   help="also keep step_XXXXXXX.pt every this many steps (default: %(default)s = no)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+def _option_fields(cls: type, only: Iterable[str] | None, skip: Iterable[str]) -> list[dataclasses.Field]:
+    keep = None if only is None else set(only)
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata and f.name not in skip
+            and (keep is None or f.name in keep)]
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, only: Iterable[str] | None = None,
+                skip: Iterable[str] = (), overrides: bool = False) -> None:
+    """One flag per :func:`~fqgan.runtime.options.option` field of ``cls``, in its help group.
+
+    :param overrides: the flags override a preset: default None (= the preset's value), bools take
+        ``--flag`` / ``--no-flag``
+    """
+    groups = {g.title: g for g in parser._action_groups}
+    for f in _option_fields(cls, only, skip):
+        meta = f.metadata
+        title = meta["group"] or "options"
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        kind, many = _field_kind(f)
+        default = None if overrides else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        kw: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        if kind is bool:
+            action = (argparse.BooleanOptionalAction if overrides or (default and not flag.startswith("--no-"))
+                      else "store_false" if flag.startswith("--no-") else "store_true")
+            kw.update(action=action, default=default)
+        else:
+            kw.update(type=kind, default=None if many else default, action="append" if many else "store",
+                      choices=meta["choices"], metavar=meta["metavar"] or (
+                          None if meta["choices"] else flag.removeprefix("--").replace("-", "_").upper()))
+            if overrides:
+                kw["help"] += " (default: the preset's)"
+            elif default is not None and not many:
+                kw["help"] += " (default: %(default)s)"
+        group.add_argument(flag, **kw)
+
+
+def read_options(args: argparse.Namespace, cls: type, *, only: Iterable[str] | None = None,
+                 skip: Iterable[str] = (), overrides: bool = False) -> dict[str, Any]:
+    """The values of :func:`add_options`' flags, by field name (with ``overrides``: only those given)."""
+    out = {}
+    for f in _option_fields(cls, only, skip):
+        value = getattr(args, f.name)
+        if overrides and value is None:
+            continue
+        out[f.name] = tuple(value) if value is not None and _field_kind(f)[1] else value
+    return out
+
+
+def _positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _groups(p: argparse.ArgumentParser, *titles: str) -> dict[str, Any]:
+    """Help sections in this order (add_options fills them by title)."""
+    return {title: p.add_argument_group(title) for title in titles}
 
 
 # -- train-tokenizer --------------------------------------------------------------------------------
 def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fqgan train-tokenizer`` (defaults: the official FQGAN-Dual recipe)."""
-    from fqgan.tokenizer.config import PRESETS, TokenizerLossConfig
+    from fqgan.tokenizer.config import PRESETS, TokenizerConfig, TokenizerLossConfig
     from fqgan.train.config import TokenizerTrainConfig
 
-    run, loss = TokenizerTrainConfig(), TokenizerLossConfig()
-    g = p.add_argument_group("model (a preset, then overrides)")
-    g.add_argument("--preset", default="fqgan-dual-16", choices=sorted(PRESETS),
-                   help="tokenizer architecture (default: %(default)s = FQGAN-Dual, 256 px, downsample 16; "
-                        "'tiny': 32 px, for tests and the demo)")
-    g.add_argument("--image-size", type=int, default=None, help="image side (default: the preset's)")
-    g.add_argument("--codebook-size", type=int, default=None, help="codes per sub-codebook K (default: the preset's)")
-    g.add_argument("--codebook-dim", type=int, default=None, help="code dimension D (default: the preset's, 8)")
-    g.add_argument("--entropy-loss-ratio", type=float, default=None,
-                   help="entropy loss weight (default: the preset's, 0.03 as the released runs)")
-    g.add_argument("--disentanglement-ratio", type=float, default=None,
-                   help="disentanglement loss weight (default: the preset's, 0.1; 0 disables)")
-    g.add_argument("--commit-loss-beta", type=float, default=None, help="commitment weight beta (default: 0.25)")
-    g.add_argument("--dropout-p", type=float, default=None, help="dropout in the encoder/decoder (default: 0)")
-    g.add_argument("--quantizer-distributed", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun, take the entropy loss's statistics over the global batch "
-                        "(default: per process, as FQGAN's training)")
-    g.add_argument("--quantizer-backend", default=None,
-                   help="kernel backend of the quantizer: auto, reference, cpu, triton, cuda (default: auto)")
-
-    g = p.add_argument_group("losses (official VQLoss options)")
-    g.add_argument("--reconstruction-loss", choices=("l2", "l1"), default=loss.reconstruction_loss,
-                   help="pixel loss (default: %(default)s)")
-    g.add_argument("--reconstruction-weight", type=float, default=loss.reconstruction_weight,
-                   help="(default: %(default)s)")
-    g.add_argument("--perceptual-weight", type=float, default=loss.perceptual_weight,
-                   help="LPIPS weight (default: %(default)s; needs --vgg16-weights and the lpips heads; 0 disables)")
-    g.add_argument("--no-lpips-dropout", action="store_true",
-                   help="turn off the LPIPS heads' dropout (the official loss keeps it live in training)")
-    g.add_argument("--disc-loss", choices=("hinge", "vanilla", "non-saturating", "non-saturating-llamagen"),
-                   default=loss.disc_loss, help="discriminator loss (default: %(default)s)")
-    g.add_argument("--gen-loss", choices=("hinge", "non-saturating", "non-saturating-llamagen"),
-                   default=loss.gen_loss, help="generator adversarial loss (default: %(default)s)")
-    g.add_argument("--disc-weight", type=float, default=loss.disc_weight, help="GAN weight (default: %(default)s)")
-    g.add_argument("--disc-start", type=int, default=loss.disc_start,
-                   help="step from which the GAN terms count (default: %(default)s)")
-    g.add_argument("--skip-disc-until-start", action="store_true",
-                   help="skip the discriminator step before --disc-start (the official loop runs it with weight 0)")
-    g.add_argument("--disc-adaptive-weight", action="store_true",
-                   help="scale the GAN term by ||grad nll|| / ||grad gan|| at the decoder's last layer "
-                        "(off in the official runs)")
-    g.add_argument("--disc-dim", type=int, default=loss.disc_dim, help="PatchGAN width (default: %(default)s)")
-    g.add_argument("--disc-num-layers", type=int, default=loss.disc_num_layers,
-                   help="PatchGAN depth (default: %(default)s)")
-    g.add_argument("--semantic-weight", type=float, default=loss.semantic_weight,
-                   help="feature-prediction (InfoNCE) weight (default: %(default)s; needs the teachers; "
-                        "0 disables)")
-
-    g = p.add_argument_group("weight files (local only: nothing is downloaded)")
-    g.add_argument("--teacher", action="append", default=None, metavar="DIR",
-                   help="a teacher's save_pretrained folder, once per feature head in sub-codebook order "
-                        "(default: the preset's teacher names, looked up under $FQGAN_TEACHERS_DIR and the "
-                        "Hugging Face cache)")
-    g.add_argument("--vgg16-weights", default=None, metavar="FILE",
-                   help="torchvision vgg16-397923af.pth for LPIPS (default: $FQGAN_VGG16_WEIGHTS, torch hub cache)")
-    g.add_argument("--lpips-weights", default=None, metavar="FILE",
-                   help="LPIPS v0.1 vgg.pth heads (default: $FQGAN_LPIPS_WEIGHTS, the lpips wheel's copy)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=run.data,
-                   help="image folder (any depth; labels from the first-level folders) or 'sample' for the "
-                        "built-in photographs (default: %(default)s)")
-    g.add_argument("--sample-length", type=int, default=run.sample_length,
-                   help="random crops per epoch of the sample set (default: %(default)s)")
-    g.add_argument("--num-workers", type=int, default=run.num_workers,
-                   help="data-loading processes per training process (default: %(default)s)")
-
-    _add_run_arguments(p, run)
+    groups = _groups(p, "model (a preset, then overrides)", "losses (official VQLoss options)",
+                     "weight files (local only: nothing is downloaded)", "data", "optimisation", "run")
+    groups["model (a preset, then overrides)"].add_argument(
+        "--preset", default="fqgan-dual-16", choices=sorted(PRESETS),
+        help="tokenizer architecture (default: %(default)s = FQGAN-Dual, 256 px, downsample 16; 'tiny': 32 px, "
+             "for tests and the demo)")
+    add_options(p, TokenizerConfig, overrides=True)
+    add_options(p, TokenizerLossConfig)
+    add_options(p, TokenizerTrainConfig)
     return p
 
 
 def tokenizer_config_from_args(args: argparse.Namespace):
     """The :class:`TokenizerTrainConfig` of parsed ``train-tokenizer`` arguments."""
-    from fqgan.tokenizer.config import TokenizerLossConfig, get_preset
+    from fqgan.tokenizer.config import TokenizerConfig, TokenizerLossConfig, get_preset
     from fqgan.train.config import TokenizerTrainConfig
 
-    names = ("image_size", "codebook_size", "codebook_dim", "entropy_loss_ratio", "disentanglement_ratio",
-             "commit_loss_beta", "dropout_p", "quantizer_distributed", "quantizer_backend")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    model = get_preset(args.preset, **overrides)
-    loss = TokenizerLossConfig(
-        reconstruction_loss=args.reconstruction_loss, reconstruction_weight=args.reconstruction_weight,
-        perceptual_weight=args.perceptual_weight, lpips_dropout=not args.no_lpips_dropout,
-        disc_loss=args.disc_loss, gen_loss=args.gen_loss, disc_weight=args.disc_weight, disc_start=args.disc_start,
-        disc_adaptive_weight=args.disc_adaptive_weight, disc_dim=args.disc_dim,
-        disc_num_layers=args.disc_num_layers, semantic_weight=args.semantic_weight)
-    return TokenizerTrainConfig(
-        model=model, loss=loss, teachers=tuple(args.teacher) if args.teacher else None,
-        skip_disc_until_start=args.skip_disc_until_start,
-        vgg16_weights=args.vgg16_weights, lpips_weights=args.lpips_weights,
-        out_dir=args.out_dir, data=args.data, sample_length=args.sample_length, num_workers=args.num_workers,
-        global_batch_size=args.batch_size, max_steps=args.steps, epochs=args.epochs, lr=args.lr,
-        beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-        ema=args.ema, ema_decay=args.ema_decay, seed=args.seed, device=args.device, precision=args.precision,
-        compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every, keep_every=args.keep_every,
-        resume=args.resume, quiet=args.quiet)
+    model = get_preset(args.preset, **read_options(args, TokenizerConfig, overrides=True))
+    loss = TokenizerLossConfig(**read_options(args, TokenizerLossConfig))
+    return TokenizerTrainConfig(model=model, loss=loss, **read_options(args, TokenizerTrainConfig))
 
 
 def run_train_tokenizer(args: argparse.Namespace):
@@ -179,6 +145,131 @@ def run_train_tokenizer(args: argparse.Namespace):
               f"{'; codebook usage ' + usage if usage else ''}")
         print(f"checkpoint    {result.checkpoint}\nmetrics       {result.metrics_path}")
     return result
+
+
+# -- eval-tokenizer, reconstruct --------------------------------------------------------------------
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tokenizer checkpoint options of ``eval-tokenizer`` and ``reconstruct``."""
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="tokenizer checkpoint: from `fqgan train-tokenizer`, or an official FQGAN-Dual/Triple "
+                             "file")
+    parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                        help="which weights of the checkpoint (auto: EMA when present, as the official script)")
+    parser.add_argument("--official-preset", default=None, metavar="NAME",
+                        help="architecture preset of an official checkpoint (default: inferred from its shapes)")
+    parser.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu, cuda:N")
+
+
+def add_eval_tokenizer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan eval-tokenizer``."""
+    _add_model_arguments(parser)
+    parser.add_argument("--data", default="sample",
+                        help="image folder (any depth), or 'sample' for the built-in sample set (default)")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="evaluate this many images (default: the whole folder; 512 crops of the sample set)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
+    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops")
+    parser.add_argument("--out", default="eval-tokenizer", metavar="DIR",
+                        help="writes metrics.json and grid.png (originals above reconstructions) here")
+    parser.add_argument("--grid-images", type=int, default=8, help="images in grid.png")
+    parser.add_argument("--inception-weights", default=None, metavar="FILE",
+                        help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for rFID; default "
+                             "$FQGAN_INCEPTION_WEIGHTS, else the torch hub cache; without it rFID is skipped")
+    parser.add_argument("--no-rfid", action="store_true", help="skip rFID even when the weights are available")
+    parser.add_argument("--save-reconstructions", default=None, metavar="DIR",
+                        help="also write every reconstruction as DIR/<index>.png (for external FID tools)")
+    parser.add_argument("--save-fid-stats", action="store_true",
+                        help="also write the Inception mu/sigma of inputs and reconstructions (pytorch-fid .npz)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
+    """``fqgan eval-tokenizer``: evaluate a checkpoint, print the table, write ``metrics.json`` and
+    ``grid.png`` under ``--out``. Runs under torchrun as well (metrics over all ranks)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from fqgan.data import build_dataset, collate
+    from fqgan.eval.inception import load_fid_inception, resolve_rfid_weights
+    from fqgan.eval.tokenizer import evaluate_tokenizer, format_eval_table
+    from fqgan.runtime.dist import init_distributed, teardown_distributed
+    from fqgan.runtime.logging import Progress
+    from fqgan.tokenizer.load import checkpoint_file, load_tokenizer
+
+    _positive(args, "num_images", "batch_size", "grid_images")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    # Cheap checks first: a missing checkpoint or weight file fails before any data is read.
+    weights_path, note = (None, "rFID skipped: --no-rfid") if args.no_rfid else resolve_rfid_weights(
+        args.inception_weights)
+    checkpoint_file(args.checkpoint)
+    info = init_distributed(args.device)
+    try:
+        model = load_tokenizer(args.checkpoint, info.device, args.weights, args.official_preset)
+        inception = load_fid_inception(weights_path, info.device) if weights_path is not None else None
+        dataset = build_dataset(args.data, model.config.image_size, augment=False, seed=args.seed,
+                                sample_length=args.num_images or 512)
+        n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
+        shard = Subset(dataset, range(info.rank, n, info.world_size))
+        loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                            collate_fn=collate, pin_memory=info.device.type == "cuda")
+        out = Path(args.out)
+        progress = Progress(len(loader), desc="eval-tokenizer", enabled=info.is_main and not args.quiet)
+        try:
+            result = evaluate_tokenizer(
+                model, loader, grid_path=out / "grid.png", grid_images=args.grid_images, inception=inception,
+                rfid_note=note, save_dir=args.save_reconstructions,
+                fid_stats_dir=out if args.save_fid_stats else None, device=info.device,
+                on_batch=lambda _: progress.update(1))  # one step per batch
+        finally:
+            progress.close()
+        result.update(checkpoint=str(args.checkpoint), data=str(args.data), world_size=info.world_size)
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(format_eval_table(result))
+            print(f"metrics       {out / 'metrics.json'}")
+        return result
+    finally:
+        teardown_distributed()
+
+
+def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan reconstruct``."""
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files (PNG, JPEG, ...) or folders of them; each is resized and centre-cropped "
+                             "to the model's image size")
+    _add_model_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="writes <name>_recon.png, <name>_input.png, <name>_indices.npy and metrics.json here")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    return parser
+
+
+def run_reconstruct(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``fqgan reconstruct``: reconstruct image files, print per-image PSNR, write ``metrics.json``."""
+    from fqgan.data.images import list_images
+    from fqgan.eval.tokenizer import format_reconstruct_table, mean, reconstruct_images
+    from fqgan.runtime.device import resolve_device
+    from fqgan.tokenizer.load import checkpoint_file, load_tokenizer
+
+    list_images(args.images)  # missing inputs and checkpoint fail before anything is loaded
+    checkpoint_file(args.checkpoint)
+    model = load_tokenizer(args.checkpoint, resolve_device(args.device), args.weights, args.official_preset)
+    records = reconstruct_images(model, args.images, args.out, batch_size=args.batch_size)
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "image_size": model.config.image_size,
+        "mean_psnr": mean([r["psnr"] for r in records]),
+        "mean_ssim": mean([r["ssim"] for r in records]),
+        "images": records,
+    }
+    path = Path(args.out) / "metrics.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_reconstruct_table(records))
+    print(f"wrote {len(records)} reconstructions and {path}")
+    return records
 
 
 # -- extract-codes ----------------------------------------------------------------------------------
@@ -208,18 +299,16 @@ def run_extract_codes(args: argparse.Namespace):
     """``fqgan extract-codes``: tokenizer -> k index maps per image (and its flip), with labels."""
     from torch.utils.data import Subset
 
-    from fqgan.codes import extract_codes
     from fqgan.data import build_dataset
-    from fqgan.eval.tokenizer import load_tokenizer_checkpoint
-    from fqgan.train.common import Progress, init_distributed, teardown_distributed
+    from fqgan.data.codes import extract_codes
+    from fqgan.runtime.dist import init_distributed, teardown_distributed
+    from fqgan.runtime.logging import Progress
+    from fqgan.tokenizer.load import load_tokenizer
 
-    for name in ("num_images", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    _positive(args, "num_images", "batch_size")
     info = init_distributed(args.device)
     try:
-        tokenizer = load_tokenizer_checkpoint(args.tokenizer, info.device, args.weights)
+        tokenizer = load_tokenizer(args.tokenizer, info.device, args.weights)
         dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
                                 sample_length=args.num_images or 512)
         classes = list(dataset.classes)
@@ -243,51 +332,35 @@ def run_extract_codes(args: argparse.Namespace):
 
 
 # -- train-generator --------------------------------------------------------------------------------
+_GENERATOR_SKIP = ("data", "sample_length")  # image-data fields: the generator reads a code folder
+
+
 def add_train_generator_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fqgan train-generator`` (defaults: the official FAR recipe)."""
-    from fqgan.generator import PRESETS
+    from fqgan.generator import FARConfig
     from fqgan.train.config import GeneratorTrainConfig
 
-    run = GeneratorTrainConfig()
-    g = p.add_argument_group("model")
-    g.add_argument("--codes", required=True, metavar="DIR",
-                   help="code folder from `fqgan extract-codes` (sets k, the codebook size, the grid, the classes)")
-    g.add_argument("--preset", default=run.preset, choices=sorted(PRESETS),
-                   help="FAR size (default: %(default)s; FAR-tiny for CPU runs)")
-    g.add_argument("--num-classes", type=int, default=None,
-                   help="class count of the label table (default: the code folder's)")
-    for name, kind, text in (("dim", int, "width"), ("n-layer", int, "trunk layers"), ("n-head", int, "heads"),
-                             ("ar-n-layer", int, "layers of the factorized AR head"),
-                             ("token-dropout-p", float, "token dropout (official 0.1)"),
-                             ("dropout-p", float, "residual and FFN dropout (official 0.1)"),
-                             ("drop-path-rate", float, "stochastic depth (official 0); > 0 turns residual and "
-                                                       "FFN dropout off unless --dropout-p is given, as official"),
-                             ("class-dropout-prob", float, "label dropout for CFG (official 0.1)")):
-        g.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: the preset's)")
-    g = p.add_argument_group("data")
-    g.add_argument("--num-workers", type=int, default=run.num_workers,
-                   help="data-loading processes per training process (default: %(default)s)")
-    _add_run_arguments(p, run)
+    _groups(p, "model", "data", "optimisation", "run")
+    add_options(p, GeneratorTrainConfig, only=("codes", "preset", "num_classes"))
+    add_options(p, FARConfig, overrides=True)
+    add_options(p, GeneratorTrainConfig, skip=(*_GENERATOR_SKIP, "codes", "preset", "num_classes"))
+    p.set_defaults(codes=None)
+    for action in p._actions:
+        if action.dest == "codes":
+            action.required = True
     return p
 
 
 def generator_config_from_args(args: argparse.Namespace):
     """The :class:`GeneratorTrainConfig` of parsed ``train-generator`` arguments."""
+    from fqgan.generator import FARConfig
     from fqgan.train.config import GeneratorTrainConfig
 
-    overrides = {}
-    for name in ("dim", "n_layer", "n_head", "ar_n_layer", "token_dropout_p", "drop_path_rate", "class_dropout_prob"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    if args.dropout_p is not None:
-        overrides["resid_dropout_p"] = overrides["ffn_dropout_p"] = args.dropout_p
-    return GeneratorTrainConfig(
-        codes=args.codes, preset=args.preset, model_overrides=overrides, num_classes=args.num_classes,
-        out_dir=args.out_dir, num_workers=args.num_workers, global_batch_size=args.batch_size, max_steps=args.steps,
-        epochs=args.epochs, lr=args.lr, beta1=args.beta1, beta2=args.beta2, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, ema=args.ema, ema_decay=args.ema_decay, seed=args.seed, device=args.device,
-        precision=args.precision, compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every,
-        keep_every=args.keep_every, resume=args.resume, quiet=args.quiet)
+    overrides = read_options(args, FARConfig, overrides=True)
+    if "resid_dropout_p" in overrides:  # --dropout-p: residual and FFN dropout, as the official flag
+        overrides["ffn_dropout_p"] = overrides["resid_dropout_p"]
+    return GeneratorTrainConfig(model_overrides=overrides, **read_options(args, GeneratorTrainConfig,
+                                                                          skip=_GENERATOR_SKIP))
 
 
 def run_train_generator(args: argparse.Namespace):
@@ -341,17 +414,17 @@ def run_sample(args: argparse.Namespace):
     """``fqgan sample``: class-conditional images from a generator + tokenizer, as a PNG grid."""
     import torch
 
-    from fqgan.codes import check_generator_tokenizer, resolve_classes, sample_images
-    from fqgan.eval.tokenizer import load_tokenizer_checkpoint
-    from fqgan.images import save_grid
-    from fqgan.train.common import resolve_device
-    from fqgan.train.generator import load_generator
+    from fqgan.data.codes import resolve_classes
+    from fqgan.data.images import save_grid
+    from fqgan.generator import check_generator_tokenizer, load_generator, sample_images
+    from fqgan.runtime.device import resolve_device
+    from fqgan.tokenizer import load_tokenizer
 
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be positive")
     device = resolve_device(args.device)
     generator, meta = load_generator(args.checkpoint, args.weights, device)
-    tokenizer = load_tokenizer_checkpoint(args.tokenizer, device, args.tokenizer_weights)
+    tokenizer = load_tokenizer(args.tokenizer, device, args.tokenizer_weights)
     check_generator_tokenizer(generator.config, tokenizer.config)
     ids = resolve_classes(args.classes, generator.config.num_classes, meta.get("classes", ()))
     labels = torch.tensor([c for c in ids for _ in range(args.n)], dtype=torch.long, device=device)
@@ -372,56 +445,19 @@ def run_sample(args: argparse.Namespace):
 
 
 # -- demo -------------------------------------------------------------------------------------------
-_DEMO_HELP = {
-    "out_dir": "writes reconstructions.png, samples.png, training_curves.png, metrics.json, report.md here",
-    "device": "auto (CUDA when present), cpu, cuda, cuda:N",
-    "threads": "CPU threads: auto = cores not already busy (load average), or a number",
-    "tokenizer_steps": "tokenizer training steps",
-    "tokenizer_batch": "tokenizer batch size",
-    "tokenizer_lr": "tokenizer learning rate",
-    "codebook_size": "codes per sub-codebook",
-    "train_crops": "random crops of the sample photographs per tokenizer epoch",
-    "eval_images": "held-out crops for PSNR and codebook usage",
-    "code_images": "crops encoded for the generator (each also flipped)",
-    "generator_steps": "FAR training steps",
-    "generator_batch": "FAR batch size",
-    "generator_lr": "FAR learning rate",
-    "generator_dim": "FAR width",
-    "generator_layers": "FAR trunk layers",
-    "sample_classes": "classes (photographs) to sample, 1..19",
-    "samples_per_class": "samples per class",
-    "cfg_scale": "classifier-free guidance scale (>= 1)",
-    "speed_rounds": "timed rounds per op in the kernel-vs-reference comparison",
-    "grid_scale": "PNG grids show each image this many times larger (nearest neighbour)",
-    "seed": "seed of every stage",
-    "quiet": "no progress bars",
-}
-
-
 def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fqgan demo``: every :class:`~fqgan.demo.DemoConfig` field as a flag."""
-    import dataclasses
-
     from fqgan.demo import DemoConfig
 
-    for f in dataclasses.fields(DemoConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = _DEMO_HELP.get(f.name, f.name)
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=f.default, help=f"{text} (default: %(default)s)")
+    add_options(p, DemoConfig)
     return p
 
 
 def run_demo_command(args: argparse.Namespace):
     """``fqgan demo``."""
-    import dataclasses
-
     from fqgan.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    cfg = DemoConfig(**read_options(args, DemoConfig))
     m = run_demo(cfg)
     ev = m["tokenizer"]["eval"]
     usage = ", ".join(f"{n} {u:.1%}" for n, u in zip(ev["codebook_names"], ev["usage"]))
@@ -438,13 +474,6 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], Any], Callable[[ar
 
 
 def _commands() -> list[Command]:
-    from fqgan.eval.tokenizer import (
-        add_eval_tokenizer_arguments,
-        add_reconstruct_arguments,
-        run_eval_tokenizer,
-        run_reconstruct,
-    )
-
     return [
         ("demo", "the whole pipeline, small, with no download: tokenizer, codes, FAR, samples, report",
          add_demo_arguments, run_demo_command),

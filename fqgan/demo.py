@@ -30,37 +30,43 @@ from typing import Any
 import torch
 
 import fqgan_kernels as fk
+from fqgan.runtime.options import option
 
 
 @dataclass
 class DemoConfig:
     """Settings of ``fqgan demo`` (defaults: about 7 minutes on 2 shared CPU cores; see docs/training.md)."""
 
-    out_dir: str = "demo_out"
-    device: str = "auto"
-    threads: str = "auto"  # auto: the cores not already busy (OpenMP waits badly on an overloaded machine)
-    seed: int = 0
+    out_dir: str = option("demo_out", "writes reconstructions.png, samples.png, training_curves.png, metrics.json, "
+                          "report.md here")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    threads: str = option("auto", "CPU threads: auto = cores not already busy (load average), or a number")
+    seed: int = option(0, "seed of every stage")
     # tokenizer
-    tokenizer_steps: int = 800  # 22.2 dB PSNR on the held-out crops (200 steps: 18.3 dB, blurry)
-    tokenizer_batch: int = 16
-    tokenizer_lr: float = 1e-3  # 10x the official 1e-4: a few hundred steps instead of 200k
-    codebook_size: int = 512
-    train_crops: int = 1024  # random crops per epoch of the sample set
-    eval_images: int = 256  # held-out fixed crops for PSNR / usage
+    # 22.2 dB PSNR on the held-out crops (200 steps: 18.3 dB, blurry)
+    tokenizer_steps: int = option(800, "tokenizer training steps")
+    tokenizer_batch: int = option(16, "tokenizer batch size")
+    # 10x the official 1e-4: a few hundred steps instead of 200k
+    tokenizer_lr: float = option(1e-3, "tokenizer learning rate")
+    codebook_size: int = option(512, "codes per sub-codebook")
+    train_crops: int = option(1024, "random crops of the sample photographs per tokenizer epoch")
+    eval_images: int = option(256, "held-out crops for PSNR and codebook usage")
     # generator
-    code_images: int = 380  # fixed crops encoded (x2 with flips): 20 per photograph
-    generator_steps: int = 100
-    generator_batch: int = 16
-    generator_lr: float = 1e-3  # 10x the official 1e-4: a few hundred steps
-    generator_dim: int = 96
-    generator_layers: int = 3
+    # fixed crops encoded (x2 with flips): 20 per photograph
+    code_images: int = option(380, "crops encoded for the generator (each also flipped)")
+    generator_steps: int = option(100, "FAR training steps")
+    generator_batch: int = option(16, "FAR batch size")
+    # 10x the official 1e-4: a few hundred steps
+    generator_lr: float = option(1e-3, "FAR learning rate")
+    generator_dim: int = option(96, "FAR width")
+    generator_layers: int = option(3, "FAR trunk layers")
     # sampling
-    sample_classes: int = 8  # the first photographs (classes) of the sample set
-    samples_per_class: int = 4
-    cfg_scale: float = 2.0
-    grid_scale: int = 4  # PNG grids show each 32x32 image at 4x (nearest neighbour)
-    speed_rounds: int = 5
-    quiet: bool = False
+    sample_classes: int = option(8, "classes (photographs) to sample, 1..19")
+    samples_per_class: int = option(4, "samples per class")
+    cfg_scale: float = option(2.0, "classifier-free guidance scale (>= 1)")
+    grid_scale: int = option(4, "PNG grids show each image this many times larger (nearest neighbour)")
+    speed_rounds: int = option(5, "timed rounds per op in the kernel-vs-reference comparison")
+    quiet: bool = option(False, "no progress bars")
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -288,14 +294,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo (module docstring); returns what ``metrics.json`` holds."""
     from torch.utils.data import DataLoader
 
-    from fqgan.codes import extract_codes, sample_images
     from fqgan.data import SAMPLE_PHOTOS, SampleImages, collate
-    from fqgan.eval.tokenizer import evaluate_tokenizer, load_tokenizer_checkpoint
-    from fqgan.images import save_comparison_grid, save_grid
+    from fqgan.data.codes import extract_codes
+    from fqgan.data.images import save_comparison_grid, save_grid
+    from fqgan.eval.tokenizer import evaluate_tokenizer
+    from fqgan.generator import load_generator, sample_images
+    from fqgan.runtime.device import resolve_device
+    from fqgan.runtime.logging import Progress, read_metrics
     from fqgan.tokenizer.config import TINY, TokenizerLossConfig
-    from fqgan.train.common import Progress, read_metrics, resolve_device
+    from fqgan.tokenizer.load import load_tokenizer
     from fqgan.train.config import GeneratorTrainConfig, TokenizerTrainConfig
-    from fqgan.train.generator import load_generator, train_generator
+    from fqgan.train.generator import train_generator
     from fqgan.train.tokenizer import train_tokenizer
 
     cfg.validate()
@@ -322,7 +331,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         global_batch_size=cfg.tokenizer_batch, max_steps=cfg.tokenizer_steps, lr=cfg.tokenizer_lr, seed=cfg.seed,
         device=dev, log_every=max(1, cfg.tokenizer_steps // 50), ckpt_every=0, quiet=not show)
     tok_result = stages.run("train tokenizer", lambda: train_tokenizer(tok_cfg))
-    tokenizer = load_tokenizer_checkpoint(tok_result.checkpoint, device)
+    tokenizer = load_tokenizer(tok_result.checkpoint, device)
 
     eval_set = SampleImages(32, length=cfg.eval_images, augment=False, seed=cfg.seed + 1)
     bar = Progress(len(eval_set), desc="evaluate tokenizer", enabled=show, unit="img")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fqgan.eval.metrics import _all_reduce_sum
-from fqgan.images import MissingFileError
+from fqgan.runtime.checkpoint import MissingFileError
 
 
 class FeatureStats:

@@ -21,14 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fqgan.images import to_uint8
-from fqgan.tokenizer.weights import (
-    CheckpointError,
-    WeightsNotFoundError,
-    check_state_dict,
-    find_file,
-    load_torch_file,
-)
+from fqgan.data.images import to_uint8
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError, check_state_dict, find_file, load_torch_file
 
 INCEPTION_WEIGHTS_ENV = "FQGAN_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -222,7 +216,7 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     """The FID Inception weight file, without any download: ``path`` if given (only it); else
     ``$FQGAN_INCEPTION_WEIGHTS`` if set (only it); else :func:`default_inception_weights`.
 
-    :raises WeightsNotFoundError: the file is not there (the message lists where it looked and how
+    :raises MissingFileError: the file is not there (the message lists where it looked and how
         to provide the file).
     """
     what = "FID Inception weights"
@@ -237,12 +231,12 @@ def resolve_rfid_weights(path: str | Path | None = None) -> tuple[Path | None, s
     """``(file, "")`` when the weights are found; ``(None, "rFID skipped: ...")`` when nothing was
     configured (no ``path``, no ``$FQGAN_INCEPTION_WEIGHTS``) and the default location is empty.
 
-    :raises WeightsNotFoundError: an explicit ``path`` or ``$FQGAN_INCEPTION_WEIGHTS`` names a missing
+    :raises MissingFileError: an explicit ``path`` or ``$FQGAN_INCEPTION_WEIGHTS`` names a missing
         file (an explicit request fails loudly rather than being skipped).
     """
     try:
         return find_inception_weights(path), ""
-    except WeightsNotFoundError as e:
+    except MissingFileError as e:
         if path is not None or os.environ.get(INCEPTION_WEIGHTS_ENV):
             raise
         return None, f"rFID skipped: {e}"
@@ -252,7 +246,7 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
     """Build :class:`FIDInceptionV3` in eval mode with the weights of ``path`` (pytorch-fid's file or
     any state dict with the same keys and shapes; ``num_batches_tracked`` entries are optional).
 
-    :raises WeightsNotFoundError: ``path`` does not exist.
+    :raises MissingFileError: ``path`` does not exist.
     :raises CheckpointError: (a ``ValueError``) the file is unreadable or not a state dict of this
         network (missing / unexpected keys and wrong shapes are listed; torchvision's ImageNet
         Inception is recognised and named).
@@ -284,7 +278,7 @@ def load_fid_inception(path: str | Path, device: torch.device | str = "cpu") -> 
 def inception_features(model: FIDInceptionV3, images: Tensor) -> Tensor:
     """Pool3 features ``[B, 2048]`` (float32) of model-side images ``[B, 3, H, W]`` in [-1, 1].
 
-    Images are quantised to uint8 first (:func:`fqgan.images.to_uint8`) and scaled to [0, 1], so the
+    Images are quantised to uint8 first (:func:`fqgan.data.images.to_uint8`) and scaled to [0, 1], so the
     features are those pytorch-fid computes from the same images stored as PNG.
     """
     param = next(model.parameters())

@@ -1,7 +1,7 @@
 """Reconstruction metrics (PSNR, SSIM) and codebook statistics (usage, perplexity), in torch.
 
 PSNR and SSIM take 8-bit images (uint8 tensors ``[B, 3, H, W]``, e.g. from
-:func:`fqgan.images.to_uint8`) and return one value per image, as FQGAN's
+:func:`fqgan.data.images.to_uint8`) and return one value per image, as FQGAN's
 ``tokenizer/reconstruction_vq_ddp_dual.py`` does with scikit-image on each image before averaging.
 All arithmetic is float64 on the images' device.
 
@@ -51,7 +51,7 @@ def _check_uint8_pair(x: Tensor, y: Tensor) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.uint8:
-            raise TypeError(f"{name} must be a uint8 image tensor (see fqgan.images.to_uint8), got {t.dtype}")
+            raise TypeError(f"{name} must be a uint8 image tensor (see fqgan.data.images.to_uint8), got {t.dtype}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, C, H, W], got {list(t.shape)}")
     if x.shape != y.shape:

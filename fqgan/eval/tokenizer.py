@@ -1,11 +1,11 @@
-"""Tokenizer evaluation: ``fqgan eval-tokenizer`` (metrics over a data set) and ``fqgan reconstruct``
-(image files in, reconstructions, token maps and per-image PSNR out).
+"""Tokenizer evaluation, the library side of ``fqgan eval-tokenizer`` (metrics over a data set) and
+``fqgan reconstruct`` (image files in, reconstructions, token maps and per-image PSNR out).
 
 Metrics, as FQGAN's ``tokenizer/reconstruction_vq_ddp_dual.py`` where it defines them:
 
 * images go through ``indices = model.encode(x)``, ``x_hat = model.decode_indices(indices)``
   (``decode_code`` of the official script);
-* PSNR and SSIM per image on 8-bit images (:func:`fqgan.images.to_uint8` of both the input and the
+* PSNR and SSIM per image on 8-bit images (:func:`fqgan.data.images.to_uint8` of both the input and the
   reconstruction), then averaged over images. ``ssim`` is the standard Gaussian-window SSIM;
   ``ssim_official`` repeats the official call (7x7 box window, ``data_range=2`` on [0, 1] images);
 * codebook usage (fraction of codes used) and perplexity per sub-codebook, from the code histogram
@@ -20,8 +20,6 @@ the sums are all-reduced, so the numbers do not depend on the number of processe
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -32,78 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fqgan.data.images import list_images, load_image, save_comparison_grid, save_image, to_uint8
 from fqgan.eval.fid import FeatureStats, frechet_distance, save_stats
-from fqgan.eval.inception import (
-    FEATURE_DIM,
-    inception_features,
-    load_fid_inception,
-    resolve_rfid_weights,
-)
+from fqgan.eval.inception import FEATURE_DIM, inception_features
 from fqgan.eval.metrics import SSIM_OFFICIAL, SSIM_STANDARD, CodeUsage, MeanMeter, psnr, ssim
-from fqgan.images import list_images, load_image, save_comparison_grid, save_image, to_uint8
-from fqgan.tokenizer.weights import WeightsNotFoundError, load_torch_file
+from fqgan.runtime.dist import rank_world
 
-__all__ = [
-    "add_eval_tokenizer_arguments",
-    "add_reconstruct_arguments",
-    "evaluate_tokenizer",
-    "load_tokenizer_checkpoint",
-    "reconstruct_images",
-    "run_eval_tokenizer",
-    "run_reconstruct",
-]
-
-# -- checkpoints ------------------------------------------------------------------------------------
-def _checkpoint_file(path: str | os.PathLike) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        what = "a directory: pass the checkpoint file inside it" if p.is_dir() else "not found"
-        raise WeightsNotFoundError(f"tokenizer checkpoint {p} is {what} (looked for {p.resolve()})")
-    return p
-
-
-def load_tokenizer_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
-                              weights: str = "auto", official_config: Any = None) -> nn.Module:
-    """An :class:`~fqgan.tokenizer.FQTokenizer` in eval mode on ``device`` from either checkpoint kind:
-
-    * ``fqgan train-tokenizer`` (``kind == "fqgan-tokenizer"``: ``model_config``, ``model``, ``ema``);
-    * an official FQGAN-Dual/Triple file (``{"model"|"ema"|"state_dict": ...}`` or a bare state
-      dict), through :func:`fqgan.tokenizer.official.from_official`.
-
-    :param weights: ``"auto"`` (EMA weights when the file has them, as the official script),
-        ``"ema"`` or ``"model"``.
-    :param official_config: the :class:`~fqgan.tokenizer.TokenizerConfig` (or preset name) of an
-        official checkpoint; default: inferred from its tensor shapes, with the released models'
-        GroupNorm and attention-head counts. Ignored for ``train-tokenizer`` checkpoints (they store theirs).
-    :raises WeightsNotFoundError: no file at ``path`` (a ``ValueError`` and a ``FileNotFoundError``).
-    :raises CheckpointError: the file is unreadable or holds no tokenizer.
-    """
-    from fqgan.tokenizer import FQTokenizer, TokenizerConfig
-    from fqgan.tokenizer.official import from_official
-    from fqgan.tokenizer.weights import CheckpointError
-
-    if weights not in ("auto", "ema", "model"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
-    p = _checkpoint_file(path)
-    ckpt = load_torch_file(p, "tokenizer checkpoint")
-    if isinstance(ckpt, dict) and ckpt.get("kind") == "fqgan-tokenizer":
-        if "model_config" not in ckpt or "model" not in ckpt:
-            raise CheckpointError(f"tokenizer checkpoint {p} lacks its 'model_config' or 'model' entry")
-        if weights == "ema" and "ema" not in ckpt:
-            raise CheckpointError(f"tokenizer checkpoint {p} has no EMA weights (trained without --ema)")
-        model = FQTokenizer(TokenizerConfig.from_dict(ckpt["model_config"]))
-        use_ema = weights != "model" and "ema" in ckpt
-        model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    elif isinstance(ckpt, dict) and "kind" in ckpt:
-        raise CheckpointError(f"{p} is a {ckpt['kind']!r} checkpoint, not a tokenizer")
-    else:
-        if isinstance(official_config, str):
-            from fqgan.tokenizer import get_preset
-
-            official_config = get_preset(official_config)
-        model = from_official(ckpt, official_config, weights=weights)
-    return model.to(device).eval()
-
+__all__ = ["evaluate_tokenizer", "format_eval_table", "format_reconstruct_table", "mean", "reconstruct_images"]
 
 # -- evaluation -------------------------------------------------------------------------------------
 def _batch_images(batch: Any) -> Tensor:
@@ -111,14 +44,6 @@ def _batch_images(batch: Any) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"data must yield image tensors or (images, ...) tuples, got {type(images).__name__}")
     return images
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _codebook_shape(model: nn.Module) -> tuple[int, int, list[str]]:
@@ -145,7 +70,7 @@ def evaluate_tokenizer(model: nn.Module, data: Iterable[Any], *, num_images: int
         a DataLoader over :mod:`fqgan.data` yields). Under torchrun, each rank's own shard.
     :param num_images: stop after this many images (on this rank); default all.
     :param grid_path: write this rank's first ``grid_images`` originals above their reconstructions
-        (:func:`fqgan.images.save_comparison_grid`) to this PNG (rank 0 only).
+        (:func:`fqgan.data.images.save_comparison_grid`) to this PNG (rank 0 only).
     :param inception: the FID network (:func:`~fqgan.eval.inception.load_fid_inception`; any module
         mapping [0, 1] images to ``[B, D]`` features works); ``None`` skips rFID and reports
         ``rfid_note`` as the reason.
@@ -160,7 +85,7 @@ def evaluate_tokenizer(model: nn.Module, data: Iterable[Any], *, num_images: int
     k, size, names = _codebook_shape(model)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
-    rank, world = _dist_rank_world()
+    rank, world = rank_world()
     if num_images is not None and num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
     if grid_images < 1:
@@ -272,7 +197,7 @@ def reconstruct_images(model: nn.Module, paths: Iterable[str | os.PathLike], out
     ``<name>_indices.npy`` (int64 ``[k, h, w]``, sub-codebook order of the config).
 
     Inputs are resized and centre-cropped to the model's ``config.image_size``
-    (:func:`fqgan.images.load_image`). Folders in ``paths`` stand for the images inside them.
+    (:func:`fqgan.data.images.load_image`). Folders in ``paths`` stand for the images inside them.
 
     :returns: one record per image: ``file``, ``name``, ``psnr`` and ``ssim`` (against the cropped
         input, 8-bit), and the paths written.
@@ -316,131 +241,10 @@ def format_reconstruct_table(records: list[dict[str, Any]]) -> str:
     width = max(4, *(len(r["name"]) for r in records))
     lines = [f"{'image':<{width}}  {'PSNR (dB)':>9}  {'SSIM':>6}"]
     lines += [f"{r['name']:<{width}}  {r['psnr']:9.3f}  {r['ssim']:6.4f}" for r in records]
-    lines.append(f"{'mean':<{width}}  {_mean([r['psnr'] for r in records]):9.3f}  "
-                 f"{_mean([r['ssim'] for r in records]):6.4f}")
+    lines.append(f"{'mean':<{width}}  {mean([r['psnr'] for r in records]):9.3f}  "
+                 f"{mean([r['ssim'] for r in records]):6.4f}")
     return "\n".join(lines)
 
 
-def _mean(values: list[float]) -> float:
+def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
-
-
-# -- command line ---------------------------------------------------------------------------------
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
-                        help="tokenizer checkpoint: from `fqgan train-tokenizer`, or an official FQGAN-Dual/Triple "
-                             "file")
-    parser.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
-                        help="which weights of the checkpoint (auto: EMA when present, as the official script)")
-    parser.add_argument("--official-preset", default=None, metavar="NAME",
-                        help="architecture preset of an official checkpoint (default: inferred from its shapes)")
-    parser.add_argument("--device", default="auto", help="auto (cuda:<local rank> if available, else cpu), cpu, cuda:N")
-
-
-def add_eval_tokenizer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``fqgan eval-tokenizer``."""
-    _add_model_arguments(parser)
-    parser.add_argument("--data", default="sample",
-                        help="image folder (any depth), or 'sample' for the built-in sample set (default)")
-    parser.add_argument("--num-images", type=int, default=None,
-                        help="evaluate this many images (default: the whole folder; 512 crops of the sample set)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops")
-    parser.add_argument("--out", default="eval-tokenizer", metavar="DIR",
-                        help="writes metrics.json and grid.png (originals above reconstructions) here")
-    parser.add_argument("--grid-images", type=int, default=8, help="images in grid.png")
-    parser.add_argument("--inception-weights", default=None, metavar="FILE",
-                        help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for rFID; default "
-                             "$FQGAN_INCEPTION_WEIGHTS, else the torch hub cache; without it rFID is skipped")
-    parser.add_argument("--no-rfid", action="store_true", help="skip rFID even when the weights are available")
-    parser.add_argument("--save-reconstructions", default=None, metavar="DIR",
-                        help="also write every reconstruction as DIR/<index>.png (for external FID tools)")
-    parser.add_argument("--save-fid-stats", action="store_true",
-                        help="also write the Inception mu/sigma of inputs and reconstructions (pytorch-fid .npz)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
-    """``fqgan eval-tokenizer``: evaluate a checkpoint, print the table, write ``metrics.json`` and
-    ``grid.png`` under ``--out``. Runs under torchrun as well (metrics over all ranks)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from fqgan.data import build_dataset, collate
-    from fqgan.train.common import Progress, init_distributed, teardown_distributed
-
-    for name in ("num_images", "batch_size", "grid_images"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
-    # Cheap checks first: a missing checkpoint or weight file fails before any data is read.
-    weights_path, note = (None, "rFID skipped: --no-rfid") if args.no_rfid else resolve_rfid_weights(
-        args.inception_weights)
-    _checkpoint_file(args.checkpoint)
-    info = init_distributed(args.device)
-    try:
-        model = load_tokenizer_checkpoint(args.checkpoint, info.device, args.weights, args.official_preset)
-        inception = load_fid_inception(weights_path, info.device) if weights_path is not None else None
-        dataset = build_dataset(args.data, model.config.image_size, augment=False, seed=args.seed,
-                                sample_length=args.num_images or 512)
-        n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
-        shard = Subset(dataset, range(info.rank, n, info.world_size))
-        loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                            collate_fn=collate, pin_memory=info.device.type == "cuda")
-        out = Path(args.out)
-        progress = Progress(len(loader), desc="eval-tokenizer", enabled=info.is_main and not args.quiet)
-        try:
-            result = evaluate_tokenizer(
-                model, loader, grid_path=out / "grid.png", grid_images=args.grid_images, inception=inception,
-                rfid_note=note, save_dir=args.save_reconstructions,
-                fid_stats_dir=out if args.save_fid_stats else None, device=info.device,
-                on_batch=lambda _: progress.update(1))  # one step per batch
-        finally:
-            progress.close()
-        result.update(checkpoint=str(args.checkpoint), data=str(args.data), world_size=info.world_size)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-            print(format_eval_table(result))
-            print(f"metrics       {out / 'metrics.json'}")
-        return result
-    finally:
-        teardown_distributed()
-
-
-def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``fqgan reconstruct``."""
-    parser.add_argument("images", nargs="+", metavar="IMAGE",
-                        help="image files (PNG, JPEG, ...) or folders of them; each is resized and centre-cropped "
-                             "to the model's image size")
-    _add_model_arguments(parser)
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="writes <name>_recon.png, <name>_input.png, <name>_indices.npy and metrics.json here")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    return parser
-
-
-def run_reconstruct(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``fqgan reconstruct``: reconstruct image files, print per-image PSNR, write ``metrics.json``."""
-    from fqgan.train.common import resolve_device
-
-    list_images(args.images)  # missing inputs and checkpoint fail before anything is loaded
-    _checkpoint_file(args.checkpoint)
-    model = load_tokenizer_checkpoint(args.checkpoint, resolve_device(args.device), args.weights,
-                                      args.official_preset)
-    records = reconstruct_images(model, args.images, args.out, batch_size=args.batch_size)
-    summary = {
-        "checkpoint": str(args.checkpoint),
-        "image_size": model.config.image_size,
-        "mean_psnr": _mean([r["psnr"] for r in records]),
-        "mean_ssim": _mean([r["ssim"] for r in records]),
-        "images": records,
-    }
-    path = Path(args.out) / "metrics.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(format_reconstruct_table(records))
-    print(f"wrote {len(records)} reconstructions and {path}")
-    return records

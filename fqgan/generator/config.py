@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from fqgan.runtime.options import option
+
 
 def find_multiple(n: int, k: int) -> int:
     """The smallest multiple of ``k`` that is >= ``n``."""
@@ -26,23 +28,27 @@ class FARConfig:
     vocab_size: int = 16384         # V codes per sub-codebook
     block_size: int = 256           # T image positions (a square grid, raster order)
     num_classes: int = 1000
-    dim: int = 1024
-    n_layer: int = 24               # trunk layers
-    n_head: int = 16
+    dim: int = option(1024, "width (default: the preset's)", group="model")
+    # trunk layers
+    n_layer: int = option(24, "trunk layers (default: the preset's)", group="model")
+    n_head: int = option(16, "attention heads (default: the preset's)", group="model")
     n_kv_head: int | None = None    # None = n_head (no grouped-query attention, as every official preset)
-    ar_n_layer: int = 3             # layers of the factorized AR head (run over the k slots of a position)
+    # layers of the factorized AR head (run over the k slots of a position)
+    ar_n_layer: int = option(3, "layers of the factorized AR head (default: the preset's)", group="model")
     multiple_of: int = 256          # SwiGLU hidden size rounded up to this
     ffn_dim_multiplier: float | None = None
     ffn_dim: int | None = None      # explicit SwiGLU hidden size (None: the official formula)
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
-    token_dropout_p: float = 0.1
+    token_dropout_p: float = option(0.1, "token dropout (official 0.1)", group="model")
     attn_dropout_p: float = 0.0
-    resid_dropout_p: float = 0.1
+    resid_dropout_p: float = option(0.1, "residual and FFN dropout (official 0.1)", flag="--dropout-p", group="model")
     ffn_dropout_p: float = 0.1
-    drop_path_rate: float = 0.0
-    class_dropout_prob: float = 0.1  # > 0 adds the null-class row CFG needs
+    drop_path_rate: float = option(0.0, "stochastic depth (official 0); > 0 turns residual and FFN dropout off "
+                                   "unless --dropout-p is given, as official", group="model")
+    # > 0 adds the null-class row CFG needs
+    class_dropout_prob: float = option(0.1, "label dropout for CFG (official 0.1)", group="model")
 
     def __post_init__(self) -> None:
         for name in ("num_factors", "vocab_size", "block_size", "num_classes", "dim", "n_layer", "n_head",

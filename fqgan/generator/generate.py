@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 import fqgan_kernels as fk
 
@@ -166,3 +167,35 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
         model.train(was_training)
     return out
 
+
+def check_generator_tokenizer(generator_config: Any, tokenizer_config: Any) -> None:
+    """Raise ValueError unless a FAR (``FARConfig``) and a tokenizer (``TokenizerConfig``) fit together:
+    the same k, the generator's vocabulary = the tokenizer's codebook size, and its T = the token grid."""
+    g, t = generator_config, tokenizer_config
+    if g.num_factors != t.num_codebooks:
+        raise ValueError(f"the generator predicts k={g.num_factors} sub-tokens per position but the tokenizer has "
+                         f"{t.num_codebooks} sub-codebooks: use the tokenizer whose codes trained the generator")
+    if g.vocab_size != t.codebook_size:
+        raise ValueError(f"the generator was built for codebook size {g.vocab_size} but the tokenizer's "
+                         f"sub-codebooks have {t.codebook_size} codes: use the tokenizer whose codes trained it")
+    if g.block_size != t.grid_size ** 2:
+        raise ValueError(f"the generator makes {g.block_size} tokens per image but the tokenizer's grid is "
+                         f"{t.grid_size}x{t.grid_size} = {t.grid_size ** 2}: use the matching tokenizer")
+
+
+@torch.no_grad()
+def sample_images(generator: nn.Module, tokenizer: nn.Module, labels: Tensor, *, batch_size: int = 32,
+                  **sampling: Any) -> Tensor:
+    """Images ``[B, 3, H, W]`` in [-1, 1] for class ids ``labels [B]``: FAR codes
+    (:func:`generate` with ``sampling`` = cfg_scale, temperature, top_k, top_p, seed)
+    decoded by the tokenizer, ``batch_size`` rows at a time."""
+    check_generator_tokenizer(generator.config, tokenizer.config)
+    seed = sampling.pop("seed", None)
+    g = grid = tokenizer.config.grid_size
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        chunk = labels[start:start + batch_size]
+        s = None if seed is None else seed + start
+        codes = generate(generator, chunk, seed=s, **sampling)  # [b, k, T]
+        out.append(tokenizer.decode_indices(codes.view(codes.shape[0], codes.shape[1], g, grid)).clamp(-1, 1))
+    return torch.cat(out)

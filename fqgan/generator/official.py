@@ -47,7 +47,7 @@ def _load(source: str | os.PathLike | Mapping) -> Mapping:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def official_state_dict(checkpoint: Mapping, use_ema: bool = False) -> dict[str, Tensor]:
+def state_dict_from_official(checkpoint: Mapping, use_ema: bool = False) -> dict[str, Tensor]:
     """The model weights of an official checkpoint: ``checkpoint["ema"]`` if ``use_ema``, else the first of
     ``model`` (DDP runs), ``module`` (DeepSpeed), ``state_dict``, or the mapping itself (FSDP), with the
     ``module.`` / ``_orig_mod.`` prefixes of DDP and torch.compile removed."""
@@ -168,7 +168,7 @@ def from_official(source: str | os.PathLike | Mapping, *, num_factors: int | Non
     :raises FileNotFoundError: no file at ``source``
     :raises ValueError: not a (c2i) FAR checkpoint, wrong k, missing or unexpected keys, shape mismatches
     """
-    sd = official_state_dict(_load(source), use_ema=use_ema)
+    sd = state_dict_from_official(_load(source), use_ema=use_ema)
     config = config_from_official(sd, num_factors=num_factors, n_head=n_head, block_size=block_size, **overrides)
     model = FAR(config)
     expected = to_official_state_dict(model)

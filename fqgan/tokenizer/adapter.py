@@ -1,5 +1,5 @@
 """Transformer heads of the FQGAN tokenizer: the per-sub-codebook ``FactorizedAdapter`` and the
-``FeatPredHead`` that predicts a frozen teacher's CLS feature from a semantic sub-codebook.
+``FeaturePredictor`` that predicts a frozen teacher's CLS feature from a semantic sub-codebook.
 
 Parameter names equal the official ones (``transformer.{j}.attn.in_proj_weight``, ``mlp.c_fc``, ...;
 showlab/FQGAN ``tokenizer/vq_model_dual.py``), so checkpoints map by prefix only. The attention is
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FactorizedAdapter", "FeatPredHead", "ResidualAttentionBlock", "SelfAttention"]
+__all__ = ["FactorizedAdapter", "FeaturePredictor", "ResidualAttentionBlock", "SelfAttention"]
 
 
 class SelfAttention(nn.Module):
@@ -92,7 +92,7 @@ class FactorizedAdapter(nn.Module):
         return x.transpose(1, 2).reshape(b, c, h, w)
 
 
-class FeatPredHead(nn.Module):
+class FeaturePredictor(nn.Module):
     """Predicts a teacher's features from a quantised sub-codebook map: per position
     ``upscale = Linear(in_dim, width) -> ReLU -> Linear(width, width)``, a class token prepended,
     learned positional embedding, ``ln_pre``, ``layers`` transformer blocks, ``ln_post``.

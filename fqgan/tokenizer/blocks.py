@@ -104,7 +104,7 @@ class Encoder(nn.Module):
     by an attention block at the lowest level) and a downsample (all levels but the last), then the
     middle ResNet-attention-ResNet. ``[B, in_channels, H, W] -> [B, ch * ch_mult[-1], H/f, W/f]``,
     f = 2 ** (len(ch_mult) - 1). The per-sub-codebook heads (adapter, norm, conv out) are separate
-    (:class:`fqgan.tokenizer.model.EncoderHead`)."""
+    (:class:`fqgan.tokenizer.model.EncoderBranch`)."""
 
     def __init__(self, in_channels: int = 3, ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32) -> None:

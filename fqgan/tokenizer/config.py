@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from fqgan.runtime.options import option
+
 __all__ = [
     "FQGAN_DUAL_8",
     "FQGAN_DUAL_16",
@@ -44,6 +46,10 @@ def _non_negative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+_MODEL = "model (a preset, then overrides)"  # help sections of the CLI
+_LOSSES = "losses (official VQLoss options)"  # help sections of the CLI
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """The FQGAN tokenizer: a VQGAN encoder trunk, k heads, k sub-codebooks, one pixel decoder.
@@ -55,16 +61,19 @@ class TokenizerConfig:
     """
 
     num_codebooks: int = 2
-    codebook_size: int = 16384
-    codebook_dim: int = 8
+    codebook_size: int = option(16384, "codes per sub-codebook K", group=_MODEL)
+    codebook_dim: int = option(8, "code dimension D", group=_MODEL)
     codebook_l2_norm: bool = True
-    commit_loss_beta: float = 0.25
+    commit_loss_beta: float = option(0.25, "commitment weight beta", group=_MODEL)
     codebook_weight: float = 1.0  # the official VQLoss stores codebook_weight but never applies it: keep 1
-    entropy_loss_ratio: float = 0.03  # argparse default 0.0; the released runs pass 0.03
+    # argparse default 0.0; the released runs pass 0.03
+    entropy_loss_ratio: float = option(0.03, "entropy loss weight (0.03 as the released runs)", group=_MODEL)
     entropy_temperature: float = 0.01
-    disentanglement_ratio: float = 0.1  # 0 disables (official: --with_disentanglement off)
+    # 0 disables (official: --with_disentanglement off)
+    disentanglement_ratio: float = option(0.1, "disentanglement loss weight (0 disables)", group=_MODEL)
 
-    image_size: int = 256  # the adapters' positional embeddings cover image_size // down_factor squared
+    # the adapters' positional embeddings cover image_size // down_factor squared
+    image_size: int = option(256, "image side", group=_MODEL)
     in_channels: int = 3
     out_channels: int = 3
     ch: int = 128
@@ -72,7 +81,7 @@ class TokenizerConfig:
     decoder_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
     z_channels: int = 256
-    dropout_p: float = 0.0
+    dropout_p: float = option(0.0, "dropout in the encoder and decoder", group=_MODEL)
     norm_groups: int = 32  # official Normalize: GroupNorm(32, eps=1e-6)
 
     adapter_layers: int = 6  # FactorizedAdapter: width = ch * encoder_ch_mult[-1] (512 officially)
@@ -85,10 +94,12 @@ class TokenizerConfig:
     teachers: tuple[str | None, ...] = (None, CLIP_L14)  # per sub-codebook: the teacher's name
     codebook_names: tuple[str, ...] = ("vis", "sem")
 
-    quantizer_backend: str = "auto"
     # False: the entropy loss's mean probability is per rank, as in FQGAN's training; True: global
+    quantizer_backend: str = option("auto", "kernel backend of the quantizer: auto, reference, cpu, triton, "
+                                    "cuda", group=_MODEL)
     # batch (fk.FactorizedQuantizer(distributed=True)); also decides whether usage stats are all-reduced.
-    quantizer_distributed: bool = False
+    quantizer_distributed: bool = option(False, "under torchrun, take the entropy loss's statistics over the "
+                                         "global batch (default: per process, as FQGAN's training)", group=_MODEL)
     usage_window: int = 100
 
     def __post_init__(self) -> None:
@@ -229,19 +240,31 @@ class TokenizerLossConfig:
     ``disc_start``.
     """
 
-    reconstruction_loss: str = "l2"  # "l2" (mse) or "l1"
-    reconstruction_weight: float = 1.0
-    perceptual_weight: float = 1.0  # 0: no LPIPS network is built or needed
-    lpips_dropout: bool = True  # the official LPIPS heads keep nn.Dropout(0.5), live in train mode
-    disc_loss: str = "hinge"  # "hinge", "vanilla", "non-saturating", "non-saturating-llamagen"
-    gen_loss: str = "hinge"  # "hinge", "non-saturating", "non-saturating-llamagen"
-    disc_weight: float = 0.5
-    disc_start: int = 20000
-    disc_adaptive_weight: bool = False  # the official default; True: ||g_nll|| / ||g_adv|| at the last layer
-    disc_dim: int = 64
-    disc_num_layers: int = 3
+    # "l2" (mse) or "l1"
+    reconstruction_loss: str = option("l2", "pixel loss", choices=("l2", "l1"), group=_LOSSES)
+    reconstruction_weight: float = option(1.0, "pixel loss weight", group=_LOSSES)
+    # 0: no LPIPS network is built or needed
+    perceptual_weight: float = option(1.0, "LPIPS weight (needs --vgg16-weights and the lpips heads; 0 "
+                                      "disables)", group=_LOSSES)
+    # the official LPIPS heads keep nn.Dropout(0.5), live in train mode
+    lpips_dropout: bool = option(True, "turn off the LPIPS heads' dropout (the official loss keeps it live in "
+                                 "training)", flag="--no-lpips-dropout", group=_LOSSES)
+    # "hinge", "vanilla", "non-saturating", "non-saturating-llamagen"
+    disc_loss: str = option("hinge", "discriminator loss", choices=("hinge", "vanilla", "non-saturating",
+                            "non-saturating-llamagen"), group=_LOSSES)
+    # "hinge", "non-saturating", "non-saturating-llamagen"
+    gen_loss: str = option("hinge", "generator adversarial loss", choices=("hinge", "non-saturating",
+                           "non-saturating-llamagen"), group=_LOSSES)
+    disc_weight: float = option(0.5, "GAN weight", group=_LOSSES)
+    disc_start: int = option(20000, "step from which the GAN terms count", group=_LOSSES)
+    # the official default; True: ||g_nll|| / ||g_adv|| at the last layer
+    disc_adaptive_weight: bool = option(False, "scale the GAN term by ||grad nll|| / ||grad gan|| at the "
+                                        "decoder's last layer (off in the official runs)", group=_LOSSES)
+    disc_dim: int = option(64, "PatchGAN width", group=_LOSSES)
+    disc_num_layers: int = option(3, "PatchGAN depth", group=_LOSSES)
     disc_in_channels: int = 3
-    semantic_weight: float = 0.5
+    semantic_weight: float = option(0.5, "feature-prediction (InfoNCE) weight (needs the teachers; 0 disables)",
+                                    group=_LOSSES)
 
     def __post_init__(self) -> None:
         if self.reconstruction_loss not in ("l1", "l2"):

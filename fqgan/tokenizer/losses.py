@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import fqgan_kernels as fk
+
 from .config import TokenizerConfig, TokenizerLossConfig
 from .discriminator import PatchGANDiscriminator
 from .lpips import LPIPS
@@ -134,11 +136,8 @@ class GeneratorLoss(NamedTuple):
     reconstruction: Tensor  # () reconstruction_weight * pixel loss
     perceptual: Tensor  # () perceptual_weight * mean LPIPS (0 when perceptual_weight = 0)
     adversarial: Tensor  # () adaptive_weight * disc_weight * gen_adv_loss (0 before disc_start)
-    codebook: Tensor  # (k,)
-    commitment: Tensor  # (k,)
-    entropy: Tensor  # (k,)
-    disentangle: Tensor  # ()
-    semantic: Tensor  # (heads,) semantic_weight * InfoNCE per feature head (heads = 0: empty)
+    quantizer: fk.LossBreakdown  # the quantizer's weighted terms (the model output's ``losses``)
+    semantic: Tensor  # (P,) semantic_weight * InfoNCE per feature predictor (P = 0: empty)
     adaptive_weight: Tensor  # () 1 when disc_adaptive_weight is off; 0 while the discriminator is off
     disc_weight: Tensor  # () disc_weight at this step (0 before disc_start)
 
@@ -154,10 +153,10 @@ class TokenizerLoss(nn.Module):
     """The FQGAN tokenizer's training losses: pixel, LPIPS, PatchGAN, the quantizer's terms, InfoNCE.
 
     :param config: loss options (:class:`TokenizerLossConfig`; defaults = the released training)
-    :param tokenizer: the tokenizer's config (for its feature heads; ``None``: no semantic loss)
-    :param teachers: the frozen teachers of the feature heads, ``{sub-codebook index: teacher}`` or a
-        sequence in ``tokenizer.semantic_codebooks`` order (:func:`fqgan.teachers.load_teachers`);
-        required when ``semantic_weight > 0`` and the tokenizer has feature heads
+    :param tokenizer: the tokenizer's config (for its feature predictors; ``None``: no semantic loss)
+    :param teachers: the frozen teachers of the feature predictors, ``{sub-codebook index: teacher}`` or a
+        sequence in ``tokenizer.semantic_codebooks`` order (:func:`fqgan.tokenizer.teachers.load_teachers`);
+        required when ``semantic_weight > 0`` and the tokenizer has feature predictors
     :param lpips: a ready :class:`LPIPS`; else built by :meth:`LPIPS.from_files` from
         ``vgg16_weights`` / ``lpips_weights`` (or their environment variables) when ``perceptual_weight > 0``
 
@@ -183,26 +182,27 @@ class TokenizerLoss(nn.Module):
                                                                                use_dropout=c.lpips_dropout)
         else:
             self.perceptual = None
-        self.heads = tokenizer.semantic_codebooks if tokenizer is not None else ()
+        self.semantic_codebooks = tokenizer.semantic_codebooks if tokenizer is not None else ()
         self.teachers = nn.ModuleDict()
-        if self.heads and c.semantic_weight > 0:
+        if self.semantic_codebooks and c.semantic_weight > 0:
             if teachers is None:
-                raise ValueError(f"the tokenizer has feature heads on sub-codebooks {list(self.heads)} and "
+                raise ValueError(f"the tokenizer has feature predictors on sub-codebooks "
+                                 f"{list(self.semantic_codebooks)} and "
                                  f"semantic_weight = {c.semantic_weight}: pass teachers= "
-                                 "(fqgan.teachers.load_teachers(config)) or set semantic_weight=0")
+                                 "(fqgan.tokenizer.teachers.load_teachers(config)) or set semantic_weight=0")
             if not isinstance(teachers, Mapping):
                 teachers = list(teachers)
-                if len(teachers) != len(self.heads):
-                    raise ValueError(f"{len(teachers)} teachers for {len(self.heads)} feature heads "
-                                     f"(sub-codebooks {list(self.heads)})")
-                teachers = dict(zip(self.heads, teachers))
-            for i in self.heads:
+                if len(teachers) != len(self.semantic_codebooks):
+                    raise ValueError(f"{len(teachers)} teachers for {len(self.semantic_codebooks)} feature predictors "
+                                     f"(sub-codebooks {list(self.semantic_codebooks)})")
+                teachers = dict(zip(self.semantic_codebooks, teachers))
+            for i in self.semantic_codebooks:
                 if i not in teachers:
-                    raise ValueError(f"no teacher for the feature head of sub-codebook {i}")
+                    raise ValueError(f"no teacher for the feature predictor of sub-codebook {i}")
                 width = getattr(teachers[i], "hidden_size", None)
                 if width is not None and width != tokenizer.feat_pred_dims[i]:
                     raise ValueError(f"the teacher of sub-codebook {i} has hidden size {width} but its feature "
-                                     f"head predicts {tokenizer.feat_pred_dims[i]}-d features")
+                                     f"predictor predicts {tokenizer.feat_pred_dims[i]}-d features")
                 self.teachers[str(i)] = teachers[i]
 
     def disc_weight(self, step: int) -> float:
@@ -242,7 +242,7 @@ class TokenizerLoss(nn.Module):
         p_loss = self.perceptual(images, recon).mean() if self.perceptual is not None else zero
 
         semantic = []
-        for i, predicted in zip(self.heads, output.semantic_features):
+        for i, predicted in zip(self.semantic_codebooks, output.semantic_features):
             if str(i) in self.teachers:
                 semantic.append(c.semantic_weight * info_nce(predicted, self.teachers[str(i)](images)))
         semantic_t = torch.stack(semantic) if semantic else rec.new_zeros((0,))
@@ -261,11 +261,10 @@ class TokenizerLoss(nn.Module):
             a_weight = zero if c.disc_adaptive_weight else rec.new_ones(())
             adversarial = zero
 
-        q = output.losses
-        loss = c.reconstruction_weight * rec + c.perceptual_weight * p_loss + adversarial + q.total + semantic_t.sum()
+        loss = (c.reconstruction_weight * rec + c.perceptual_weight * p_loss + adversarial + output.quantizer_loss
+                 + semantic_t.sum())
         return GeneratorLoss(loss, c.reconstruction_weight * rec, c.perceptual_weight * p_loss, adversarial,
-                             q.codebook, q.commitment, q.entropy, q.disentangle, semantic_t, a_weight,
-                             rec.new_tensor(disc_w))
+                             output.losses, semantic_t, a_weight, rec.new_tensor(disc_w))
 
     def discriminator_loss(self, images: Tensor, reconstructions: Tensor, step: int,
                            discriminator: nn.Module | None = None) -> DiscriminatorLoss:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .weights import CheckpointError, check_state_dict, find_file, load_torch_file
+from fqgan.runtime.checkpoint import CheckpointError, check_state_dict, find_file, load_torch_file
 
 __all__ = ["LPIPS", "LPIPS_ENV", "VGG16_ENV", "VGG16_FILE", "VGG16Features", "find_lpips_heads", "find_vgg16"]
 
@@ -138,7 +138,7 @@ class LPIPS(nn.Module):
     def from_files(cls, vgg16_weights: str | os.PathLike | None = None,
                    lpips_weights: str | os.PathLike | None = None, use_dropout: bool = True) -> LPIPS:
         """LPIPS with the VGG16 backbone and the v0.1 heads read from local files (search order in the
-        module docstring); a missing file raises :class:`~fqgan.tokenizer.weights.WeightsNotFoundError`
+        module docstring); a missing file raises :class:`~fqgan.runtime.checkpoint.MissingFileError`
         saying where it looked and how to provide it."""
         vgg_path, heads_path = find_vgg16(vgg16_weights), find_lpips_heads(lpips_weights)
         model = cls(use_dropout=use_dropout)

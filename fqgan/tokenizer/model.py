@@ -5,7 +5,7 @@ images ``[B, 3, H, W]`` in [-1, 1]
   -> per sub-codebook i: FactorizedAdapter, GroupNorm, swish, 3x3 conv to z_channels, 1x1 quant conv to D
   -> concatenated ``[B, k*D, h, w]`` -> ``fk.FactorizedQuantizer`` (k stacked L2-normalised codebooks)
   -> ``post_quant_conv`` over the k*D channels -> :class:`~fqgan.tokenizer.blocks.Decoder` -> images.
-Feature-prediction heads read the quantised (straight-through) maps of the semantic sub-codebooks.
+Feature predictors read the quantised (straight-through) maps of the semantic sub-codebooks.
 
 Equals showlab/FQGAN ``tokenizer/vq_model_dual.py`` (k=2, order [vis, sem]) and
 ``vq_model_triple.py`` (k=3, order [vis, sem_mid, sem_high]) with their weights mapped by
@@ -21,35 +21,26 @@ from torch import Tensor, nn
 
 import fqgan_kernels as fk
 
-from .adapter import FactorizedAdapter, FeatPredHead
+from .adapter import FactorizedAdapter, FeaturePredictor
 from .blocks import Decoder, Encoder, group_norm, swish
 from .config import TokenizerConfig, get_preset
 
-__all__ = ["EncoderHead", "FQTokenizer", "QuantizerLosses", "TokenizerOutput"]
-
-
-class QuantizerLosses(NamedTuple):
-    """The model-side loss terms of one forward, each weighted as it enters the generator loss."""
-
-    codebook: Tensor  # (k,) codebook_weight * mean((zq - sg[z])^2)
-    commitment: Tensor  # (k,) beta * mean((sg[zq] - z)^2)
-    entropy: Tensor  # (k,) entropy_loss_ratio * entropy loss (zeros in eval mode or when the ratio is 0)
-    disentangle: Tensor  # () disentanglement_ratio * mean over pairs of mean (q_a . q_b)^2
-    total: Tensor  # () sum of the above: what the quantizer adds to the generator loss
-    perplexity: Tensor  # (k,) of this batch's code histogram, no grad
-    usage: Tensor  # (k,) fraction of codes used within the last usage_window training steps, no grad
+__all__ = ["EncoderBranch", "FQTokenizer", "TokenizerOutput"]
 
 
 class TokenizerOutput(NamedTuple):
     """What :meth:`FQTokenizer.forward` returns."""
 
     reconstruction: Tensor  # [B, out_channels, H, W]
-    losses: QuantizerLosses
+    # The quantizer's weighted terms (codebook, commitment, entropy, disentangle) and its statistics
+    # (perplexity, usage), as fk.FactorizedQuantizer returns them; quantizer_loss is their weighted sum.
+    losses: fk.LossBreakdown
+    quantizer_loss: Tensor  # () what the quantizer adds to the generator loss
     indices: Tensor  # [B, k, h, w] int64
-    semantic_features: tuple[Tensor, ...]  # per feature head (config.semantic_codebooks order): [B, width] CLS
+    semantic_features: tuple[Tensor, ...]  # per feature predictor (config.semantic_codebooks order): [B, width] CLS
 
 
-class EncoderHead(nn.Module):
+class EncoderBranch(nn.Module):
     """One sub-codebook's head on the trunk: adapter, ``norm_out``, swish, ``conv_out`` (3x3 to
     z_channels), ``quant_conv`` (1x1 to D). ``[B, C, h, w] -> [B, D, h, w]`` (unnormalised z_i)."""
 
@@ -85,7 +76,7 @@ class FQTokenizer(nn.Module):
             raise TypeError(f"config must be a TokenizerConfig or a preset name, got {type(config).__name__}")
         self.config = c = config
         self.encoder = Encoder(c.in_channels, c.ch, c.encoder_ch_mult, c.num_res_blocks, c.dropout_p, c.norm_groups)
-        self.heads = nn.ModuleList([EncoderHead(c) for _ in range(c.num_codebooks)])
+        self.branches = nn.ModuleList([EncoderBranch(c) for _ in range(c.num_codebooks)])
         self.quantizer = fk.FactorizedQuantizer(
             num_codebooks=c.num_codebooks, codebook_size=c.codebook_size, codebook_dim=c.codebook_dim,
             l2_normalize=c.codebook_l2_norm, commitment_weight=c.commit_loss_beta,
@@ -97,8 +88,8 @@ class FQTokenizer(nn.Module):
         self.decoder = Decoder(c.z_channels, c.ch, c.decoder_ch_mult, c.num_res_blocks, c.dropout_p,
                                c.out_channels, c.norm_groups)
         # Keyed by sub-codebook index, so a head's parameters keep their name whatever k is.
-        self.feat_heads = nn.ModuleDict({
-            str(i): FeatPredHead(c.codebook_dim, c.feat_pred_dims[i], c.grid_size, c.feat_pred_layers,
+        self.feature_predictors = nn.ModuleDict({
+            str(i): FeaturePredictor(c.codebook_dim, c.feat_pred_dims[i], c.grid_size, c.feat_pred_layers,
                                  c.feat_pred_heads)
             for i in c.semantic_codebooks})
 
@@ -132,7 +123,7 @@ class FQTokenizer(nn.Module):
         (before the quantizer's L2 normalisation)."""
         self._check_images(images)
         h = self.encoder(images)
-        return torch.cat([head(h) for head in self.heads], dim=1)
+        return torch.cat([branch(h) for branch in self.branches], dim=1)
 
     def quantize(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, fk.LossBreakdown]:
         """``self.quantizer(encode_latents(images), return_loss_breakdown=True)``: fields
@@ -161,10 +152,10 @@ class FQTokenizer(nn.Module):
         return self.decode(self.quantizer.decode_indices(indices, channel_first=True))
 
     def predict_features(self, quantized: Tensor) -> tuple[Tensor, ...]:
-        """Per feature head (``config.semantic_codebooks`` order): the predicted teacher CLS feature
+        """Per feature predictor (``config.semantic_codebooks`` order): the predicted teacher CLS feature
         ``[B, width]`` from that sub-codebook's quantised map."""
         d = self.config.codebook_dim
-        return tuple(self.feat_heads[str(i)](quantized[:, i * d:(i + 1) * d])[:, 0]
+        return tuple(self.feature_predictors[str(i)](quantized[:, i * d:(i + 1) * d])[:, 0]
                      for i in self.config.semantic_codebooks)
 
     @property
@@ -176,7 +167,5 @@ class FQTokenizer(nn.Module):
     def forward(self, images: Tensor) -> TokenizerOutput:
         """Reconstruct ``images`` and return every model-side loss term (see :class:`TokenizerOutput`)."""
         q = self.quantize(images)
-        b = q.breakdown
-        losses = QuantizerLosses(b.codebook, b.commitment, b.entropy, b.disentangle, q.loss, b.perplexity, b.usage)
         features = self.predict_features(q.quantized)
-        return TokenizerOutput(self.decode(q.quantized), losses, q.indices, features)
+        return TokenizerOutput(self.decode(q.quantized), q.breakdown, q.loss, q.indices, features)

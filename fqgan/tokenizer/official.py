@@ -3,23 +3,23 @@
 
 Official layout (``tokenizer/vq_model_dual.py``, ``vq_model_triple.py``), per sub-codebook ``s``
 (Dual: vis, sem; Triple: vis, sem_mid, sem_high) and its adapter list ``a`` (visual_head,
-semantic_head[_mid|_high]) and feature head ``f`` (feat_pred_head; mid_sem_feat_pred, high_sem_feat_pred):
+semantic_head[_mid|_high]) and feature predictor ``f`` (feat_pred_head; mid_sem_feat_pred, high_sem_feat_pred):
 
 ================================================  ==============================================
 official key                                      this model
 ================================================  ==============================================
 ``encoder.{conv_in,conv_blocks,mid}.*``           same
-``encoder.{a}.0.*``                               ``heads.{i}.adapter.*``
-``encoder.norm_out_{s}.*``, ``conv_out_{s}.*``    ``heads.{i}.norm_out.*``, ``heads.{i}.conv_out.*``
-``quant_conv_{s}.*``                              ``heads.{i}.quant_conv.*``
+``encoder.{a}.0.*``                               ``branches.{i}.adapter.*``
+``encoder.norm_out_{s}.*``, ``conv_out_{s}.*``    ``branches.{i}.norm_out.*``, ``branches.{i}.conv_out.*``
+``quant_conv_{s}.*``                              ``branches.{i}.quant_conv.*``
 ``quantize_{s}.embedding.weight`` [K, D]          ``quantizer.codebooks[i]`` of [k, K, D]
 ``quantize_{s}.codebook_used`` [65536]            dropped (a usage log, not a weight)
 ``post_quant_conv.*``, ``decoder.*``              same
-``{f}.*``                                         ``feat_heads.{i}.*``
+``{f}.*``                                         ``feature_predictors.{i}.*``
 ================================================  ==============================================
 
 i is the position of ``s`` in the official concatenation before ``post_quant_conv``
-(``[vis, sem]``, ``[vis, sem_mid, sem_high]``). Inside the adapters and feature heads the names are
+(``[vis, sem]``, ``[vis, sem_mid, sem_high]``). Inside the adapters and feature predictors the names are
 identical (``transformer.{j}.attn.in_proj_weight`` etc.).
 """
 
@@ -34,15 +34,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError, check_state_dict, load_torch_file
+
 from .config import FQGAN_DUAL_16, FQGAN_TRIPLE_16, TokenizerConfig
 from .model import FQTokenizer
-from .weights import CheckpointError, WeightsNotFoundError, check_state_dict, load_torch_file
 
-__all__ = ["OFFICIAL_HEADS", "from_official", "infer_official_config", "official_state_dict",
-           "official_to_state_dict"]
+__all__ = [
+    "OFFICIAL_NAMES",
+    "from_official",
+    "infer_official_config",
+    "state_dict_from_official",
+    "to_official_state_dict",
+]
 
-# Per k: (sub-codebook suffix, adapter list name, feature head name or None), in concatenation order.
-OFFICIAL_HEADS: dict[int, tuple[tuple[str, str, str | None], ...]] = {
+# Per k: (sub-codebook suffix, adapter list name, feature predictor name or None), in concatenation order.
+OFFICIAL_NAMES: dict[int, tuple[tuple[str, str, str | None], ...]] = {
     2: (("vis", "visual_head", None), ("sem", "semantic_head", "feat_pred_head")),
     3: (("vis", "visual_head", None), ("sem_mid", "semantic_head_mid", "mid_sem_feat_pred"),
         ("sem_high", "semantic_head_high", "high_sem_feat_pred")),
@@ -66,11 +72,13 @@ def _official_k(state: Mapping[str, Tensor]) -> int:
 def _prefix_map(k: int) -> list[tuple[str, str]]:
     """``(official prefix, our prefix)`` pairs of the per-sub-codebook modules."""
     pairs = []
-    for i, (s, adapter, feat) in enumerate(OFFICIAL_HEADS[k]):
-        pairs += [(f"encoder.{adapter}.0.", f"heads.{i}.adapter."), (f"encoder.norm_out_{s}.", f"heads.{i}.norm_out."),
-                  (f"encoder.conv_out_{s}.", f"heads.{i}.conv_out."), (f"quant_conv_{s}.", f"heads.{i}.quant_conv.")]
+    for i, (s, adapter, feat) in enumerate(OFFICIAL_NAMES[k]):
+        pairs += [(f"encoder.{adapter}.0.", f"branches.{i}.adapter."),
+                  (f"encoder.norm_out_{s}.", f"branches.{i}.norm_out."),
+                  (f"encoder.conv_out_{s}.", f"branches.{i}.conv_out."),
+                  (f"quant_conv_{s}.", f"branches.{i}.quant_conv.")]
         if feat is not None:
-            pairs.append((f"{feat}.", f"feat_heads.{i}."))
+            pairs.append((f"{feat}.", f"feature_predictors.{i}."))
     return pairs
 
 
@@ -85,7 +93,7 @@ def _strip_wrappers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def official_to_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+def state_dict_from_official(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """Map an official Dual/Triple state dict to this model's names.
 
     :returns: ``(state_dict, unexpected)``: our state dict (codebooks stacked into
@@ -97,7 +105,7 @@ def official_to_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tenso
     out: dict[str, Tensor] = {}
     unexpected: list[str] = []
     codebooks: dict[int, Tensor] = {}
-    suffixes = {s: i for i, (s, _, _) in enumerate(OFFICIAL_HEADS[k])}
+    suffixes = {s: i for i, (s, _, _) in enumerate(OFFICIAL_NAMES[k])}
     for key, value in state.items():
         m = re.fullmatch(r"quantize_(\w+?)\.(embedding\.weight|codebook_used)", key)
         if m and m.group(1) in suffixes:
@@ -124,11 +132,11 @@ def official_to_state_dict(state: Mapping[str, Tensor]) -> tuple[dict[str, Tenso
     return out, unexpected
 
 
-def official_state_dict(model: FQTokenizer) -> dict[str, Tensor]:
+def to_official_state_dict(model: FQTokenizer) -> dict[str, Tensor]:
     """The inverse mapping: ``model``'s weights under the official Dual/Triple names (k = 2 or 3), e.g.
     to run them in the official code. ``quantize_*.codebook_used`` is not written."""
     k = model.config.num_codebooks
-    if k not in OFFICIAL_HEADS:
+    if k not in OFFICIAL_NAMES:
         raise ValueError(f"the official layouts exist for k = 2 (Dual) and 3 (Triple), not k = {k}")
     pairs = _prefix_map(k)
     out: dict[str, Tensor] = {}
@@ -136,7 +144,7 @@ def official_state_dict(model: FQTokenizer) -> dict[str, Tensor]:
         if key in _OWN_ONLY:
             continue
         if key == "quantizer.codebooks":
-            for i, (s, _, _) in enumerate(OFFICIAL_HEADS[k]):
+            for i, (s, _, _) in enumerate(OFFICIAL_NAMES[k]):
                 out[f"quantize_{s}.embedding.weight"] = value[i].clone()
             continue
         if key.startswith(_SHARED_PREFIXES):
@@ -160,7 +168,7 @@ def infer_official_config(state: Mapping[str, Tensor], **overrides: Any) -> Toke
     """The :class:`TokenizerConfig` of a mapped official state dict (our names), from its shapes.
 
     What shapes cannot tell is taken from the official code: 8 attention heads in the adapters and
-    feature heads, GroupNorm with 32 groups, the released training's loss ratios (entropy 0.03,
+    feature predictors, GroupNorm with 32 groups, the released training's loss ratios (entropy 0.03,
     disentanglement 0.1) and its teachers when the feature widths match. ``overrides`` win.
     """
     try:
@@ -174,15 +182,15 @@ def infer_official_config(state: Mapping[str, Tensor], **overrides: Any) -> Toke
         num_res_blocks = _count(state, r"encoder\.conv_blocks\.0\.res\.(\d+)\.")
         z_channels = state["post_quant_conv.weight"].shape[0]
         out_channels = state["decoder.conv_out.weight"].shape[0]
-        pos = state["heads.0.adapter.positional_embedding"]
+        pos = state["branches.0.adapter.positional_embedding"]
         grid = math.isqrt(pos.shape[0])
         width = pos.shape[1]
-        adapter_layers = _count(state, r"heads\.0\.adapter\.transformer\.(\d+)\.")
-        mlp_key = "heads.0.adapter.transformer.0.mlp.c_fc.weight"
+        adapter_layers = _count(state, r"branches\.0\.adapter\.transformer\.(\d+)\.")
+        mlp_key = "branches.0.adapter.transformer.0.mlp.c_fc.weight"
         adapter_mlp_ratio = state[mlp_key].shape[0] / width if mlp_key in state else 0.0
-        feat_dims = tuple(state[f"feat_heads.{i}.class_embedding"].shape[-1]
-                          if f"feat_heads.{i}.class_embedding" in state else 0 for i in range(k))
-        feat_layers = max([_count(state, rf"feat_heads\.{i}\.transformer\.(\d+)\.") for i in range(k)] + [0])
+        feat_dims = tuple(state[f"feature_predictors.{i}.class_embedding"].shape[-1]
+                          if f"feature_predictors.{i}.class_embedding" in state else 0 for i in range(k))
+        feat_layers = max([_count(state, rf"feature_predictors\.{i}\.transformer\.(\d+)\.") for i in range(k)] + [0])
     except KeyError as e:
         raise CheckpointError(f"FQGAN checkpoint lacks {e.args[0]} (after mapping to this model's names); "
                               "cannot infer the architecture") from e
@@ -195,7 +203,7 @@ def infer_official_config(state: Mapping[str, Tensor], **overrides: Any) -> Toke
         decoder_ch_mult=dec_ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
         adapter_layers=adapter_layers, adapter_mlp_ratio=adapter_mlp_ratio, feat_pred_dims=feat_dims,
         feat_pred_layers=feat_layers if any(feat_dims) else preset.feat_pred_layers, teachers=teachers,
-        codebook_names=tuple(s for s, _, _ in OFFICIAL_HEADS[k]))
+        codebook_names=tuple(s for s, _, _ in OFFICIAL_NAMES[k]))
     values.update(overrides)
     return preset.replace(**values)
 
@@ -226,7 +234,7 @@ def from_official(source: str | os.PathLike | Mapping[str, Any], config: Tokeniz
     :param weights: which entry: ``"auto"`` (``ema``, else ``model``, else ``state_dict``, as the
         official reconstruction script), ``"ema"``, ``"model"`` or ``"state_dict"``
     :param trusted: allow arbitrary pickled objects in the file (``torch.load(weights_only=False)``)
-    :raises WeightsNotFoundError: the file does not exist
+    :raises MissingFileError: the file does not exist
     :raises CheckpointError: unreadable file; not a Dual/Triple state dict; a k other than
         ``config``'s; missing or unexpected keys (all listed) or shapes that differ from ``config``
     """
@@ -236,17 +244,17 @@ def from_official(source: str | os.PathLike | Mapping[str, Any], config: Tokeniz
         raise TypeError(f"source must be a checkpoint path or a (state) dict, got {type(source).__name__}")
     else:
         if not os.path.isfile(source):
-            raise WeightsNotFoundError(f"FQGAN checkpoint: no such file {os.fspath(source)!r}")
+            raise MissingFileError(f"FQGAN checkpoint: no such file {os.fspath(source)!r}")
         checkpoint, where = load_torch_file(source, "FQGAN checkpoint", trusted=trusted), os.fspath(source)
     official = _pick_state(checkpoint, weights)
-    state, unexpected = official_to_state_dict(official)
+    state, unexpected = state_dict_from_official(official)
     k = state["quantizer.codebooks"].shape[0]
     if config is None:
         config = infer_official_config(state, **overrides)
     elif overrides:
         config = config.replace(**overrides)
     if config.num_codebooks != k:
-        names = ", ".join(f"quantize_{s}" for s, _, _ in OFFICIAL_HEADS[k])
+        names = ", ".join(f"quantize_{s}" for s, _, _ in OFFICIAL_NAMES[k])
         raise CheckpointError(f"{where} is an FQGAN-{'Dual' if k == 2 else 'Triple'} checkpoint (k={k}: {names}) but "
                               f"the config has num_codebooks={config.num_codebooks}")
     model = FQTokenizer(config)

@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fqgan.generator.config import PRESETS as FAR_PRESETS
+from fqgan.runtime.options import option
+from fqgan.runtime.parallel import PARALLEL_MODES
 from fqgan.tokenizer.config import TokenizerConfig, TokenizerLossConfig, get_preset
 
 
@@ -21,33 +24,49 @@ def _positive(name: str, value: Any) -> None:
 
 @dataclass
 class RunConfig:
-    """What every training loop shares: data, optimisation, bookkeeping."""
+    """What every training loop shares: data, optimisation, parallelism, bookkeeping."""
 
-    out_dir: str = "runs/tokenizer"
-    data: str = "sample"  # "sample" (built-in set) or an image folder
-    sample_length: int = 512  # crops per epoch of the built-in set
-    num_workers: int = 4  # DataLoader workers per process (0: load in the training process)
-    global_batch_size: int = 128  # split evenly over the processes
-    max_steps: int | None = None  # None: epochs * steps per epoch
-    epochs: int = 40
-    lr: float = 1e-4  # the released scripts pass --lr 2e-4 at global batch 256
-    beta1: float = 0.9
-    beta2: float = 0.95
+    out_dir: str = option("runs/tokenizer", "writes last.pt (last.dcp/ under FSDP), metrics.jsonl and config.json "
+                          "here", group="run")
+    data: str = option("sample", "image folder (any depth; labels from the first-level folders) or 'sample' for the "
+                       "built-in photographs", group="data")
+    sample_length: int = option(512, "random crops per epoch of the sample set", group="data")
+    num_workers: int = option(4, "data-loading processes per training process (0: load in the training process)",
+                              group="data")
+    global_batch_size: int = option(128, "global batch size, split over the processes (and micro-batches)",
+                                    flag="--batch-size", group="optimisation")
+    max_steps: int | None = option(None, "training steps (default: --epochs worth)", flag="--steps",
+                                   group="optimisation")
+    epochs: int = option(40, "epochs (when --steps is not given)", group="optimisation")
+    lr: float = option(1e-4, "learning rate (the released scripts pass 2e-4 at global batch 256)",
+                       group="optimisation")
+    beta1: float = option(0.9, "Adam beta1", group="optimisation")
+    beta2: float = option(0.95, "Adam beta2", group="optimisation")
     # The official scripts declare --weight-decay 5e-2 but build torch.optim.Adam without it, so the
     # effective value is 0; a non-zero value here switches to AdamW (decoupled decay).
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 0  # global seed: rank r seeds with seed * world_size + r (official)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16, fp32
-    compile: bool = False
-    log_every: int = 100  # steps between metrics records (and rank-averaged loss lines)
-    ckpt_every: int = 5000  # steps between checkpoints (last.pt is rewritten; 0: only at the end)
-    keep_every: int = 0  # also keep step_XXXXXXX.pt every this many steps (0: only last.pt)
-    resume: str | None = None  # a checkpoint path, or "auto": out_dir/last.pt when it exists
-    quiet: bool = False  # no progress bar
+    weight_decay: float = option(0.0, "weight decay", group="optimisation")
+    max_grad_norm: float = option(1.0, "gradient clipping, 0 disables", group="optimisation")
+    grad_accum: int = option(1, "micro-batches per optimizer step: each process's share of --batch-size is cut "
+                             "into N, their gradients summed (memory of a batch N times smaller)", group="optimisation")
+    ema: bool = option(False, "keep an EMA of the weights (saved as 'ema')", group="optimisation")
+    ema_decay: float = option(0.9999, "EMA decay", group="optimisation")
+    seed: int = option(0, "global seed: rank r seeds with seed * world_size + r (official)", group="optimisation")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", group="run")
+    precision: str = option("auto", "autocast dtype (auto = bf16 on GPU, fp32 on CPU)",
+                            choices=("auto", "bf16", "fp32"), group="run")
+    parallel: str = option("ddp", "data parallelism under torchrun: ddp (full copies) or fsdp (FSDP2: parameters, "
+                           "gradients and optimizer state sharded; sharded checkpoints)", choices=PARALLEL_MODES,
+                           group="run")
+    activation_checkpointing: bool = option(False, "recompute the activations of the model's blocks (FAR's "
+                                            "transformer blocks, the tokenizer's adapters) in backward: less "
+                                            "memory, about a third more compute", group="run")
+    compile: bool = option(False, "torch.compile the model", group="run")
+    log_every: int = option(100, "steps per metrics.jsonl record", group="run")
+    ckpt_every: int = option(5000, "steps between rewrites of last.pt, 0: only at the end", group="run")
+    keep_every: int = option(0, "also keep step_XXXXXXX.pt every this many steps (0: only last.pt)", group="run")
+    resume: str | None = option(None, "continue from a checkpoint; 'auto': OUT_DIR/last.pt (or last.dcp) when it "
+                                "exists", metavar="CKPT|auto", group="run")
+    quiet: bool = option(False, "no progress bar", group="run")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -55,6 +74,9 @@ class RunConfig:
         _positive("epochs", self.epochs)
         _positive("log_every", self.log_every)
         _positive("sample_length", self.sample_length)
+        _positive("grad_accum", self.grad_accum)
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         for name in ("ckpt_every", "keep_every", "num_workers", "seed"):
@@ -80,15 +102,23 @@ class TokenizerTrainConfig(RunConfig):
 
     model: TokenizerConfig = field(default_factory=lambda: get_preset("fqgan-dual-16"))
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
-    # Semantic teachers per feature head, overriding the model config's names (e.g. "tiny-teacher",
+    # Semantic teachers per feature predictor, overriding the model config's names (e.g. "tiny-teacher",
     # or a local folder of weights); None: the model config's ``teachers``.
-    teachers: tuple[str | None, ...] | None = None
+    teachers: tuple[str | None, ...] | None = option(
+        None, "a teacher's save_pretrained folder, once per feature predictor in sub-codebook order (default: the "
+        "preset's teacher names, looked up under $FQGAN_TEACHERS_DIR and the Hugging Face cache)", flag="--teacher",
+        metavar="DIR", group="weight files (local only: nothing is downloaded)")
     # The official loop runs the discriminator step from step 1, with weight 0 before disc_start (its
     # gradients are zero; Adam's step count and BatchNorm statistics still move). True skips it until
     # disc_start: about a quarter less compute per step there, for runs that never reach disc_start.
-    skip_disc_until_start: bool = False
-    vgg16_weights: str | None = None  # LPIPS backbone file (else $FQGAN_VGG16_WEIGHTS, torch hub cache)
-    lpips_weights: str | None = None  # LPIPS v0.1 heads (else $FQGAN_LPIPS_WEIGHTS, the lpips wheel's copy)
+    skip_disc_until_start: bool = option(False, "skip the discriminator step before --disc-start (the official "
+                                         "loop runs it with weight 0)", group="losses (official VQLoss options)")
+    vgg16_weights: str | None = option(None, "torchvision vgg16-397923af.pth for LPIPS (default: "
+                                       "$FQGAN_VGG16_WEIGHTS, torch hub cache)", metavar="FILE",
+                                       group="weight files (local only: nothing is downloaded)")
+    lpips_weights: str | None = option(None, "LPIPS v0.1 vgg.pth linear layers (default: $FQGAN_LPIPS_WEIGHTS, the "
+                                       "lpips wheel's copy)", metavar="FILE",
+                                       group="weight files (local only: nothing is downloaded)")
 
     def validate(self) -> None:
         super().validate()
@@ -127,16 +157,19 @@ class GeneratorTrainConfig(RunConfig):
     300 epochs, dropout 0.1 (residual, FFN, token), class dropout 0.1.
     """
 
-    out_dir: str = "runs/generator"
-    codes: str = "codes"  # a folder written by `fqgan extract-codes`
-    preset: str = "FAR-B"
+    out_dir: str = option("runs/generator", "writes last.pt (last.dcp/ under FSDP), metrics.jsonl and config.json "
+                          "here", group="run")
+    codes: str = option("codes", "code folder from `fqgan extract-codes` (sets k, the codebook size, the grid, the "
+                        "classes)", metavar="DIR", group="model")
+    preset: str = option("FAR-B", "FAR size (FAR-tiny for CPU runs)", choices=tuple(sorted(FAR_PRESETS)), group="model")
     # FARConfig fields to override (k, V, T and the class count come from the code folder).
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    num_classes: int | None = None  # None: the code folder's class count
-    global_batch_size: int = 256
-    epochs: int = 300
-    weight_decay: float = 0.05
-    ckpt_every: int = 5000
+    num_classes: int | None = option(None, "class count of the label table (default: the code folder's)",
+                                     group="model")
+    global_batch_size: int = option(256, "global batch size, split over the processes (and micro-batches)",
+                                    flag="--batch-size", group="optimisation")
+    epochs: int = option(300, "epochs (when --steps is not given)", group="optimisation")
+    weight_decay: float = option(0.05, "AdamW weight decay on matrices and embeddings", group="optimisation")
 
     def validate(self) -> None:
         super().validate()

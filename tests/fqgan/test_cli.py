@@ -65,7 +65,7 @@ def test_train_eval_reconstruct_end_to_end(tmp_path, capsys):
                  "--num-workers", "0", "--out", str(ev), "--no-rfid", "--quiet", "--device", "cpu"]) == 0
     assert (ev / "metrics.json").is_file() and "PSNR" in capsys.readouterr().out
 
-    from fqgan.data import load_sample_photo
+    from fqgan.data.datasets import load_sample_photo
 
     photo = tmp_path / "chelsea.png"
     load_sample_photo("chelsea.png").save(photo)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fqgan.data import (
+from fqgan.data.datasets import (
     SAMPLE_PHOTOS,
     ImageFolder,
     SampleImages,

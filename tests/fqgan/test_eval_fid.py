@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fqgan.eval.fid import FeatureStats, frechet_distance, load_stats, save_stats
-from fqgan.images import MissingFileError
+from fqgan.runtime.checkpoint import MissingFileError
 
 
 def _spd(d, rng):

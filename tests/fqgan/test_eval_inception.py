@@ -4,6 +4,7 @@ loading through the real path from a file the test writes, and how the weights a
 import pytest
 import torch
 
+from fqgan.data.images import to_uint8
 from fqgan.eval.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILENAME,
@@ -14,8 +15,7 @@ from fqgan.eval.inception import (
     load_fid_inception,
     resolve_rfid_weights,
 )
-from fqgan.images import to_uint8
-from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
 
 # torchvision's inception_v3 (1000 classes, with AuxLogits) has 27,161,264 parameters (its model table).
 # pytorch-fid's network = that without AuxLogits (conv0 128x768 + bn, conv1 768x128x5x5 + bn, fc 768->1000)
@@ -137,7 +137,7 @@ def test_inception_features_feed_8bit_images_in_0_1():
 
 def test_load_rejects_wrong_files(tmp_path, random_inception):
     state = random_inception.state_dict()
-    with pytest.raises(WeightsNotFoundError, match="absent.pth"):
+    with pytest.raises(MissingFileError, match="absent.pth"):
         load_fid_inception(tmp_path / "absent.pth")
     bad = dict(state)
     del bad["Mixed_6b.branch7x7_2.conv.weight"]
@@ -173,7 +173,7 @@ def test_find_weights(tmp_path, monkeypatch):
     assert found is None and message.startswith("rFID skipped")
     for part in (str(cached), "--inception-weights", INCEPTION_WEIGHTS_ENV, "pytorch-fid"):
         assert part in message
-    with pytest.raises(WeightsNotFoundError):
+    with pytest.raises(MissingFileError):
         find_inception_weights()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
@@ -184,8 +184,8 @@ def test_find_weights(tmp_path, monkeypatch):
     assert resolve_rfid_weights() == (mine, "")
     # An explicit request for a missing file fails, even with a usable file elsewhere.
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "gone.pth"))
-    with pytest.raises(WeightsNotFoundError, match="gone.pth"):
+    with pytest.raises(MissingFileError, match="gone.pth"):
         resolve_rfid_weights()
-    with pytest.raises(WeightsNotFoundError, match="other.pth"):
+    with pytest.raises(MissingFileError, match="other.pth"):
         resolve_rfid_weights(tmp_path / "other.pth")  # the argument wins over the variable
     assert resolve_rfid_weights(mine) == (mine, "")

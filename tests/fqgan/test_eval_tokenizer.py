@@ -11,21 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from fqgan.cli import add_eval_tokenizer_arguments, add_reconstruct_arguments, run_eval_tokenizer, run_reconstruct
+from fqgan.data.images import load_image, to_uint8
 from fqgan.eval.inception import INCEPTION_WEIGHTS_ENV, FIDInceptionV3
-from fqgan.eval.tokenizer import (
-    add_eval_tokenizer_arguments,
-    add_reconstruct_arguments,
-    evaluate_tokenizer,
-    load_tokenizer_checkpoint,
-    run_eval_tokenizer,
-    run_reconstruct,
-)
-from fqgan.images import MissingFileError, load_image, to_uint8
+from fqgan.eval.tokenizer import evaluate_tokenizer
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError, save_checkpoint
 from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.config import TINY
-from fqgan.tokenizer.official import official_state_dict
-from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
-from fqgan.train.common import save_checkpoint
+from fqgan.tokenizer.load import load_tokenizer
+from fqgan.tokenizer.official import to_official_state_dict
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
 
@@ -166,7 +160,7 @@ def test_evaluate_tokenizer_bad_input(model):
 def test_load_train_tokenizer_checkpoint(checkpoint, model):
     saved = torch.load(checkpoint, weights_only=True)
     for weights, entry in (("auto", "ema"), ("ema", "ema"), ("model", "model")):
-        loaded = load_tokenizer_checkpoint(checkpoint, weights=weights)
+        loaded = load_tokenizer(checkpoint, weights=weights)
         assert not loaded.training and loaded.config == TINY
         for k, v in loaded.state_dict().items():
             assert torch.equal(v, saved[entry][k]), (weights, k)
@@ -174,8 +168,8 @@ def test_load_train_tokenizer_checkpoint(checkpoint, model):
 
 def test_load_official_checkpoint(tmp_path, model):
     path = tmp_path / "official.pt"
-    torch.save({"model": official_state_dict(model), "args": argparse.Namespace(vq_model="VQ-16")}, path)
-    loaded = load_tokenizer_checkpoint(path, official_config=TINY)
+    torch.save({"model": to_official_state_dict(model), "args": argparse.Namespace(vq_model="VQ-16")}, path)
+    loaded = load_tokenizer(path, official_config=TINY)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     x = _images(2, 5)
@@ -184,24 +178,24 @@ def test_load_official_checkpoint(tmp_path, model):
 
 
 def test_load_checkpoint_errors(tmp_path, checkpoint):
-    with pytest.raises(WeightsNotFoundError, match="missing.pt"):
-        load_tokenizer_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(WeightsNotFoundError, match="directory"):
-        load_tokenizer_checkpoint(tmp_path)
+    with pytest.raises(MissingFileError, match="missing.pt"):
+        load_tokenizer(tmp_path / "missing.pt")
+    with pytest.raises(MissingFileError, match="directory"):
+        load_tokenizer(tmp_path)
     save_checkpoint(tmp_path / "gen.pt", {"model": {}}, "fqgan-generator")
     with pytest.raises(CheckpointError, match="'fqgan-generator' checkpoint, not a tokenizer"):
-        load_tokenizer_checkpoint(tmp_path / "gen.pt")
+        load_tokenizer(tmp_path / "gen.pt")
     (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="junk.pt"):
-        load_tokenizer_checkpoint(tmp_path / "junk.pt")
+        load_tokenizer(tmp_path / "junk.pt")
     ckpt = torch.load(checkpoint, weights_only=True)
     del ckpt["ema"]
     save_checkpoint(tmp_path / "noema.pt", {k: v for k, v in ckpt.items() if k not in ("kind", "format")},
                     "fqgan-tokenizer")
     with pytest.raises(CheckpointError, match="no EMA weights"):
-        load_tokenizer_checkpoint(tmp_path / "noema.pt", weights="ema")
+        load_tokenizer(tmp_path / "noema.pt", weights="ema")
     with pytest.raises(ValueError, match="weights must be"):
-        load_tokenizer_checkpoint(checkpoint, weights="best")
+        load_tokenizer(checkpoint, weights="best")
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -226,7 +220,7 @@ def test_reconstruct_command_end_to_end(tmp_path, checkpoint, capsys):
                                               "--device", "cpu"])
     records = run_reconstruct(args)
     printed = capsys.readouterr().out
-    ema_model = load_tokenizer_checkpoint(checkpoint)
+    ema_model = load_tokenizer(checkpoint)
     summary = json.loads((out / "metrics.json").read_text())
     assert [r["name"] for r in summary["images"]] == ["wide", "tall", "square"] == [r["name"] for r in records]
     for rec in summary["images"]:
@@ -254,7 +248,7 @@ def test_reconstruct_command_bad_input(tmp_path, checkpoint):
     with pytest.raises(MissingFileError, match="nope.png"):
         run_reconstruct(_parse(add_reconstruct_arguments, [inputs / "nope.png", "--checkpoint", checkpoint,
                                                            "--out", out]))
-    with pytest.raises(WeightsNotFoundError, match="absent.pt"):
+    with pytest.raises(MissingFileError, match="absent.pt"):
         run_reconstruct(_parse(add_reconstruct_arguments, [inputs / "wide.png", "--checkpoint", tmp_path / "absent.pt",
                                                            "--out", out]))
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -285,7 +279,7 @@ def test_eval_tokenizer_command_end_to_end(tmp_path, checkpoint, capsys, monkeyp
     assert "rFID skipped" in printed and "usage" in printed and "PSNR" in printed
     assert _read(out / "grid.png").shape[0] == 2 + 2 * (SIZE + 2)
     # The metrics equal evaluate_tokenizer's on the same centre-cropped images and EMA weights.
-    ema_model = load_tokenizer_checkpoint(checkpoint)
+    ema_model = load_tokenizer(checkpoint)
     images = torch.stack([load_image(p, size=SIZE) for p in sorted(data.iterdir())])
     direct = evaluate_tokenizer(ema_model, [images])
     assert result["psnr"] == pytest.approx(direct["psnr"], rel=1e-12)
@@ -309,7 +303,7 @@ def test_eval_tokenizer_command_end_to_end(tmp_path, checkpoint, capsys, monkeyp
     assert result["num_images"] == 2 and result["rfid"] == 1.5 and "rank-deficient" in result["rfid_note"]
     assert seen[0][:4] == ((2048,), (2048, 2048), (2048,), (2048, 2048)) and seen[0][4] > 0
     assert (out / "inputs.npz").is_file() and (out / "reconstructions.npz").is_file()
-    with pytest.raises(WeightsNotFoundError, match="gone.pth"):
+    with pytest.raises(MissingFileError, match="gone.pth"):
         run_eval_tokenizer(_parse(add_eval_tokenizer_arguments, [*argv, "--inception-weights", tmp_path / "gone.pth"]))
     with pytest.raises(ValueError, match="--batch-size must be positive"):
         run_eval_tokenizer(_parse(add_eval_tokenizer_arguments, [*argv, "--batch-size", 0]))

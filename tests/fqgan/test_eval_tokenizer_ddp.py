@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from fqgan.data.images import to_uint8
 from fqgan.eval.tokenizer import evaluate_tokenizer
-from fqgan.images import to_uint8
 from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.config import TINY
 

@@ -1,21 +1,13 @@
-"""fqgan.images: uint8 conversion, image files in and out, grids (tile positions read back from the PNG)."""
+"""fqgan.data.images: uint8 conversion, image files in and out, grids (tile positions read back from the PNG)."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fqgan.data import center_crop_arr
-from fqgan.images import (
-    MissingFileError,
-    from_uint8,
-    list_images,
-    load_image,
-    save_comparison_grid,
-    save_grid,
-    save_image,
-    to_uint8,
-)
+from fqgan.data.datasets import center_crop_arr
+from fqgan.data.images import from_uint8, list_images, load_image, save_comparison_grid, save_grid, save_image, to_uint8
+from fqgan.runtime.checkpoint import MissingFileError
 
 
 def _random_images(n, h=9, w=13):

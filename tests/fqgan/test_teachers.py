@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fqgan.teachers import TEACHERS_ENV, FeatureTeacher, find_teacher, load_teacher, load_teachers
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
 from fqgan.tokenizer.config import TINY
-from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
+from fqgan.tokenizer.teachers import TEACHERS_ENV, FeatureTeacher, find_teacher, load_teacher, load_teachers
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,16 +167,16 @@ def test_load_teachers_for_a_config(tmp_path):
     teachers = load_teachers(TINY, root=tmp_path)
     assert list(teachers) == [1] and teachers[1].hidden_size == 64
     save_dinov2(tmp_path / "wide", hidden=128)
-    with pytest.raises(ValueError, match="hidden size 128 but the feature head of sub-codebook 1 predicts 64-d"):
+    with pytest.raises(ValueError, match="hidden size 128 but the feature predictor of sub-codebook 1 predicts 64-d"):
         load_teachers(TINY, paths={1: tmp_path / "wide"})
 
 
 def test_missing_teacher_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv(TEACHERS_ENV, raising=False)
     expected = rf"Looked at: \${TEACHERS_ENV} \(not set\).*huggingface-cli download"
-    with pytest.raises(WeightsNotFoundError, match=expected):
+    with pytest.raises(MissingFileError, match=expected):
         load_teacher("openai/clip-vit-base-patch16-not-here")
-    with pytest.raises(WeightsNotFoundError, match=str(tmp_path / "openai" / "clip-x")):
+    with pytest.raises(MissingFileError, match=str(tmp_path / "openai" / "clip-x")):
         load_teacher("openai/clip-x", root=tmp_path)
 
 

@@ -49,8 +49,8 @@ def test_real_preset_structure():
         sd = model.state_dict()
         assert sd["quantizer.codebooks"].shape == (k, 16384, 8)
         assert sd["post_quant_conv.weight"].shape == (256, 8 * k, 1, 1)
-        assert sd["heads.0.adapter.positional_embedding"].shape == (grid * grid, 512)
-        attn = [n for n in sd if n.startswith("heads.0.adapter.transformer.") and n.endswith("in_proj_weight")]
+        assert sd["branches.0.adapter.positional_embedding"].shape == (grid * grid, 512)
+        attn = [n for n in sd if n.startswith("branches.0.adapter.transformer.") and n.endswith("in_proj_weight")]
         assert len(attn) == 6
 
 
@@ -86,15 +86,17 @@ def test_each_loss_term_reaches_the_right_parameters(tiny_config, images):
         assert torch.isfinite(value).all()
     cases = {
         # reconstruction: straight-through to the encoder, never the codebooks (FQGAN/LlamaGen)
-        "reconstruction": (out.reconstruction.square().mean(), ["decoder.", "post_quant_conv.", "heads.0.", "heads.1.",
-                                                                "encoder."], ["quantizer.", "feat_heads."]),
-        "codebook": (out.losses.codebook.sum(), ["quantizer."], ["heads.", "encoder.", "decoder."]),
-        "commitment": (out.losses.commitment.sum(), ["heads.0.", "heads.1.", "encoder."], ["quantizer.", "decoder."]),
-        "entropy": (out.losses.entropy.sum(), ["quantizer.", "heads.0.", "heads.1.", "encoder."], ["decoder."]),
-        "disentangle": (out.losses.disentangle, ["heads.0.", "heads.1.", "encoder."], ["quantizer.", "decoder."]),
-        # the semantic head reads sub-codebook 1 only: the visual head gets nothing from it
-        "semantic": (out.semantic_features[0].square().mean(), ["feat_heads.1.", "heads.1.", "encoder."],
-                     ["heads.0.", "quantizer.", "decoder."]),
+        "reconstruction": (out.reconstruction.square().mean(),
+                           ["decoder.", "post_quant_conv.", "branches.0.", "branches.1.", "encoder."],
+                           ["quantizer.", "feature_predictors."]),
+        "codebook": (out.losses.codebook.sum(), ["quantizer."], ["branches.", "encoder.", "decoder."]),
+        "commitment": (out.losses.commitment.sum(), ["branches.0.", "branches.1.", "encoder."],
+                       ["quantizer.", "decoder."]),
+        "entropy": (out.losses.entropy.sum(), ["quantizer.", "branches.0.", "branches.1.", "encoder."], ["decoder."]),
+        "disentangle": (out.losses.disentangle, ["branches.0.", "branches.1.", "encoder."], ["quantizer.", "decoder."]),
+        # the feature predictor reads sub-codebook 1 only: the visual branch gets nothing from it
+        "semantic": (out.semantic_features[0].square().mean(), ["feature_predictors.1.", "branches.1.", "encoder."],
+                     ["branches.0.", "quantizer.", "decoder."]),
     }
     for name, (loss, reach, avoid) in cases.items():
         grads = _grads(model, loss)
@@ -108,7 +110,7 @@ def test_bf16_autocast_step(tiny_config, images):
     model = FQTokenizer(tiny_config).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images(2, 32))
-        loss = out.reconstruction.float().square().mean() + out.losses.total
+        loss = out.reconstruction.float().square().mean() + out.quantizer_loss
     loss.backward()
     assert torch.isfinite(loss) and model.quantizer.codebooks.grad is not None
 
@@ -127,7 +129,7 @@ def test_state_dict_round_trip(tiny_triple_config, images):
 def _profiled_step(model, x):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = model(x)
-        (out.reconstruction.square().mean() + out.losses.total).backward()
+        (out.reconstruction.square().mean() + out.quantizer_loss).backward()
     return out, {e.key for e in prof.key_averages()}
 
 
@@ -154,13 +156,14 @@ def test_cpu_training_step_runs_the_compiled_backend_and_matches_reference(tiny_
     assert "aten::log_softmax" in ops_r and "aten::log_softmax" not in ops_f
 
     assert torch.equal(out_f.indices, out_r.indices)
-    for name in ("codebook", "commitment", "entropy", "disentangle", "total"):
+    for name in ("codebook", "commitment", "entropy", "disentangle"):
         torch.testing.assert_close(getattr(out_f.losses, name), getattr(out_r.losses, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_f.quantizer_loss, out_r.quantizer_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_f.reconstruction, out_r.reconstruction)
     ref_params = dict(ref.named_parameters())
     for n, p in fused.named_parameters():
         g_r = ref_params[n].grad
-        if n.startswith("feat_heads."):  # not in this loss
+        if n.startswith("feature_predictors."):  # not in this loss
             assert p.grad is None and g_r is None
             continue
         # The entropy loss (T = 0.01) amplifies the kernels' fp32 rounding (a different summation order):

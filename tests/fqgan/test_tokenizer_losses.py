@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
 from fqgan.tokenizer import FQTokenizer, TokenizerLossConfig
 from fqgan.tokenizer.discriminator import PatchGANDiscriminator
 from fqgan.tokenizer.losses import (
@@ -25,7 +26,6 @@ from fqgan.tokenizer.losses import (
     vanilla_d_loss,
 )
 from fqgan.tokenizer.lpips import LPIPS, LPIPS_ENV, VGG16_ENV, VGG16Features, find_lpips_heads
-from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
 
 # -- small functions ---------------------------------------------------------------------------
 
@@ -200,12 +200,12 @@ def test_lpips_files_from_environment(lpips_files, monkeypatch, images):
 def test_lpips_missing_vgg_says_where_and_how(tmp_path, monkeypatch):
     monkeypatch.delenv(VGG16_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(WeightsNotFoundError) as err:
+    with pytest.raises(MissingFileError) as err:
         LPIPS.from_files()
     msg = str(err.value)
     assert f"${VGG16_ENV} (not set)" in msg and str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in msg
     assert "download.pytorch.org/models/vgg16-397923af.pth" in msg and "perceptual_weight=0" in msg
-    with pytest.raises(WeightsNotFoundError, match=r"nope.pth \(argument\)"):
+    with pytest.raises(MissingFileError, match=r"nope.pth \(argument\)"):
         LPIPS.from_files(tmp_path / "nope.pth")
 
 
@@ -332,11 +332,13 @@ def test_generator_loss_terms_and_gradient_routing(setup):
     model, loss, x = setup
     out = model(x)
     g = loss.generator_loss(x, out, step=5, last_layer=model.last_layer)
-    for name, value in g._asdict().items():
-        assert torch.isfinite(value).all(), name
+    terms = {**g._asdict(), **{f"quantizer.{k}": v for k, v in g.quantizer._asdict().items()}}
+    for name, value in terms.items():
+        if name != "quantizer":
+            assert torch.isfinite(value).all(), name
     c = loss.config
     torch.testing.assert_close(g.reconstruction, c.reconstruction_weight * F.mse_loss(x, out.reconstruction))
-    expected = (g.reconstruction + g.perceptual + g.adversarial + out.losses.total + g.semantic.sum())
+    expected = (g.reconstruction + g.perceptual + g.adversarial + out.quantizer_loss + g.semantic.sum())
     torch.testing.assert_close(g.loss, expected)
     assert g.semantic.shape == (1,) and g.disc_weight.item() == c.disc_weight
     assert g.adaptive_weight.item() > 0
@@ -394,16 +396,16 @@ def test_perceptual_weight_zero_needs_no_files(tiny_config, images, monkeypatch,
     x = images(2, 32)
     g = loss.generator_loss(x, model(x), step=1)
     assert g.perceptual.item() == 0.0 and g.semantic.shape == (0,)
-    with pytest.raises(WeightsNotFoundError, match=VGG16_ENV):
+    with pytest.raises(MissingFileError, match=VGG16_ENV):
         TokenizerLoss(TokenizerLossConfig(semantic_weight=0.0), tiny_config)
 
 
 def test_teacher_errors(tiny_config, random_lpips):
-    with pytest.raises(ValueError, match=r"feature heads on sub-codebooks \[1\].*pass teachers="):
+    with pytest.raises(ValueError, match=r"feature predictors on sub-codebooks \[1\].*pass teachers="):
         TokenizerLoss(TokenizerLossConfig(), tiny_config, lpips=random_lpips)
-    with pytest.raises(ValueError, match="hidden size 32 but its feature head predicts 64-d"):
+    with pytest.raises(ValueError, match="hidden size 32 but its feature predictor predicts 64-d"):
         TokenizerLoss(TokenizerLossConfig(), tiny_config, teachers=[RandomTeacher(32)], lpips=random_lpips)
-    with pytest.raises(ValueError, match="2 teachers for 1 feature heads"):
+    with pytest.raises(ValueError, match="2 teachers for 1 feature predictors"):
         TokenizerLoss(TokenizerLossConfig(), tiny_config, teachers=[RandomTeacher(64)] * 2, lpips=random_lpips)
 
 

@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
 from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.config import FQGAN_DUAL_16, FQGAN_TRIPLE_16
 from fqgan.tokenizer.official import (
     from_official,
     infer_official_config,
-    official_state_dict,
-    official_to_state_dict,
+    state_dict_from_official,
+    to_official_state_dict,
 )
-from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
 
 # ----------------------------------------------------------------------------------------------
 # Test-only literal re-implementation of the official model.
@@ -145,7 +145,7 @@ class OFactorizedAdapter(nn.Module):
         return x.permute(0, 2, 1).reshape(b, c, -1, h)  # b (h w) c -> b c h w
 
 
-class OFeatPredHead(nn.Module):
+class OFeaturePredictor(nn.Module):
     def __init__(self, input_dim, width, grid, layers, heads=8):
         super().__init__()
         self.num_layers = layers
@@ -349,10 +349,10 @@ class OVQModel(nn.Module):
         self.decoder = ODecoder(z_channels, ch, ch_mult, num_res_blocks)
         if with_feat:
             if k == 2:
-                self.feat_pred_head = OFeatPredHead(embed_dim, feat_widths[0], grid, feat_layers)
+                self.feat_pred_head = OFeaturePredictor(embed_dim, feat_widths[0], grid, feat_layers)
             else:
-                self.mid_sem_feat_pred = OFeatPredHead(embed_dim, feat_widths[0], grid, feat_layers)
-                self.high_sem_feat_pred = OFeatPredHead(embed_dim, feat_widths[1], grid, feat_layers)
+                self.mid_sem_feat_pred = OFeaturePredictor(embed_dim, feat_widths[0], grid, feat_layers)
+                self.high_sem_feat_pred = OFeaturePredictor(embed_dim, feat_widths[1], grid, feat_layers)
 
     def _encode_heads(self, x):
         h = self.encoder.trunk(x)
@@ -485,7 +485,7 @@ def test_parity_with_official_model(case):
 
 
 def test_gradients_match_official():
-    """Train-mode gradients of reconstruction + all quantizer terms + feature head reach the same
+    """Train-mode gradients of reconstruction + all quantizer terms + feature predictor reach the same
     parameters with the same values (mapped back to the official names), within the official model's
     own fp32 error against its float64 run."""
     om = make_official("dual16").train()
@@ -497,7 +497,7 @@ def test_gradients_match_official():
         ref = dec.square().mean() + sum(sum(emb[s][:3]) for s in emb) + dis + feats[0][:, 0].square().mean()
         ref.backward()
     out = model(x)
-    (out.reconstruction.square().mean() + out.losses.total + out.semantic_features[0].square().mean()).backward()
+    (out.reconstruction.square().mean() + out.quantizer_loss + out.semantic_features[0].square().mean()).backward()
     grads = official_state_dict_grads(model, dict(model.named_parameters()))
     grads64 = {n: p.grad for n, p in om64.named_parameters()}
     for name, p in om.named_parameters():
@@ -514,7 +514,7 @@ def official_state_dict_grads(model, named):
     try:
         for p in named.values():
             p.data = p.grad if p.grad is not None else torch.zeros_like(p)
-        return official_state_dict(model)
+        return to_official_state_dict(model)
     finally:
         for n, p in named.items():
             p.data = saved[n]
@@ -524,7 +524,7 @@ def official_state_dict_grads(model, named):
 def test_official_state_dict_round_trip(case):
     om = make_official(case)
     model = from_official(om.state_dict())
-    back = official_state_dict(model)
+    back = to_official_state_dict(model)
     ref = {k: v for k, v in om.state_dict().items() if not k.endswith("codebook_used")}
     assert set(back) == set(ref)
     for key in ref:
@@ -553,10 +553,10 @@ def test_checkpoint_files_and_entries(tmp_path):
 def test_without_feature_heads_and_with_config():
     om = make_official("triple16", with_feat=False)
     model = from_official(om.state_dict())
-    assert model.config.feat_pred_dims == (0, 0, 0) and len(model.feat_heads) == 0
-    config = infer_official_config(official_to_state_dict(om.state_dict())[0])
+    assert model.config.feat_pred_dims == (0, 0, 0) and len(model.feature_predictors) == 0
+    config = infer_official_config(state_dict_from_official(om.state_dict())[0])
     assert config == model.config
-    # A config asking for feature heads that the checkpoint lacks: the missing keys are listed.
+    # A config asking for feature predictors that the checkpoint lacks: the missing keys are listed.
     with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): \['mid_sem_feat_pred\."):
         from_official(om.state_dict(), config.replace(feat_pred_dims=(0, 32, 64)))
 
@@ -566,16 +566,16 @@ def test_presets_match_official_names():
     for preset, k in ((FQGAN_DUAL_16, 2), (FQGAN_TRIPLE_16, 3)):
         with torch.device("meta"):
             model = FQTokenizer(preset.replace(quantizer_backend="reference"))
-        names = set(official_state_dict(model))
+        names = set(to_official_state_dict(model))
         if k == 2:
             assert {"quantize_vis.embedding.weight", "quantize_sem.embedding.weight",
                     "encoder.semantic_head.0.transformer.5.attn.in_proj_weight",
                     "feat_pred_head.transformer.2.mlp.c_proj.weight", "quant_conv_sem.weight"} <= names
-            assert model.state_dict()["feat_heads.1.class_embedding"].shape == (1, 1024)
+            assert model.state_dict()["feature_predictors.1.class_embedding"].shape == (1, 1024)
         else:
             assert {"quantize_sem_mid.embedding.weight", "mid_sem_feat_pred.class_embedding",
                     "high_sem_feat_pred.class_embedding", "encoder.conv_out_sem_high.weight"} <= names
-        assert model.state_dict()["heads.0.adapter.positional_embedding"].shape == (256, 512)
+        assert model.state_dict()["branches.0.adapter.positional_embedding"].shape == (256, 512)
         assert model.state_dict()["quantizer.codebooks"].shape == (k, 16384, 8)
 
 
@@ -583,7 +583,7 @@ def test_presets_match_official_names():
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(WeightsNotFoundError, match="no such file"):
+    with pytest.raises(MissingFileError, match="no such file"):
         from_official(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError):  # also a FileNotFoundError
         from_official(tmp_path / "nope.pt")
@@ -591,7 +591,7 @@ def test_missing_file(tmp_path):
 
 def test_wrong_k(tmp_path):
     om = make_official("dual16")
-    config = infer_official_config(official_to_state_dict(
+    config = infer_official_config(state_dict_from_official(
         make_official("triple16").state_dict())[0])
     with pytest.raises(CheckpointError, match=r"FQGAN-Dual checkpoint \(k=2.*num_codebooks=3"):
         from_official(om.state_dict(), config)
@@ -624,7 +624,7 @@ def test_missing_unexpected_and_misshapen_keys():
     sd.pop("decoder.conv_out.weight")
     sd.pop("encoder.semantic_head.0.ln_pre.bias")
     sd["encoder.extra_head.weight"] = torch.zeros(3)
-    config = infer_official_config(official_to_state_dict(
+    config = infer_official_config(state_dict_from_official(
         make_official("dual16").state_dict())[0])
     with pytest.raises(CheckpointError) as err:
         from_official(sd, config)
@@ -651,7 +651,7 @@ class _Custom:  # a class torch's weights_only unpickler refuses
 def test_load_torch_file_reasons(tmp_path):
     """A broken file says so, with the unpickler's reason and without torch's advice for trusted files;
     a well-formed file with pickled classes points to trusted=True."""
-    from fqgan.tokenizer.weights import load_torch_file
+    from fqgan.runtime.checkpoint import load_torch_file
 
     (tmp_path / "junk.pt").write_bytes(b"\x80\x02" + bytes(range(7, 250)))
     with pytest.raises(CheckpointError, match=r"junk.pt is not a readable PyTorch file.*: Unsupported") as info:
@@ -662,5 +662,5 @@ def test_load_torch_file_reasons(tmp_path):
     with pytest.raises(CheckpointError, match=r"custom.pt holds Python objects.*trusted=True.*Unsupported global"):
         load_torch_file(tmp_path / "custom.pt", "teacher")
     assert isinstance(load_torch_file(tmp_path / "custom.pt", "teacher", trusted=True)["extra"], _Custom)
-    with pytest.raises(WeightsNotFoundError, match="teacher: no such file"):
+    with pytest.raises(MissingFileError, match="teacher: no such file"):
         load_torch_file(tmp_path / "missing.pt", "teacher")

@@ -9,20 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from fqgan.train.common import (
-    EMA,
-    CheckpointError,
-    MetricsLogger,
-    ResumableSampler,
-    all_reduce_mean,
-    capture_rng,
-    init_distributed,
-    load_checkpoint,
-    read_metrics,
-    resolve_precision,
-    restore_rng,
-    save_checkpoint,
-)
+from fqgan.runtime.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from fqgan.runtime.device import resolve_precision
+from fqgan.runtime.dist import all_reduce_mean, init_distributed
+from fqgan.runtime.ema import EMA
+from fqgan.runtime.logging import MetricsLogger, read_metrics
+from fqgan.runtime.sampler import ResumableSampler
 
 
 def _state():

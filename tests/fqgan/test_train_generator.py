@@ -10,14 +10,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fqgan.codes import CodeDataset, CodesMeta, check_generator_tokenizer, extract_codes, load_codes_meta
-from fqgan.data import SampleImages
-from fqgan.generator import FARConfig
+from fqgan.data.codes import CodeDataset, CodesMeta, extract_codes, load_codes_meta
+from fqgan.data.datasets import SampleImages
+from fqgan.generator import FARConfig, check_generator_tokenizer
+from fqgan.generator.load import load_generator
+from fqgan.runtime.checkpoint import load_checkpoint
+from fqgan.runtime.logging import read_metrics
 from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.config import TINY
-from fqgan.train.common import load_checkpoint, read_metrics
 from fqgan.train.config import GeneratorTrainConfig
-from fqgan.train.generator import far_optimizer, load_generator, model_config_for, train_generator
+from fqgan.train.generator import far_optimizer, model_config_for, train_generator
 
 SMALL_FAR = {"dim": 32, "n_layer": 2, "n_head": 2, "ar_n_layer": 1, "multiple_of": 16}
 

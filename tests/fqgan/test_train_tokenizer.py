@@ -9,9 +9,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fqgan.eval.tokenizer import load_tokenizer_checkpoint
+from fqgan.runtime.checkpoint import CheckpointError, load_checkpoint
+from fqgan.runtime.logging import read_metrics
 from fqgan.tokenizer.config import TINY, TokenizerLossConfig
-from fqgan.train.common import CheckpointError, load_checkpoint, read_metrics
+from fqgan.tokenizer.load import load_tokenizer
 from fqgan.train.config import TokenizerTrainConfig
 from fqgan.train.tokenizer import train_tokenizer
 
@@ -80,7 +81,7 @@ def test_resume_is_exact(tmp_path):
             assert torch.equal(t, b[key][name]), f"{key}.{name}"
     # The resumed run's metrics file reads as one run.
     assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [1, 2, 3, 4]
-    tok = load_tokenizer_checkpoint(tmp_path / "part" / "last.pt")
+    tok = load_tokenizer(tmp_path / "part" / "last.pt")
     assert not tok.training
     assert tok.encode(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 2, 8, 8)
 
@@ -89,7 +90,7 @@ def _trainable_names(config):
     from fqgan.tokenizer import FQTokenizer
 
     model = FQTokenizer(config)
-    model.feat_heads.requires_grad_(False)  # semantic loss off: the loop freezes the heads
+    model.feature_predictors.requires_grad_(False)  # semantic loss off: the loop freezes the heads
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

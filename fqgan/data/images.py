@@ -21,13 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fqgan.data import center_crop_arr
+from fqgan.runtime.checkpoint import MissingFileError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class MissingFileError(ValueError, FileNotFoundError):
-    """A file the user named does not exist. A ``ValueError`` (bad input) and a ``FileNotFoundError``."""
+from .datasets import IMAGE_EXTENSIONS, center_crop_arr
 
 
 def _check_images(images: Tensor, name: str = "images", ndims: tuple[int, ...] = (4,)) -> None:

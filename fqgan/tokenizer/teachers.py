@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fqgan.tokenizer.weights import CheckpointError, WeightsNotFoundError
+from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
 
 if TYPE_CHECKING:
     from fqgan.tokenizer.config import TokenizerConfig
@@ -171,7 +171,7 @@ def find_teacher(name_or_path: str | os.PathLike, root: str | os.PathLike | None
         if (c / "config.json").is_file():
             return c
         looked.append(str(c))
-    raise WeightsNotFoundError(
+    raise MissingFileError(
         f"teacher {name!r}: no local directory with a config.json. Looked at: {'; '.join(looked)}. Download it "
         f"where there is network access (huggingface-cli download {name} --local-dir <dir>) and pass that "
         f"directory, or put it under <root>/{name} and set {TEACHERS_ENV}=<root>; or set semantic_weight=0.")
@@ -208,18 +208,18 @@ def load_teacher(name_or_path: str | os.PathLike, root: str | os.PathLike | None
 
 def load_teachers(config: TokenizerConfig, paths: Mapping[int, str | os.PathLike] | None = None,
                   root: str | os.PathLike | None = None, input_size: int = 224) -> dict[int, FeatureTeacher]:
-    """The teachers of ``config``'s feature heads, ``{sub-codebook index: teacher}``, each from
+    """The teachers of ``config``'s feature predictors, ``{sub-codebook index: teacher}``, each from
     ``paths[i]`` if given, else by its name ``config.teachers[i]`` (see :func:`find_teacher`); checks
     that each teacher's hidden size equals its head's width."""
     teachers = {}
     for i in config.semantic_codebooks:
         source = (paths or {}).get(i, config.teachers[i])
         if source is None:
-            raise ValueError(f"sub-codebook {i} has a feature head but config.teachers[{i}] is None and no path "
+            raise ValueError(f"sub-codebook {i} has a feature predictor but config.teachers[{i}] is None and no path "
                              "was given")
         teacher = load_teacher(source, root, input_size)
         if teacher.hidden_size != config.feat_pred_dims[i]:
-            raise ValueError(f"teacher {source} has hidden size {teacher.hidden_size} but the feature head of "
+            raise ValueError(f"teacher {source} has hidden size {teacher.hidden_size} but the feature predictor of "
                              f"sub-codebook {i} predicts {config.feat_pred_dims[i]}-d features")
         teachers[i] = teacher
     return teachers

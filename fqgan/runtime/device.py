@@ -1,0 +1,56 @@
+"""Device, precision and autocast resolution, shared by every command and loop."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["autocast", "enable_tf32", "resolve_device", "resolve_precision"]
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"``: ``cuda:<local_rank>`` when CUDA is usable, else ``cpu``; otherwise the named device.
+    Raises ValueError for a CUDA device on a machine without one."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: bf16 on CUDA (as the official runs), fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast (``precision == "bf16"``) on the device, or a no-op for ``"fp32"``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def enable_tf32(device: torch.device) -> None:
+    """On CUDA, TF32 for the fp32 matmuls and convolutions that autocast leaves in fp32 (as the
+    official training scripts); nothing elsewhere."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,34 @@
+"""Config fields that are also command-line options: the field, its default and its help in one place.
+
+``fqgan.cli`` turns every field declared with :func:`option` into a flag (``--field-name``, or the
+``flag`` given), with the field's type, default and help, and reads the parsed value back into the
+config. Adding a config field with ``option(...)`` adds its flag; nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["option"]
+
+_MISSING: Any = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None, group: str | None = None,
+           choices: Sequence[Any] | None = None, metavar: str | None = None,
+           default_factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass ``field`` that the CLI exposes as an option.
+
+    :param help: the flag's help text (the CLI appends the default)
+    :param flag: the flag's name when not ``--`` + the field name with dashes (e.g. ``--batch-size`` for
+        ``global_batch_size``); a bool field whose flag starts with ``--no-`` turns it off
+    :param group: the help section it appears in
+    :param choices: the allowed values
+    """
+    meta = {"help": help, "flag": flag, "group": group, "choices": tuple(choices) if choices else None,
+            "metavar": metavar}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
