@@ -195,15 +195,23 @@ def _check_kind(state: dict[str, Any], kind: str | tuple[str, ...] | None, path:
 
 def read_sharded(path: str | os.PathLike) -> dict[str, Any]:
     """Everything in a sharded checkpoint folder as one plain dict on the CPU: ``meta.pt``'s entries plus
-    the full tensors of every module and optimizer, read in this one process (no process group)."""
-    import torch.distributed.checkpoint as dcp
+    the full tensors of every module and optimizer (nested as saved), read in this one process."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     path = os.fspath(path)
     meta = _load_file(os.path.join(path, META_FILE), "cpu")
     state: dict[str, Any] = {}
     try:
-        dcp.load(state, checkpoint_id=path, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            # The empty planner fills ``state`` from the checkpoint's own metadata (what
+            # torch.distributed.checkpoint.format_utils.dcp_to_torch_save does).
+            _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                             no_dist=True)
     except Exception as exc:  # DCP wraps the cause in its own CheckpointException
         raise CheckpointError(f"sharded checkpoint {path!r} cannot be read: {load_reason(exc)}") from exc
     meta.update(state)
