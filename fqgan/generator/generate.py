@@ -56,24 +56,11 @@ def _at(v: Param, r: int) -> float | int:
     return v[r].item() if isinstance(v, Tensor) else v
 
 
-def _reference_sample(cond: Tensor, uncond: Tensor | None, cfg: Param, temp: Param, top_k: Param, top_p: Param,
-                      uniform: Tensor) -> Tensor:
-    """fk.reference.sample, row by row where a parameter is a per-row tensor (it takes numbers)."""
-    params = (cfg, temp, top_k, top_p)
-    if not any(isinstance(p, Tensor) for p in params):
-        return fk.reference.sample(cond, uncond, *params, uniform=uniform)
-    rows = [fk.reference.sample(cond[r: r + 1], None if uncond is None else uncond[r: r + 1],
-                                *(_at(p, r) for p in params), uniform=uniform[r: r + 1])
-            for r in range(cond.shape[0])]
-    return torch.cat(rows)
-
-
 @torch.no_grad()
 def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] = 1.0,
              temperature: Param | Sequence[Param] = 1.0, top_k: Param | Sequence[Param] = 0,
              top_p: Param | Sequence[Param] = 1.0, seed: int | None = None,
-             generator: torch.Generator | None = None, reference: bool = False,
-             backend: str | None = None) -> Tensor:
+             generator: torch.Generator | None = None, backend: str | None = None) -> Tensor:
     """Sample ``[B, k, T]`` codes (row i: sub-codebook i, T = block_size positions in raster order) for
     class ``labels`` [B], one position at a time with KV caches in the trunk and the AR head.
 
@@ -95,10 +82,9 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
     :param seed: seeds a fresh generator on the labels' device: same seed, model, labels and
         parameters -> the same codes
     :param generator: a torch.Generator to draw from instead of ``seed`` (neither: the global RNG)
-    :param reference: sample with :func:`fqgan_kernels.reference.sample` (sorts over V) instead of the
-        fused :func:`fqgan_kernels.sample`; both draw the same uniform numbers, so they agree token
-        for token up to float rounding at a CDF boundary
-    :param backend: backend of :func:`fqgan_kernels.sample` (None: auto)
+    :param backend: backend of :func:`fqgan_kernels.sample` (None: auto); ``"reference"`` samples with
+        :func:`fqgan_kernels.reference.sample` (sorts over V), which draws the same uniform numbers as the
+        fused kernels, so they agree token for token up to float rounding at a CDF boundary
     :returns: [B, k, T] int64 codes
     """
     if not isinstance(model, FAR):
@@ -149,13 +135,8 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
                 logits = F.linear(model.decode_slot(slot_in, i, cache), model.head[i])  # [R, V]
                 cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
                 uniform = torch.rand(B, generator=generator, device=device, dtype=torch.float64)
-                if reference:
-                    tok = _reference_sample(cond, uncond if guided[i] else None, scales[i], temps[i], top_ks[i],
-                                            top_ps[i], uniform)
-                else:
-                    tok = fk.sample(cond, uncond if guided[i] else None, cfg_scale=scales[i],
-                                    temperature=temps[i], top_k=top_ks[i], top_p=top_ps[i], uniform=uniform,
-                                    backend=backend)
+                tok = fk.sample(cond, uncond if guided[i] else None, cfg_scale=scales[i], temperature=temps[i],
+                                top_k=top_ks[i], top_p=top_ps[i], uniform=uniform, backend=backend)
                 out[:, i, t] = tok
                 tok = torch.cat([tok, tok]) if use_cfg else tok  # the null rows follow the conditional draw
                 tokens.append(tok)

@@ -335,32 +335,26 @@ class FAR(nn.Module):
         return h.to(w.dtype), w
 
     def forward(self, indices: Tensor, labels: Tensor, *, drop_labels: Tensor | None = None,
-                reference: bool = False, backend: str | None = None) -> FARLoss:
+                backend: str | None = None) -> FARLoss:
         """The official training loss: mean over heads of the mean cross-entropy of head j's logits at
         every position against ``indices[:, j, :]`` (``(loss_1 + ... + loss_k) / k``).
 
         :param indices: [B, k, T] integer codes, sub-codebook i in row i (factor order of the checkpoint)
         :param labels: [B] class ids in [0, num_classes)
         :param drop_labels: [B] bool, rows to condition on the null class (None: training-mode dropout)
-        :param reference: compute the heads with :func:`fqgan_kernels.reference.linear_cross_entropy`
-            (materialises the B*T x V logits per head) instead of the fused op
-        :param backend: backend of :func:`fqgan_kernels.linear_cross_entropy` (None: auto)
+        :param backend: backend of :func:`fqgan_kernels.linear_cross_entropy` (None: auto; ``"reference"``:
+            :func:`fqgan_kernels.reference.linear_cross_entropy`, which materialises the B*T x V logits per head)
         :returns: FARLoss(loss (), per_head (k,)), float32
         """
-        return self.head_loss(self.hidden(indices, labels, drop_labels), indices, reference=reference,
-                              backend=backend)
+        return self.head_loss(self.hidden(indices, labels, drop_labels), indices, backend=backend)
 
-    def head_loss(self, h: Tensor, indices: Tensor, *, reference: bool = False,
-                  backend: str | None = None) -> FARLoss:
+    def head_loss(self, h: Tensor, indices: Tensor, *, backend: str | None = None) -> FARLoss:
         """The k output heads + cross-entropy on head hidden states h [B, T, k, D] (:meth:`hidden`) against
         ``indices`` [B, k, T]: the second half of :meth:`forward`."""
         B, k, T = indices.shape
         hidden, weight = self._head_operands(h.permute(2, 0, 1, 3).reshape(k, B * T, -1))  # [k, N, D]
         targets = indices.long().transpose(0, 1).reshape(k, B * T)  # [k, N], rows (b, t) as hidden
-        if reference:
-            out = fk.reference.linear_cross_entropy(hidden, weight, targets)
-        else:
-            out = fk.linear_cross_entropy(hidden, weight, targets, backend=backend)
+        out = fk.linear_cross_entropy(hidden, weight, targets, backend=backend)
         return FARLoss(out.loss, out.per_head)
 
     def loss(self, indices: Tensor, labels: Tensor, **kwargs) -> FARLoss:

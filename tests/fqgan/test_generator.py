@@ -92,7 +92,7 @@ def test_loss_and_grads_fused_equal_reference(k, V, T, B):
     outs, grads = [], []
     for reference in (False, True):
         model.zero_grad()
-        out = model(idx, lab, reference=reference)
+        out = model(idx, lab, backend="reference" if reference else None)
         out.loss.backward()
         outs.append(out)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -236,7 +236,7 @@ def test_generate_equals_naive_recompute(k, cfg, temp, top_k, top_p, reference):
     labels = torch.tensor([0, 6, 3])
     want = naive_generate(model, labels, cfg, temp, top_k, top_p, seed=5)
     got = generate(model, labels, cfg_scale=cfg, temperature=temp, top_k=top_k, top_p=top_p, seed=5,
-                   reference=reference)
+                   backend="reference" if reference else None)
     assert got.shape == (3, k, 9) and got.dtype == torch.long
     assert torch.equal(got, want)
 
@@ -247,7 +247,7 @@ def test_generate_per_row_tensor_parameters():
     kw = dict(cfg_scale=[torch.tensor([1.0, 2.0, 3.0]), 1.5], temperature=torch.tensor([0.5, 1.0, 2.0]),
               top_k=[torch.tensor([0, 2, 5]), 0], top_p=[1.0, torch.tensor([0.5, 1.0, 0.9])], seed=3)
     fused = generate(model, labels, **kw)
-    assert torch.equal(fused, generate(model, labels, reference=True, **kw))
+    assert torch.equal(fused, generate(model, labels, backend="reference", **kw))
     # A per-row tensor of equal values is the same as the number.
     same = dict(kw, cfg_scale=[torch.full((3,), 2.0), 1.5], temperature=torch.ones(3), top_k=[torch.zeros(3).long(), 0],
                 top_p=1.0)

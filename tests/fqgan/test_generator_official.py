@@ -86,7 +86,7 @@ def test_loss_and_logits_equal_official(k, shape):
         torch.testing.assert_close(logits[:, j], logits_ref[j], rtol=RTOL, atol=10 * ATOL)
     torch.testing.assert_close(out.loss, loss_ref, rtol=RTOL, atol=ATOL)
     torch.manual_seed(3)
-    torch.testing.assert_close(model(idx, labels, reference=True).loss, loss_ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(model(idx, labels, backend="reference").loss, loss_ref, rtol=RTOL, atol=ATOL)
     # Eval mode with the labels the seed dropped forced to the null class gives the same numbers.
     torch.manual_seed(3)
     drop = torch.rand(4) < 0.1
@@ -152,7 +152,7 @@ def test_generation_equals_official_loop(k, cfg, temp, top_k, top_p):
     ref_cfg = [0.5 if s == 1.0 else s for s in cfg]
     want = off.generate_fq(ref, labels, ref.block_size, ref_cfg, temp, top_k, top_p, sample_fn)
     got = generate(model, labels, cfg_scale=cfg, temperature=temp, top_k=top_k, top_p=top_p, seed=9,
-                   reference=True)
+                   backend="reference")
     for j in range(k):
         assert torch.equal(got[:, j], want[j]), j
 

@@ -1,14 +1,16 @@
-"""FAR against the official source itself, where the bare git mirror of showlab/FQGAN is on this machine.
+"""FAR against the official source itself, when a git copy of showlab/FQGAN is named by ``FQGAN_OFFICIAL_REPO``.
 
 The other parity tests compare with ``far_official_ref`` (a test-only re-write); a misreading of the official
 code made in both the package and that re-write would pass them. These tests run the official files
 ``autoregressive/models/far_{dual,triple}.py``, ``generate_{dual,triple}.py`` (and ``utils/drop_path.py``)
-read from the mirror with ``git show`` at test time (nothing of them is stored in this repository) and check:
-the re-write and the package against the official forward (logits, loss, all dropouts live), the official
-sampling loop, the presets against ``FAR_B`` / ``FAR_L``, the official init, and the RoPE table.
+read from that repository with ``git show HEAD:<path>`` at test time (nothing of them is stored in this
+repository) and check: the re-write and the package against the official forward (logits, loss, all dropouts
+live), the official sampling loop, the presets against ``FAR_B`` / ``FAR_L``, the official init, and the RoPE
+table.
 
-Skipped when the mirror is absent: ``FQGAN_OFFICIAL_REPO`` (a git directory), else
-``/work/.mirror/showlab+FQGAN/repo``.
+``FQGAN_OFFICIAL_REPO`` is a git directory (a clone's work tree or a bare repository) of showlab/FQGAN. Unset:
+the tests are skipped, saying so; set but unusable (no such repository, no git, a file missing at HEAD): they fail
+with what is wrong, since whoever set it meant them to run.
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ from fqgan.generator import FAR, PRESETS, FARConfig, generate
 from fqgan.generator.model import rope_table_2d
 from fqgan.generator.official import from_official, to_official_state_dict
 
-REPO = os.environ.get("FQGAN_OFFICIAL_REPO", "/work/.mirror/showlab+FQGAN/repo")
+REPO_VAR = "FQGAN_OFFICIAL_REPO"
 FILES = {"far_2": "autoregressive/models/far_dual.py", "far_3": "autoregressive/models/far_triple.py",
          "gen_2": "autoregressive/models/generate_dual.py", "gen_3": "autoregressive/models/generate_triple.py",
          "drop_path": "utils/drop_path.py"}
 
 
-def _show(path: str) -> str | None:
-    if shutil.which("git") is None or not os.path.isdir(REPO):
-        return None
-    out = subprocess.run(["git", "-C", REPO, "show", f"HEAD:{path}"], capture_output=True, text=True)
-    return out.stdout if out.returncode == 0 else None
+def _show(repo: str, path: str) -> str:
+    """``path`` at HEAD of the git directory ``repo``; fails the test with git's message when it cannot."""
+    out = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"{REPO_VAR}={repo!r}: cannot read {path} at HEAD ({out.stderr.strip()}); it must name a git "
+                    f"copy of showlab/FQGAN")
+    return out.stdout
 
 
 def _module(name: str, source: str, folder: Path) -> types.ModuleType:
@@ -56,9 +60,14 @@ def _module(name: str, source: str, folder: Path) -> types.ModuleType:
 
 @pytest.fixture(scope="module")
 def official(tmp_path_factory) -> dict[str, types.ModuleType]:
-    sources = {key: _show(path) for key, path in FILES.items()}
-    if any(s is None for s in sources.values()):
-        pytest.skip(f"official FQGAN mirror not found at {REPO} (set FQGAN_OFFICIAL_REPO)")
+    repo = os.environ.get(REPO_VAR)
+    if not repo:
+        pytest.skip(f"{REPO_VAR} is not set: set it to a git copy of showlab/FQGAN to run these tests")
+    if not os.path.isdir(repo):
+        pytest.fail(f"{REPO_VAR}={repo!r} is not a directory")
+    if shutil.which("git") is None:
+        pytest.fail(f"{REPO_VAR} is set, but git is not on the PATH to read it")
+    sources = {key: _show(repo, path) for key, path in FILES.items()}
     folder = tmp_path_factory.mktemp("official_far")
     drop_path = _module("drop_path", sources["drop_path"], folder)
     # far_*.py do `from utils.drop_path import DropPath`: provide that name only while they load.
@@ -170,7 +179,7 @@ def test_generation_equals_official_sample_fq(official, monkeypatch, k, cfg, tem
                            top_k=top_k, top_p=top_p)
     for reference in (True, False):
         got = generate(model, labels, cfg_scale=cfg, temperature=temp, top_k=top_k, top_p=top_p, seed=9,
-                       reference=reference)
+                       backend="reference" if reference else None)
         for j in range(k):
             assert torch.equal(got[:, j], want[j]), (reference, j)
 
