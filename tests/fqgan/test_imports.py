@@ -1,5 +1,6 @@
-"""The layering rule, checked over the source's AST: ``fqgan`` uses only ``fqgan_kernels``' public
-names (``fqgan_kernels.__all__``), and ``fqgan_kernels`` never imports ``fqgan``."""
+"""The layering rules, checked over the source's AST: ``fqgan`` uses only ``fqgan_kernels``' public
+names (``fqgan_kernels.__all__``), ``fqgan_kernels`` never imports ``fqgan``, and inside ``fqgan`` every import
+goes down its floors (runtime -> data -> tokenizer, generator -> train, eval -> demo -> cli; docs/design.md)."""
 
 import ast
 from pathlib import Path
@@ -90,3 +91,82 @@ def test_the_checks_catch_violations():
     src = ("import fqgan.data\nfrom fqgan import cli\nfrom . import reference\nimport fqgan_kernels\n"
            "__import__('fqgan')\n")
     assert len(kernels_violations(ast.parse(src), "k.py")) == 3
+
+
+# -- the floors of fqgan -----------------------------------------------------------------------------
+# Bottom to top. A module imports fqgan modules of lower floors, or of its own package; never a floor
+# above, nor another package of its floor. runtime knows no model; the models use runtime only for file
+# I/O (their loaders), option fields and the torchvision import.
+FLOORS = {"fqgan.runtime": 1, "fqgan.data": 2, "fqgan.tokenizer": 3, "fqgan.generator": 3, "fqgan.train": 4,
+          "fqgan.eval": 4, "fqgan.demo": 5, "fqgan.cli": 6, "fqgan.__main__": 7, "fqgan": 7}
+MODEL_RUNTIME = {"fqgan.runtime.checkpoint", "fqgan.runtime.options", "fqgan.runtime.vision"}
+
+
+def _package(module):
+    """The floor key of a module name: its fqgan subpackage or top-level module."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else "fqgan"
+
+
+def _module_name(path):
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _fqgan_imports(tree, module, is_package=False):
+    """(line, imported fqgan module) of every import in ``tree`` (relative ones resolved from ``module``)."""
+    package = module if is_package else module.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if _is_fqgan(a.name)]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if _is_fqgan(target):
+                out.append((node.lineno, target))
+    return out
+
+
+def floor_violations(tree, module, where, is_package=False):
+    """Imports of ``module`` that go up a floor or sideways to another package of its floor."""
+    own = _package(module)
+    bad = []
+    for line, target in _fqgan_imports(tree, module, is_package):
+        theirs = _package(target)
+        if theirs == own:
+            continue
+        if FLOORS[theirs] >= FLOORS[own]:
+            bad.append(f"{where}:{line}: {module} (floor {FLOORS[own]}) imports {target} (floor {FLOORS[theirs]})")
+        elif FLOORS[own] == 3 and theirs == "fqgan.runtime" and target not in MODEL_RUNTIME:
+            bad.append(f"{where}:{line}: model module {module} imports {target} (models use only "
+                       f"{sorted(MODEL_RUNTIME)})")
+    return bad
+
+
+def test_every_fqgan_module_has_a_floor():
+    unknown = {_package(_module_name(f)) for f, _ in _sources("fqgan")} - set(FLOORS)
+    assert not unknown, f"modules without a floor (add them to FLOORS and docs/design.md): {sorted(unknown)}"
+
+
+def test_fqgan_imports_go_down_the_floors():
+    bad = [v for f, tree in _sources("fqgan")
+           for v in floor_violations(tree, _module_name(f), f.relative_to(ROOT), f.name == "__init__.py")]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_floor_check_catches_violations():
+    up = ast.parse("from fqgan.train.loop import fit\nfrom . import config\n")
+    assert len(floor_violations(up, "fqgan.runtime.dist", "d.py")) == 1  # runtime -> train; own package is fine
+    sideways = ast.parse("from fqgan.generator import FAR\nimport fqgan.runtime.checkpoint\n")
+    assert len(floor_violations(sideways, "fqgan.tokenizer.model", "m.py")) == 1
+    loop = ast.parse("from fqgan.runtime.parallel import shard\nfrom ..runtime.dist import DistInfo\n")
+    assert len(floor_violations(loop, "fqgan.tokenizer.load", "l.py")) == 2  # models: file I/O only
+    assert floor_violations(ast.parse("from fqgan.train.loop import fit\nfrom fqgan.demo import run_demo\n"),
+                            "fqgan.cli", "c.py") == []
