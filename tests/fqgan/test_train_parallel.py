@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_train_generator import SMALL_FAR, write_codes
+from test_train_generator import _cfg as generator_config
 from test_train_tokenizer import MODEL
 
 from fqgan.runtime.checkpoint import load_checkpoint
@@ -27,11 +28,7 @@ QUIET_TOKENIZER = dict(model=MODEL.replace(quantizer_distributed=True),
 
 
 def _far(tmp_path, name, **changes):
-    base = dict(out_dir=str(tmp_path / name), codes=str(tmp_path / "codes"), preset="FAR-tiny",
-                model_overrides=dict(QUIET_FAR), global_batch_size=4, num_workers=0, max_steps=1, log_every=1,
-                ckpt_every=0, quiet=True, device="cpu")
-    base.update(changes)
-    return GeneratorTrainConfig(**base)
+    return generator_config(tmp_path, name, **{"model_overrides": dict(QUIET_FAR), "max_steps": 1, **changes})
 
 
 def _tok(tmp_path, name, **changes):
