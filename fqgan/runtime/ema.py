@@ -27,24 +27,24 @@ class EMA:
         self.decay = float(decay)
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
-        self._params = list(self.model.parameters())
-        self._buffers = list(self.model.buffers())
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float | None = None) -> None:
         """One EMA step towards ``model``'s current weights (``decay=0`` copies them)."""
         d = self.decay if decay is None else decay
+        # Read each time: sharding the EMA model (FSDP) replaces its parameters by sharded ones.
+        mine, mine_buffers = list(self.model.parameters()), list(self.model.buffers())
         params = [p.detach() for p in model.parameters()]
         buffers = list(model.buffers())
-        if len(params) != len(self._params) or len(buffers) != len(self._buffers):
+        if len(params) != len(mine) or len(buffers) != len(mine_buffers):
             raise ValueError(f"model has {len(params)} parameters and {len(buffers)} buffers, the EMA "
-                             f"{len(self._params)} and {len(self._buffers)}: not the model the EMA was made from")
+                             f"{len(mine)} and {len(mine_buffers)}: not the model the EMA was made from")
         if params:
-            same = all(p.dtype == e.dtype for p, e in zip(params, self._params))
-            src = params if same else [p.to(e.dtype) for p, e in zip(params, self._params)]
-            torch._foreach_lerp_(self._params, src, 1.0 - d)
+            same = all(p.dtype == e.dtype for p, e in zip(params, mine))
+            src = params if same else [p.to(e.dtype) for p, e in zip(params, mine)]
+            torch._foreach_lerp_(mine, src, 1.0 - d)
         if buffers:
-            torch._foreach_copy_(self._buffers, buffers)
+            torch._foreach_copy_(mine_buffers, buffers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

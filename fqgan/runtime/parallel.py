@@ -85,8 +85,8 @@ def shard(module: nn.Module, block_types: tuple[type[nn.Module], ...], info: Dis
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("--parallel fsdp needs a process group: run under torchrun (one process is fine: "
-                           "torchrun --nproc_per_node 1 ...)")
+        raise ValueError("--parallel fsdp needs a process group: run under torchrun (one process is fine: "
+                         "torchrun --nproc_per_node 1 ...)")
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
               else MixedPrecisionPolicy())
     kwargs: dict[str, Any] = {"mp_policy": policy}
@@ -94,11 +94,13 @@ def shard(module: nn.Module, block_types: tuple[type[nn.Module], ...], info: Dis
         from torch.distributed.device_mesh import init_device_mesh
 
         kwargs["mesh"] = init_device_mesh("cuda", (info.world_size,))
+    wrapped_inside = set()  # blocks under activation checkpointing: their wrapper is the FSDP unit
     for m in list(module.modules()):
-        if m is module:
+        if m is module or id(m) in wrapped_inside:
             continue
         inner = m._checkpoint_wrapped_module if _is_checkpoint_wrapper(m) else m
-        if isinstance(inner, block_types) and not _is_checkpoint_wrapper(inner):
+        if isinstance(inner, block_types):
+            wrapped_inside.add(id(inner))
             fully_shard(m, **kwargs)
     fully_shard(module, **kwargs)
     return module

@@ -97,17 +97,22 @@ def test_fsdp_tokenizer_two_ranks_equal_one_process(tmp_path):
 
 
 def test_fsdp_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path):
+    # With the EMA, activation checkpointing and 2 micro-batches per rank on, to cover their sharded paths.
     write_codes(tmp_path / "codes")
-    _spawn(tmp_path, "generator", _far(tmp_path, "full", parallel="fsdp", max_steps=3))
-    _spawn(tmp_path, "generator", _far(tmp_path, "part", parallel="fsdp", max_steps=2))
+    extra = dict(ema=True, activation_checkpointing=True, grad_accum=2)
+    _spawn(tmp_path, "generator", _far(tmp_path, "full", parallel="fsdp", max_steps=3, **extra))
+    _spawn(tmp_path, "generator", _far(tmp_path, "part", parallel="fsdp", max_steps=2, **extra))
     with pytest.warns(UserWarning, match="written by 2 process"):
-        train_generator(_far(tmp_path, "part", max_steps=3, resume="auto"))  # 1 process, plain: DCP reshards
+        train_generator(_far(tmp_path, "part", max_steps=3, resume="auto", **extra))  # 1 process: DCP reshards
     full = read_metrics(tmp_path / "full" / "metrics.jsonl")
     part = read_metrics(tmp_path / "part" / "metrics.jsonl")
     assert [r["step"] for r in part] == [1, 2, 3]
     assert part[2]["loss"] == pytest.approx(full[2]["loss"], rel=1e-5)
     # The 1-process run wrote last.pt; --resume auto takes the newer of last.pt and last.dcp.
-    assert load_checkpoint(tmp_path / "part" / "last.pt")["steps"] == 3
+    a, b = load_checkpoint(tmp_path / "full" / "last.dcp"), load_checkpoint(tmp_path / "part" / "last.pt")
+    assert b["steps"] == 3
+    for name, t in a["ema"].items():
+        torch.testing.assert_close(b["ema"][name], t, rtol=0, atol=1e-6, msg=lambda m, n=name: f"ema {n}: {m}")
 
 
 def _sharded_heads_worker(rank, world, init_file, out_file):
@@ -197,3 +202,15 @@ def test_activation_checkpointing_keeps_the_loss(tmp_path, kind):
     assert checkpointed == pytest.approx(plain, rel=1e-6)
     a, b = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "ac" / "last.pt")
     assert set(a["model"]) == set(b["model"])  # the checkpoint wrapper leaves the state-dict names as they are
+
+
+def test_fsdp_without_a_process_group_says_how(tmp_path, capsys):
+    from fqgan.cli import main
+
+    write_codes(tmp_path / "codes")
+    argv = ["train-generator", "--codes", str(tmp_path / "codes"), "--preset", "FAR-tiny", "--parallel", "fsdp",
+            "--steps", "1", "--batch-size", "4", "--device", "cpu", "--out-dir", str(tmp_path / "r"), "--quiet"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "--parallel fsdp needs a process group: run under torchrun" in capsys.readouterr().err
