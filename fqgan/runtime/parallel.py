@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import fqgan_kernels as fk
+
 from .checkpoint import META_FILE, CheckpointError, load_reason, save_checkpoint
 from .dist import DistInfo
 
@@ -78,7 +80,8 @@ def shard(module: nn.Module, block_types: tuple[type[nn.Module], ...], info: Dis
           mixed_precision: bool = False) -> nn.Module:
     """FSDP2 ``fully_shard`` on every ``block_types`` submodule (the wrapped one, under activation
     checkpointing), then on ``module`` itself (the rest of its parameters). ``mixed_precision``: bf16
-    parameters for compute, fp32 gradient reduction (FSDP2's ``MixedPrecisionPolicy``), for GPUs.
+    parameters for compute, fp32 gradient reduction (FSDP2's ``MixedPrecisionPolicy``), for GPUs; a
+    ``fk.FactorizedQuantizer`` is a unit of its own that always computes in fp32.
 
     Works with one process as well (a world of one: nothing is split), which keeps the code path the
     same for tests."""
@@ -96,6 +99,11 @@ def shard(module: nn.Module, block_types: tuple[type[nn.Module], ...], info: Dis
         kwargs["mesh"] = init_device_mesh("cuda", (info.world_size,))
     wrapped_inside = set()  # blocks under activation checkpointing: their wrapper is the FSDP unit
     for m in list(module.modules()):
+        if isinstance(m, fk.FactorizedQuantizer):
+            # Codebooks stay fp32 (nearest codes and VQ losses as in the fp32 reference), whatever the policy.
+            fully_shard(m, **{**kwargs, "mp_policy": MixedPrecisionPolicy()})
+            wrapped_inside.update(id(x) for x in m.modules())
+            continue
         if m is module or id(m) in wrapped_inside:
             continue
         inner = m._checkpoint_wrapped_module if _is_checkpoint_wrapper(m) else m

@@ -214,3 +214,30 @@ def test_fsdp_without_a_process_group_says_how(tmp_path, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "--parallel fsdp needs a process group: run under torchrun" in capsys.readouterr().err
+
+
+def _mixed_precision_worker(rank, world, init_file, out_file):
+    from fqgan.runtime.dist import init_distributed
+    from fqgan.runtime.parallel import shard
+    from fqgan.tokenizer import FQTokenizer
+    from fqgan.tokenizer.adapter import FactorizedAdapter
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = FQTokenizer(MODEL)
+        shard(model, (FactorizedAdapter,), init_distributed("cpu"), mixed_precision=True)
+        seen = {}
+        model.quantizer.register_forward_pre_hook(lambda m, a: seen.update(codebooks=m.codebooks.dtype))
+        model.branches[0].adapter.register_forward_pre_hook(
+            lambda m, a: seen.update(adapter=m.positional_embedding.dtype))
+        model(torch.rand(2, 3, 32, 32) * 2 - 1)
+        torch.save(seen, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_mixed_precision_keeps_the_quantizer_in_fp32(tmp_path):
+    mp.spawn(_mixed_precision_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "out")), nprocs=2, join=True)
+    seen = torch.load(f"{tmp_path / 'out'}.0")
+    assert seen == {"adapter": torch.bfloat16, "codebooks": torch.float32}
