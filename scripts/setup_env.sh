@@ -12,11 +12,13 @@ fi
 . "$VENV/bin/activate"
 pip install -q --disable-pip-version-check "setuptools>=64" wheel ninja
 pip install -q --disable-pip-version-check torch==2.13.0 triton==3.9.0
+if [[ ",$EXTRAS," == *",model,"* ]]; then
+    # The torchvision paired with torch 2.13.0, before the extra asks for torchvision>=0.19 (which pip
+    # would otherwise meet with the newest torchvision and the torch it pins). PyPI has only its CUDA
+    # build: --no-deps keeps the CPU torch above. Its C++ ops (nms, roi_align, ...) do not load beside
+    # the CPU torch; fqgan imports its Python parts through fqgan/runtime/vision.py.
+    pip install -q --disable-pip-version-check --no-deps torchvision==0.28.0
+fi
 # --no-build-isolation: setup.py sees the installed torch and compiles the C++ kernels now.
 pip install -q --disable-pip-version-check --no-build-isolation -e ".[$EXTRAS]"
-if [[ ",$EXTRAS," == *",model,"* ]]; then
-    # LPIPS's linear heads ship in the lpips wheel; its dependencies (torchvision) are not needed (and
-    # PyPI's torchvision does not import beside the CPU torch 2.13 wheel), so no-deps.
-    pip install -q --disable-pip-version-check --no-deps lpips
-fi
 python -c "import fqgan_kernels as fk; print(fk.backends())"
