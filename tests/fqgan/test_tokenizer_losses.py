@@ -1,14 +1,13 @@
 """Tokenizer losses: each term against the official formula (showlab/FQGAN tokenizer/vq_loss.py,
 tokenizer/models/lpips.py), weight files for LPIPS, and where the gradients of each loss go."""
 
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
+from fqgan.runtime.vision import import_torchvision
 from fqgan.tokenizer import FQTokenizer, TokenizerLossConfig
 from fqgan.tokenizer.discriminator import PatchGANDiscriminator
 from fqgan.tokenizer.losses import (
@@ -25,7 +24,7 @@ from fqgan.tokenizer.losses import (
     reconstruction_loss,
     vanilla_d_loss,
 )
-from fqgan.tokenizer.lpips import LPIPS, LPIPS_ENV, VGG16_ENV, VGG16Features, find_lpips_heads
+from fqgan.tokenizer.lpips import LPIPS, LPIPS_ENV, VGG16_ENV, find_lpips_heads
 
 # -- small functions ---------------------------------------------------------------------------
 
@@ -104,8 +103,9 @@ def test_info_nce_batch_one_and_bad_shapes():
 def random_vgg_file(path):
     """A torchvision-format vgg16 state dict (features.* and classifier.*) with random weights."""
     torch.manual_seed(3)
-    feats = VGG16Features().features.state_dict()
-    state = {f"features.{k}": torch.randn_like(v) * 0.05 for k, v in feats.items()}
+    with torch.device("meta"):  # torchvision's own layout; shapes only
+        feats = import_torchvision().models.vgg16().features.state_dict()
+    state = {f"features.{k}": torch.randn(v.shape) * 0.05 for k, v in feats.items()}
     state["classifier.0.weight"] = torch.zeros(4, 4)
     torch.save(state, path)
     return state
@@ -224,14 +224,60 @@ def test_lpips_bad_weight_files(tmp_path, lpips_files):
 
 
 def test_lpips_heads_of_the_lpips_wheel(lpips_files, monkeypatch):
-    # find_spec, not import: the lpips package imports torchvision, which does not import here.
-    if importlib.util.find_spec("lpips") is None:
-        pytest.skip("the lpips wheel is not installed (pip install --no-deps lpips)")
     monkeypatch.delenv(LPIPS_ENV, raising=False)
     path = find_lpips_heads()
     assert path.name == "vgg.pth" and path.parent.name == "v0.1"
     lp = LPIPS.from_files(lpips_files[0])  # heads found in the wheel; its tensors were saved on CUDA
-    assert lp.lin0.model[1].weight.abs().sum() > 0
+    assert lp.metric.lin0.model[1].weight.abs().sum() > 0
+
+
+def test_lpips_equals_the_lpips_package_loading_its_own_heads(lpips_files, monkeypatch, images):
+    """The lpips package's own construction (its bundled v0.1 heads, loaded by lpips itself) with the
+    same trunk gives the same numbers as from_files, in eval and, with one dropout seed, in train mode."""
+    import warnings
+
+    import_torchvision()
+    import lpips
+
+    vgg_path, _, vgg, _ = lpips_files
+    monkeypatch.delenv(LPIPS_ENV, raising=False)
+    ours = LPIPS.from_files(vgg_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lpips passes torchvision's deprecated pretrained=False
+        theirs = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    trunk = {name: p for name, p in theirs.net.named_parameters()}
+    with torch.no_grad():
+        for name, p in trunk.items():
+            p.copy_(vgg["features." + name.split(".", 1)[1]])
+    x, y = images(2, 48, seed=5), images(2, 48, seed=6)
+    torch.testing.assert_close(ours.eval()(x, y), theirs.eval()(x, y), rtol=0, atol=0)
+    ours.train(), theirs.train()
+    torch.manual_seed(11)
+    a = ours(x, y)
+    torch.manual_seed(11)
+    torch.testing.assert_close(a, theirs(x, y), rtol=0, atol=0)
+
+
+def test_lpips_without_dropout_keeps_the_heads_layout(lpips_files):
+    lp = LPIPS.from_files(lpips_files[0], lpips_files[1], use_dropout=False)
+    assert [type(m) for m in lp.metric.lin0.model] == [nn.Identity, nn.Conv2d]
+    assert all(not p.requires_grad for p in lp.parameters())
+
+
+def test_lpips_files_load_into_torchvision_modules(lpips_files):
+    """The trunk is torchvision's vgg16().features (same classes, same indices), with the file's values."""
+    tv = import_torchvision()
+    vgg_path, heads_path, vgg, heads = lpips_files
+    lp = LPIPS.from_files(vgg_path, heads_path)
+    with torch.device("meta"):
+        reference = tv.models.vgg16().features
+    ours = [m for s in (lp.metric.net.slice1, lp.metric.net.slice2, lp.metric.net.slice3, lp.metric.net.slice4,
+                        lp.metric.net.slice5) for m in s]
+    assert [type(m) for m in ours] == [type(m) for m in reference[:30]]
+    for name, p in lp.metric.net.named_parameters():
+        assert torch.equal(p, vgg["features." + name.split(".", 1)[1]]), name
+    for i in range(5):
+        assert torch.equal(lp.metric.lins[i].model[1].weight, heads[f"lin{i}.model.1.weight"])
 
 
 # -- PatchGAN ----------------------------------------------------------------------------------
