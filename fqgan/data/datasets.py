@@ -3,8 +3,9 @@
 Two sources, one item format ``(image, label)``: ``image`` float32 ``[3, H, W]`` in ``[-1, 1]``
 (the official ``Normalize(mean=0.5, std=0.5)``), ``label`` an int.
 
-* :class:`ImageFolder`: an image folder of any depth; the label is the first-level class folder
-  (sorted names -> 0, 1, ...), as torchvision's ``ImageFolder`` that the official scripts use.
+* :class:`ImageFolder`: torchvision's ``ImageFolder`` (the official scripts' dataset) found by torchvision's
+  own ``find_classes`` / ``make_dataset``: the label is the first-level class folder (sorted names ->
+  0, 1, ...), images at any depth below it, an empty class folder an error.
 * :class:`SampleImages`: the built-in sample set -- random crops of the photographs shipped inside
   scikit-image's wheel (read as files with PIL: no pooch, no network), one class per photograph.
 
@@ -29,6 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fqgan.runtime.vision import import_torchvision
+
+# torchvision's IMG_EXTENSIONS, as one list for every file search of the package (matched lower-cased).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 # Photographs inside scikit-image's wheel (skimage/data/*), checked to load with PIL alone:
@@ -52,7 +56,12 @@ def _halve_while(img: Image.Image, limit: int) -> Image.Image:
 
 def center_crop_arr(img: Image.Image, image_size: int) -> Image.Image:
     """Resize so the shorter side is ``image_size`` (BOX halvings, then bicubic), centre crop
-    ``image_size x image_size``. Equals the official/ADM ``center_crop_arr``."""
+    ``image_size x image_size``. Equals the official/ADM ``center_crop_arr``.
+
+    Kept rather than torchvision's ``Resize(image_size) + CenterCrop(image_size)``: torchvision resizes
+    in one step (bicubic or antialiased bilinear), without the BOX halvings by powers of two first, so its
+    pixels differ from the official evaluation's; and ADM rounds the crop offset down where ``CenterCrop``
+    rounds ``(size - crop) / 2`` to nearest."""
     img = _halve_while(img, image_size)
     scale = image_size / min(img.size)
     img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
@@ -148,19 +157,34 @@ class _AugmentedImages(Dataset):
 
 
 class ImageFolder(_AugmentedImages):
-    """Every image under ``root`` at any depth; label = index of its first-level folder.
+    """torchvision's ``ImageFolder`` with the official augmentation: every image under ``root/<class>/``
+    at any depth, label = the position of ``<class>`` among the sorted class folders.
 
-    ``root/dog/a.jpg`` and ``root/dog/more/b.png`` are class ``dog``. A folder with images but no
-    class folders is one class (label 0). Mixing loose images and class folders is an error.
+    ``root/dog/a.jpg`` and ``root/dog/more/b.png`` are class ``dog``. Classes and files come from
+    torchvision's ``datasets.folder.find_classes`` and ``make_dataset`` (same order of samples; images are
+    the files with an extension in :data:`IMAGE_EXTENSIONS`, which is torchvision's list). As there, a
+    class folder without images is an error: dropping it would shift the label of every later class.
+
+    Differences, on purpose:
+
+    * a folder of loose images and no sub-folder is one class (label 0), so that any folder of pictures
+      can be reconstructed or evaluated; torchvision refuses it. Loose images beside sub-folders are an
+      error (torchvision would ignore the loose images silently).
+    * names starting with ``.`` are skipped, as folders (``.ipynb_checkpoints``, ``.git``) and as files
+      (macOS ``._a.jpg`` resource forks, which are no images): torchvision takes a hidden folder as a class
+      (an empty one then stops it) and reads ``._a.jpg`` as an image. Without hidden names both agree.
+    * items are PIL RGB images through our augmentation, with draws a function of ``(seed, epoch, index)``.
 
     :param root: the folder
     :param image_size: side of the square output
     :param augment: official training augmentation (random crop + flip) if True, centre crop if False
     :param seed: seeds the per-item augmentation draws
+    :raises FileNotFoundError: ``root`` does not exist or is not a folder.
+    :raises ValueError: no images, an empty class folder, or loose images beside sub-folders.
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int, augment: bool = True, seed: int = 0) -> None:
-        self.root = os.fspath(root)
+        self.root = os.path.expanduser(os.fspath(root))
         self.image_size = _check_size(image_size)
         self.augment = bool(augment)
         self.seed = _check_seed(seed)
@@ -170,6 +194,7 @@ class ImageFolder(_AugmentedImages):
             raise FileNotFoundError(f"image folder {self.root!r} {what} (pass --data PATH to a folder of images, "
                                     f"or --data sample for the built-in sample set)")
         self.samples, self.classes = _scan_folder(self.root)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -185,30 +210,40 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-    return found
-
-
 def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    folder = import_torchvision().datasets.folder
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     loose = [e.path for e in entries if e.is_file() and _is_image(e.name)]
-    class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
-    per_class = [(d.name, _walk_images(d.path)) for d in class_dirs]
-    per_class = [(name, files) for name, files in per_class if files]
-    if loose and per_class:
+    try:
+        found, _ = folder.find_classes(root)
+    except FileNotFoundError:  # torchvision's "Couldn't find any class folder"
+        found = []
+    classes = [name for name in found if not name.startswith(".")]
+    if loose and classes:
         raise ValueError(f"image folder {root!r} holds both loose images ({os.path.basename(loose[0])!r}, ...) "
-                         f"and class folders ({per_class[0][0]!r}, ...): put every image in a class folder")
+                         f"and sub-folders ({classes[0]!r}, ...), which would be classes: put every image in a class "
+                         "folder, or move the sub-folders out")
     if loose:
         return [(p, 0) for p in loose], [os.path.basename(os.path.abspath(root))]
-    if not per_class:
-        raise ValueError(f"image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                         f"at any depth)")
-    samples = [(path, label) for label, (_, files) in enumerate(per_class) for path in files]
-    return samples, [name for name, _ in per_class]
+    if not classes:
+        raise ValueError(f"image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+                         f"loose or in class folders)")
+    prefix = os.path.join(root, "")
+
+    def is_valid_file(path: str) -> bool:  # an image, and no hidden folder on the way from root
+        return _is_image(os.path.basename(path)) and f"{os.sep}." not in os.sep + path[len(prefix):]
+
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    samples = folder.make_dataset(root, class_to_idx, is_valid_file=is_valid_file, allow_empty=True)
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
+        # torchvision raises too; our message names the folders and says what to do.
+        raise ValueError(f"class folder {os.path.join(root, empty[0])!r}"
+                         + (f" (and {len(empty) - 1} more: {empty[1:4]})" if len(empty) > 1 else "")
+                         + f" contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth). Every "
+                         f"sub-folder of {root!r} is a class, labelled by its sorted position, so an empty one "
+                         "would shift the labels: put its images in it, or move it out of the image folder")
+    return samples, classes
 
 
 def sample_photo_dir() -> str:

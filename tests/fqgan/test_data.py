@@ -56,7 +56,6 @@ def test_image_folder_any_depth_labels_from_first_level(tmp_path):
     _write_image(tmp_path / "cat" / "deep" / "deeper" / "b.jpg", seed=1)
     _write_image(tmp_path / "dog" / "c.png", seed=2)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    (tmp_path / "empty_class").mkdir()
     ds = ImageFolder(tmp_path, 16, augment=True, seed=0)
     assert ds.classes == ["cat", "dog"]
     assert len(ds) == 3
@@ -64,6 +63,50 @@ def test_image_folder_any_depth_labels_from_first_level(tmp_path):
     x, y = collate([ds[0], ds[2]])
     assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and y.tolist() == [0, 1]
     assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_image_folder_empty_class_is_an_error_naming_it(tmp_path):
+    """torchvision's rule: an empty class folder would shift the label of every later class."""
+    _write_image(tmp_path / "a_cat" / "a.png")
+    (tmp_path / "b_empty" / "sub").mkdir(parents=True)
+    (tmp_path / "b_empty" / "readme.txt").write_text("no image")
+    _write_image(tmp_path / "c_dog" / "c.png", seed=1)
+    with pytest.raises(ValueError, match=r"class folder '.*b_empty' contains no images") as err:
+        ImageFolder(tmp_path, 16)
+    assert "put its images in it, or move it out" in str(err.value)
+
+
+TREE = ["cat/a.png", "cat/deep/deeper/b.jpg", "cat/a/sub/y.png", "cat/a-1/z.png", "cat/a b/w.png", "cat/a/q.png",
+        "dog/c.PNG", "dog/z.webp", "dog/e.tif", "eel/x.jpeg"]
+
+
+def test_image_folder_equals_torchvision_image_folder(tmp_path):
+    """Same classes, files, order and labels as torchvision.datasets.ImageFolder (nested folders whose
+    names sort around "/" included), so a run sees the official scripts' data order."""
+    from fqgan.runtime.vision import import_torchvision
+
+    for i, rel in enumerate(TREE):
+        _write_image(tmp_path / rel, size=(6, 5), seed=i)
+    (tmp_path / "dog" / "notes.txt").write_text("x")
+    ours = ImageFolder(tmp_path, 4)
+    theirs = import_torchvision().datasets.ImageFolder(str(tmp_path))
+    assert ours.classes == theirs.classes == ["cat", "dog", "eel"]
+    assert ours.class_to_idx == theirs.class_to_idx
+    assert ours.samples == theirs.samples
+    assert [p[len(str(tmp_path)) + 1:] for p, _ in ours.samples][:6] == [
+        "cat/a.png", "cat/a/q.png", "cat/a b/w.png", "cat/a-1/z.png", "cat/a/sub/y.png", "cat/deep/deeper/b.jpg"]
+
+
+def test_image_folder_skips_hidden_names(tmp_path):
+    """Hidden folders are not classes and hidden files are not images (torchvision takes both)."""
+    _write_image(tmp_path / "cat" / "a.png")
+    _write_image(tmp_path / "cat" / ".cache" / "h.png", seed=1)
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, no image")
+    _write_image(tmp_path / ".ipynb_checkpoints" / "x.png", seed=2)
+    _write_image(tmp_path / "dog" / "b.png", seed=3)
+    ds = ImageFolder(tmp_path, 8)
+    assert ds.classes == ["cat", "dog"]
+    assert [(p[len(str(tmp_path)) + 1:], y) for p, y in ds.samples] == [("cat/a.png", 0), ("dog/b.png", 1)]
 
 
 def test_image_folder_flat_is_one_class(tmp_path):
@@ -102,6 +145,12 @@ def test_mixed_loose_and_class_folders_error(tmp_path):
     _write_image(tmp_path / "cls" / "b.png")
     with pytest.raises(ValueError, match="both loose images"):
         ImageFolder(tmp_path, 16)
+    (tmp_path / "cls" / "b.png").unlink()  # an empty sub-folder beside loose images: still ambiguous
+    with pytest.raises(ValueError, match=r"both loose images \('a.png', ...\) and sub-folders \('cls', ...\)"):
+        ImageFolder(tmp_path, 16)
+    (tmp_path / "cls").rmdir()
+    (tmp_path / ".thumbnails").mkdir()  # hidden: ignored
+    assert len(ImageFolder(tmp_path, 16)) == 1
 
 
 def test_unreadable_image_error(tmp_path):
