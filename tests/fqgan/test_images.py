@@ -149,6 +149,26 @@ def test_save_grid_places_tiles_row_by_row(tmp_path, labels):
             assert (canvas[top:bottom, :layout.label_width] < 128).any()
 
 
+def test_save_grid_is_torchvision_make_grid_of_the_uint8_tiles(tmp_path):
+    """Without labels the file holds make_grid(to_uint8(images)) exactly, every grey level included (the
+    save_image path gives back each byte), and for one image the padding stays (make_grid drops it)."""
+    from fqgan.runtime.vision import import_torchvision
+
+    tv = import_torchvision()
+    levels = (torch.arange(256.0).view(1, 1, 16, 16) / 127.5 - 1).expand(3, 3, 16, 16).clone()
+    levels[1] = levels[1].flip(-1)
+    levels[2] = -levels[2]  # 1.0 ... -1.0
+    for n, nrow, padding, pad_value in [(3, 2, 2, 255), (3, 8, 0, 0), (2, 1, 5, 128)]:
+        layout = save_grid(levels[:n], tmp_path / f"g{n}{nrow}.png", nrow=nrow, padding=padding, pad_value=pad_value)
+        expected = tv.utils.make_grid(to_uint8(levels[:n]), nrow=nrow, padding=padding, pad_value=pad_value)
+        np.testing.assert_array_equal(_read(layout.path), expected.permute(1, 2, 0).numpy())
+    one = save_grid(levels[:1], tmp_path / "one.png", padding=3, pad_value=7)
+    canvas = _read(one.path)
+    assert canvas.shape == (16 + 6, 16 + 6, 3) and one.tile_box(0, 0) == (3, 3, 19, 19)
+    np.testing.assert_array_equal(canvas[3:19, 3:19], to_uint8(levels[0]).permute(1, 2, 0).numpy())
+    assert (canvas[:3] == 7).all() and (canvas[:, -3:] == 7).all()
+
+
 def test_save_grid_bad_input(tmp_path):
     with pytest.raises(ValueError, match="row_labels has 1 entries, the grid has 2 rows"):
         save_grid(_random_images(3), tmp_path / "g.png", nrow=2, row_labels=["x"])
