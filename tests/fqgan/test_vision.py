@@ -114,3 +114,25 @@ def test_other_import_errors_are_not_swallowed(monkeypatch):
     monkeypatch.delitem(sys.modules, "torchvision")
     with pytest.raises(RuntimeError, match="roi_align"):
         import_torchvision()
+
+
+def test_fqgan_imports_torchvision_only_through_the_door():
+    """No module of fqgan imports torchvision itself (nor lpips, which imports it, outside the LPIPS
+    module that opens the door first): a plain import fails beside the CPU torch."""
+    import ast
+    from pathlib import Path
+
+    root = Path(vision.__file__).resolve().parents[1]
+    allowed = {"torchvision": {"runtime/vision.py"}, "lpips": {"tokenizer/lpips.py"}}
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                     else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in allowed and rel not in allowed[top]:
+                    bad.append(f"fqgan/{rel}:{node.lineno}: import {name}")
+    assert not bad, "\n".join(bad)
