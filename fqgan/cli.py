@@ -516,7 +516,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        args._run(args)
+        result = args._run(args)
+        if getattr(result, "preempted", False):
+            from fqgan.runtime.signals import PREEMPTED_EXIT_CODE
+
+            print(f"fqgan {args.command}: stopped by a signal at step {result.step}, checkpoint {result.checkpoint}; "
+                  f"continue with the same command and --resume auto", file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print(f"fqgan {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["MetricsLogger", "Progress", "StepTimer", "read_metrics"]
+__all__ = ["MetricMeans", "MetricsLogger", "Progress", "StepTimer", "read_means", "read_metrics"]
 
 
 def _jsonable(v: Any) -> Any:
@@ -88,12 +88,15 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, smoothing=0.1, unit=unit)
 
-    def update(self, n: int = 1, **values: float) -> None:
-        if self.bar is None:
-            return
-        if values:
+    def update(self, n: int = 1) -> None:
+        """Advance the bar by ``n`` steps."""
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, values: dict[str, float]) -> None:
+        """Show ``values`` beside the bar (host floats: the loop passes each log interval's means)."""
+        if self.bar is not None and values:
             self.bar.set_postfix({k: _fmt(v) for k, v in values.items()}, refresh=False)
-        self.bar.update(n)
 
     def write(self, msg: str) -> None:
         if self.bar is not None:
@@ -137,3 +140,53 @@ class StepTimer:
         self._t0 = time.perf_counter()
         self._steps = 0
         return dt / steps, steps / max(dt, 1e-9)
+
+
+class MetricMeans:
+    """Per-step metric tensors summed over a log interval on their device, read on the host once per
+    interval: :meth:`flush` stacks the means into one tensor, averages it over the ranks (one all-reduce)
+    and starts a non-blocking copy to the host; :func:`read` of what it returned waits for that copy, which
+    the loop does one step later, when it has long finished. No ``.item()`` per step or per metric."""
+
+    def __init__(self, info: Any) -> None:
+        self.info = info
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """Add one step's metrics (0-d tensors)."""
+        for key, v in values.items():
+            v = v.detach().float().reshape(())
+            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+        self.count += 1
+
+    def flush(self) -> tuple[list[str], torch.Tensor, Any] | None:
+        """Start reading the interval's means (collective under torchrun); ``None`` for an empty interval."""
+        if not self.count:
+            return None
+        keys = list(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / self.count
+        if self.info.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(means)
+            means /= self.info.world_size
+        event = None
+        if means.is_cuda:
+            host = torch.empty(means.shape, dtype=means.dtype, pin_memory=True)
+            host.copy_(means, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = means
+        self.sums.clear()
+        self.count = 0
+        return keys, host, event
+
+
+def read_means(pending: tuple[list[str], torch.Tensor, Any]) -> dict[str, float]:
+    """The values of a :meth:`MetricMeans.flush` (waits for its copy)."""
+    keys, host, event = pending
+    if event is not None:
+        event.synchronize()
+    return dict(zip(keys, host.tolist()))

@@ -14,6 +14,7 @@ from typing import Any
 from fqgan.generator.config import PRESETS as FAR_PRESETS
 from fqgan.runtime.options import option
 from fqgan.runtime.parallel import PARALLEL_MODES
+from fqgan.runtime.signals import DEFAULT_STOP_SIGNALS, parse_signals
 from fqgan.tokenizer.config import TokenizerConfig, TokenizerLossConfig, get_preset
 
 
@@ -67,6 +68,10 @@ class RunConfig:
     resume: str | None = option(None, "continue from a checkpoint; 'auto': OUT_DIR/last.pt (or last.dcp) when it "
                                 "exists", metavar="CKPT|auto", group="run")
     quiet: bool = option(False, "no progress bar", group="run")
+    overwrite: bool = option(False, "start a new run in an --out-dir that holds one: its files move to "
+                             "OUT_DIR/previous/<time>/ (nothing is deleted)", group="run")
+    stop_signals: str = option(DEFAULT_STOP_SIGNALS, "signals that end the run with a checkpoint at the current "
+                               "step and exit code 75 (comma-separated; '' for none)", group="run")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -75,6 +80,7 @@ class RunConfig:
         _positive("log_every", self.log_every)
         _positive("sample_length", self.sample_length)
         _positive("grad_accum", self.grad_accum)
+        parse_signals(self.stop_signals)
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.max_steps is not None:

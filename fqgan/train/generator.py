@@ -68,6 +68,7 @@ class GeneratorTask:
     command = "train-generator"
     rate_key = "codes_per_sec"
     report_keys = ("loss",)
+    progress_keys = ("loss",)
     required = ("model", "optimizer", "steps")
 
     def __init__(self, cfg: GeneratorTrainConfig) -> None:
@@ -110,12 +111,6 @@ class GeneratorTask:
             return out.loss, values
 
         return [Phase("optimizer", model, list(self.model.parameters()), loss, "grad_norm", ema=True)]
-
-    def progress(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {"loss": values["loss"], **{f"loss_{n}": values[f"loss_{n}"] for n in self.names}}
-
-    def log_values(self) -> dict[str, float]:
-        return {}
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.model_cfg),

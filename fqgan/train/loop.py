@@ -20,8 +20,10 @@ distribution, InfoNCE's negatives) are per micro-batch, as they are per process 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,9 +37,9 @@ from torch.utils.data import Dataset
 from fqgan.runtime.checkpoint import gather_rng as _gather_rng
 from fqgan.runtime.checkpoint import load_checkpoint, restore_rng, resume_path, save_checkpoint, seed_everything
 from fqgan.runtime.device import autocast, enable_tf32, resolve_precision
-from fqgan.runtime.dist import DistInfo, all_reduce_mean, barrier, distributed
+from fqgan.runtime.dist import DistInfo, barrier, distributed
 from fqgan.runtime.ema import EMA
-from fqgan.runtime.logging import MetricsLogger, Progress, StepTimer
+from fqgan.runtime.logging import MetricMeans, MetricsLogger, Progress, StepTimer, read_means
 from fqgan.runtime.parallel import (
     apply_activation_checkpointing,
     clip_grad_norm,
@@ -49,7 +51,9 @@ from fqgan.runtime.parallel import (
     unwrap,
     wrap_ddp,
 )
+from fqgan.runtime.rundir import clean_stale_files, prepare_run_dir
 from fqgan.runtime.sampler import ResumableSampler, epoch_batches
+from fqgan.runtime.signals import StopRequest, parse_signals
 
 from .config import RunConfig
 
@@ -66,6 +70,7 @@ class TrainResult:
     metrics_path: str
     metrics: dict[str, float]
     seconds: float
+    preempted: bool = False  # stopped by a signal, with a checkpoint at ``step``
 
 
 class Phase(NamedTuple):
@@ -92,6 +97,7 @@ class Task(Protocol):
     command: str  # progress bar label, e.g. "train-tokenizer"
     rate_key: str  # metric of items per second, e.g. "images_per_sec"
     report_keys: tuple[str, ...]  # metrics passed to on_step
+    progress_keys: tuple[str, ...]  # metrics the progress bar shows (updated once per log interval)
     required: tuple[str, ...]  # entries a resumable single-file checkpoint must hold
 
     def dataset(self) -> tuple[Dataset, Callable | None]: ...
@@ -100,8 +106,6 @@ class Task(Protocol):
     def blocks(self, name: str) -> tuple[type[nn.Module], ...] | None: ...
     def optimizers(self, modules: Mapping[str, nn.Module]) -> dict[str, tuple[str, torch.optim.Optimizer]]: ...
     def phases(self, wrapped: Mapping[str, nn.Module], precision: str) -> list[Phase]: ...
-    def progress(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]: ...
-    def log_values(self) -> dict[str, float]: ...
     def checkpoint_state(self) -> dict[str, Any]: ...
     def config_json(self) -> dict[str, Any]: ...
 
@@ -196,9 +200,17 @@ class _Run:
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
         t_start = time.perf_counter()
         cfg, task, info, device = self.cfg, self.task, self.info, self.device
-        precision = resolve_precision(cfg.precision, device)
+        self.precision = precision = resolve_precision(cfg.precision, device)
         enable_tf32(device)
         local_batch = self._batch_sizes()
+        # The run folder before anything else: an earlier run is continued or moved aside, never rewritten.
+        moved = prepare_run_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, is_main=info.is_main)
+        if info.is_main:
+            for line in clean_stale_files(cfg.out_dir) + ([f"the earlier run moved to {moved}"] if moved else []):
+                print(f"{task.command}: {line}", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(cfg.out_dir, "PREEMPTED"))
+        barrier(info)
 
         # Data first: a bad folder should fail before any model is built.
         dataset, collate_fn = task.dataset()
@@ -217,7 +229,7 @@ class _Run:
         # The same initial weights on every rank (DDP would broadcast rank 0's anyway), whatever the world size.
         torch.manual_seed(cfg.seed)
         modules = task.build(device)
-        model = modules["model"]
+        self.model = model = modules["model"]
         if full is not None:
             for name, module in modules.items():
                 module.load_state_dict(full[name])
@@ -262,12 +274,21 @@ class _Run:
         logger = MetricsLogger(metrics_path, enabled=info.is_main, resume_step=step if path else None)
         progress = Progress(max_steps, initial=step, desc=task.command, enabled=info.is_main and not cfg.quiet)
         timer = StepTimer(device)
-        n_micro = cfg.grad_accum
-        sums: dict[str, Tensor] = {}
-        count = 0
+        means = MetricMeans(info)
+        stop = StopRequest(parse_signals(cfg.stop_signals), info)
+        pending: tuple[int, dict[str, float], Any] | None = None  # a log record whose values are in flight
         last_metrics: dict[str, float] = {}
-        last_postfix = 0.0
         ckpt_path = None
+        preempted = False
+
+        def write_log() -> None:
+            nonlocal pending, last_metrics
+            if pending is not None:
+                at, extra, values = pending
+                last_metrics = {**read_means(values), **extra}
+                logger.log(at, **last_metrics)
+                progress.show({k: v for k, v in last_metrics.items() if k in task.progress_keys})
+                pending = None
 
         def checkpoint(final: bool) -> str | None:
             state: dict[str, Any] = {"steps": step, "epoch": step // steps_per_epoch, "rng": _gather_rng(info),
@@ -294,57 +315,58 @@ class _Run:
             batches = epoch_batches(dataset, sampler, local_batch, step, max_steps, cfg.num_workers, device,
                                     collate_fn)
             for epoch, batch in batches:
-                gstep = step + 1  # the official losses count steps from 1
-                micro = _split(_to(batch, device), n_micro)
-                values: dict[str, Tensor] = {}
-                for phase in phases:
-                    if not phase.active(gstep):
-                        zero = torch.zeros((), device=device)
-                        values.update({key: zero for key in phase.idle})
-                        continue
-                    opt = owned[phase.optimizer][1]
-                    opt.zero_grad(set_to_none=True)
-                    for i, mb in enumerate(micro):
-                        with grad_sync(phase.module, i == n_micro - 1):
-                            with autocast(device, precision):
-                                loss, vals = phase.loss(i, mb, gstep)
-                            (loss / n_micro if n_micro > 1 else loss).backward()
-                        for key, v in vals.items():
-                            v = v.detach().float() / n_micro if n_micro > 1 else v.detach().float()
-                            values[key] = values[key] + v if key in values else v
-                    values[phase.grad_norm_key] = clip_grad_norm(phase.params, cfg.max_grad_norm, device)
-                    opt.step()
-                    if phase.ema and ema is not None:
-                        ema.update(model)
+                values = self._step(phases, owned, ema, _split(_to(batch, device), cfg.grad_accum), step + 1)
                 step += 1
                 timer.tick()
-                for key, v in values.items():
-                    v = v.detach().float()
-                    sums[key] = sums[key] + v if key in sums else v.clone()
-                count += 1
-
-                now = time.perf_counter()
+                means.add(values)
+                write_log()  # the previous interval's record: its copy to the host is done by now
                 if on_step is not None and info.is_main:
                     on_step(step, {key: values[key].item() for key in task.report_keys})
-                if progress.bar is not None and (now - last_postfix > 0.5 or step == max_steps):
-                    last_postfix = now
-                    progress.update(1, **{k: v.item() for k, v in task.progress(values).items()})
-                else:
-                    progress.update(1)
-
-                if step % cfg.log_every == 0 or step == max_steps:
-                    means = all_reduce_mean({k: (v / count).item() for k, v in sums.items()}, info)
-                    means.update(task.log_values())
+                progress.update(1)
+                preempted = stop.poll()
+                if step % cfg.log_every == 0 or step == max_steps or preempted:
                     sec, rate = timer.rate()
-                    last_metrics = {**means, "lr": next(iter(owned.values()))[1].param_groups[0]["lr"],
-                                    "epoch": epoch, "sec_per_step": sec, task.rate_key: rate * cfg.global_batch_size}
-                    logger.log(step, **last_metrics)
-                    sums.clear()
-                    count = 0
+                    extra = {"lr": next(iter(owned.values()))[1].param_groups[0]["lr"], "epoch": epoch,
+                             "sec_per_step": sec, task.rate_key: rate * cfg.global_batch_size}
+                    pending = (step, extra, means.flush())
+                if preempted:
+                    break
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < max_steps:
                     ckpt_path = checkpoint(final=False)
-            ckpt_path = checkpoint(final=True)
+            write_log()
+            ckpt_path = checkpoint(final=not preempted)
+            if preempted and info.is_main:
+                with open(os.path.join(cfg.out_dir, "PREEMPTED"), "w") as f:
+                    f.write(f"{step}\n")
         finally:
+            stop.close()
             progress.close()
             logger.close()
-        return TrainResult(step, cfg.out_dir, ckpt_path, metrics_path, last_metrics, time.perf_counter() - t_start)
+        return TrainResult(step, cfg.out_dir, ckpt_path, metrics_path, last_metrics, time.perf_counter() - t_start,
+                           preempted)
+
+    def _step(self, phases: list[Phase], owned: Mapping[str, tuple[nn.Module, Any]], ema: EMA | None,
+              micro: list[Any], gstep: int) -> dict[str, Tensor]:
+        """One training step: each phase over the micro-batches, then its clip and optimizer step."""
+        device, n_micro = self.device, len(micro)
+        values: dict[str, Tensor] = {}
+        for phase in phases:
+            if not phase.active(gstep):
+                zero = torch.zeros((), device=device)
+                values.update({key: zero for key in phase.idle})
+                continue
+            opt = owned[phase.optimizer][1]
+            opt.zero_grad(set_to_none=True)
+            for i, mb in enumerate(micro):
+                with grad_sync(phase.module, i == n_micro - 1):
+                    with autocast(device, self.precision):
+                        loss, vals = phase.loss(i, mb, gstep)
+                    (loss / n_micro if n_micro > 1 else loss).backward()
+                for key, v in vals.items():
+                    v = v.detach().float() / n_micro if n_micro > 1 else v.detach().float()
+                    values[key] = values[key] + v if key in values else v
+            values[phase.grad_norm_key] = clip_grad_norm(phase.params, self.cfg.max_grad_norm, device)
+            opt.step()
+            if phase.ema and ema is not None:
+                ema.update(self.model)
+        return values

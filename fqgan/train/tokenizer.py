@@ -79,7 +79,7 @@ class TokenizerTask:
                              "shards: use --parallel ddp with it")
         self.cfg, self._teachers, self._lpips = cfg, teachers, lpips
         self.names = cfg.model.codebook_names
-        self._out: Any = None  # the last micro-batch's TokenizerOutput (usage for the logs)
+        self.progress_keys = ("loss_gen", "rec", *(f"usage_{n}" for n in self.names))
         self._recons: list[Tensor] = []  # reconstructions of this step's micro-batches, for the D step
 
     def dataset(self) -> tuple[Dataset, Callable]:
@@ -125,7 +125,6 @@ class TokenizerTask:
                 self._recons = []
             out = model(images)
             g = loss_fn.generator_loss(images, out, step, last_layer=self.model.last_layer)
-            self._out = out
             self._recons.append(out.reconstruction.detach())
             values = {"loss_gen": g.loss, "rec": g.reconstruction, "perceptual": g.perceptual,
                       "adversarial": g.adversarial, "disentangle": g.quantizer.disentangle,
@@ -135,6 +134,8 @@ class TokenizerTask:
                 values[f"commit_{name}"] = g.quantizer.commitment[j]
                 values[f"entropy_{name}"] = g.quantizer.entropy[j]
                 values[f"perplexity_{name}"] = out.losses.perplexity[j]
+                # Codes used within the quantizer's window: averaged over the log interval and the ranks.
+                values[f"usage_{name}"] = out.losses.usage[j]
             for j, s in enumerate(semantic[: g.semantic.numel()]):
                 values[f"semantic_{names[s]}"] = g.semantic[j]
             return g.loss, values
@@ -152,14 +153,6 @@ class TokenizerTask:
                   active=lambda s: disc_always or loss_fn.discriminator_active(s),
                   idle=("loss_disc", "logits_real", "logits_fake", "grad_norm_disc")),
         ]
-
-    def progress(self, values: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        live = {"loss": values["loss_gen"], "rec": values["rec"]}
-        live.update({f"use_{n}": self._out.losses.usage[j] for j, n in enumerate(self.names)})
-        return live
-
-    def log_values(self) -> dict[str, float]:
-        return {f"usage_{n}": self._out.losses.usage[j].item() for j, n in enumerate(self.names)}
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "model_config": self.cfg.model.to_dict()}
