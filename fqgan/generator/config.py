@@ -1,7 +1,8 @@
-"""FAR model arguments and named presets (FAR-tiny, FAR-B, FAR-L).
+"""FAR model arguments and named presets (FAR-tiny, FAR-B, FAR-L, FAR-XL).
 
 FAR-B / FAR-L are the official sizes (showlab/FQGAN ``autoregressive/models/far_dual.py``:
 ``FAR_B``: 24 layers, 16 heads, dim 1024, 3 AR-head layers; ``FAR_L``: 36 / 20 / 1280 / 4).
+FAR-XL is not an official size: about 3B parameters (see :data:`PRESETS`).
 """
 
 from __future__ import annotations
@@ -124,4 +125,10 @@ PRESETS: dict[str, FARConfig] = {
     "FAR-tiny": FARConfig(dim=128, n_layer=4, n_head=4, ar_n_layer=2, block_size=64, multiple_of=64),
     "FAR-B": FARConfig(dim=1024, n_layer=24, n_head=16, ar_n_layer=3),
     "FAR-L": FARConfig(dim=1280, n_layer=36, n_head=20, ar_n_layer=4),
+    # Not official: 3,038,379,520 parameters at k = 2, V = 16384, 1000 classes (3,128,819,200 at k = 3). LlamaGen's
+    # sizes as the guide: FAR-L is its GPT-XL (36 layers / 20 heads / dim 1280); GPT-XXL (48 / 24 / 1536) would be
+    # 1.58B here and GPT-3B (24 / 32 / 3200) 3.72B. FAR-XL doubles FAR-L's width to 2560 at 32 layers (the usual
+    # 3B transformer shape), 20 heads of 128 (2-D RoPE needs head_dim % 4 == 0; 128 is FlashAttention's fastest
+    # head size), and keeps FAR-L's 4 AR-head layers. scripts/memory_table.py: its memory per GPU.
+    "FAR-XL": FARConfig(dim=2560, n_layer=32, n_head=20, ar_n_layer=4),
 }
