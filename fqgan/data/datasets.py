@@ -3,9 +3,9 @@
 Two sources, one item format ``(image, label)``: ``image`` float32 ``[3, H, W]`` in ``[-1, 1]``
 (the official ``Normalize(mean=0.5, std=0.5)``), ``label`` an int.
 
-* :class:`ImageFolder`: torchvision's ``ImageFolder`` (the official scripts' dataset) found by torchvision's
-  own ``find_classes`` / ``make_dataset``: the label is the first-level class folder (sorted names ->
-  0, 1, ...), images at any depth below it, an empty class folder an error.
+* :class:`ImageFolder`: the semantics of torchvision's ``ImageFolder`` (the official scripts' dataset),
+  scanned by its own ``find_classes`` / ``make_dataset``: the label is the first-level class folder
+  (sorted names -> 0, 1, ...), images at any depth below it, an empty class folder an error.
 * :class:`SampleImages`: the built-in sample set -- random crops of the photographs shipped inside
   scikit-image's wheel (read as files with PIL: no pooch, no network), one class per photograph.
 
