@@ -477,7 +477,7 @@ def _commands() -> list[Command]:
     return [
         ("demo", "the whole pipeline, small, with no download: tokenizer, codes, FAR, samples, report",
          add_demo_arguments, run_demo_command),
-        ("train-tokenizer", "train an FQGAN tokenizer (single process or torchrun DDP)",
+        ("train-tokenizer", "train an FQGAN tokenizer (one process, or torchrun with DDP or FSDP)",
          add_train_tokenizer_arguments, run_train_tokenizer),
         ("eval-tokenizer", "reconstruction metrics of a tokenizer checkpoint: PSNR, SSIM, codebook usage, rFID",
          add_eval_tokenizer_arguments, run_eval_tokenizer),
@@ -485,7 +485,7 @@ def _commands() -> list[Command]:
          add_reconstruct_arguments, run_reconstruct),
         ("extract-codes", "encode images (and their flips) into k token maps per image for generator training",
          add_extract_codes_arguments, run_extract_codes),
-        ("train-generator", "train a FAR generator on extracted codes (single process or torchrun DDP)",
+        ("train-generator", "train a FAR generator on extracted codes (one process, or torchrun with DDP or FSDP)",
          add_train_generator_arguments, run_train_generator),
         ("sample", "class-conditional samples from a generator and its tokenizer, as a PNG grid",
          add_sample_arguments, run_sample),

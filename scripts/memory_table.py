@@ -16,9 +16,7 @@ architecture, per GPU, in GiB (2**30 bytes):
   unsharded bf16 parameters (embeddings, heads, aggregation: not resharded after forward) and their
   bf16 gradients, plus two transformer blocks in flight (the one running and the prefetched one) with
   one block's bf16 gradient and its fp32 copy for the reduce-scatter: 4 B x root + 10 B x block. With
-  ``--grad-accum`` > 1 the loop skips the reduce-scatter on all but the last micro-batch
-  (``set_requires_gradient_sync(False)``), so FSDP2 keeps every gradient unsharded in fp32 (its reduce
-  dtype) between micro-batches: + 4 B per parameter.
+  ``--grad-accum`` > 1 the loop reduce-scatters every micro-batch, so the gradients stay sharded.
 * EMA (``--ema``): one fp32 copy, 4 B per parameter (DDP) or 4 / W (FSDP, sharded like the model).
 * activations: bytes per token per transformer block from what autograd saves in this model (listed in
   :func:`block_bytes`), times the tokens of one micro-batch (batch / W / grad_accum rows x T positions
@@ -171,7 +169,7 @@ def rows(presets: list[str], gpus: int, batch: int, grad_accum: int, overrides: 
             fsdp = parallel == "fsdp"
             if fsdp:
                 state, ema = 16 * n.total / gpus, 4 * n.total / gpus
-                extra = 4 * n.root + 10 * n.block + (4 * n.total if grad_accum > 1 else 0)
+                extra = 4 * n.root + 10 * n.block
             else:
                 state, ema = 16 * n.total, 4 * n.total
                 extra = 4 * n.total + 2 * n.matmul

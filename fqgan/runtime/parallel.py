@@ -123,26 +123,15 @@ def is_sharded(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within the block, the backward pass of ``module`` reduces its gradients over the processes only
-    when ``enabled`` (the last micro-batch of an accumulated step): DDP's ``no_sync``, FSDP2's
-    ``set_requires_gradient_sync``. A plain module: nothing to do."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if enabled:
-        yield
-        return
-    if isinstance(module, nn.parallel.DistributedDataParallel):
+    """Within the block, the backward pass of a DDP ``module`` reduces its gradients over the processes
+    only when ``enabled`` (the last micro-batch of an accumulated step; DDP's ``no_sync`` otherwise). FSDP2
+    modules reduce-scatter at every micro-batch (see the comment); a plain module has nothing to do."""
+    if not enabled and isinstance(module, nn.parallel.DistributedDataParallel):
         with module.no_sync():
             yield
         return
-    inner = unwrap(module)
-    if isinstance(inner, FSDPModule):
-        inner.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            inner.set_requires_gradient_sync(True)
-        return
+    # FSDP2 reduce-scatters every micro-batch: skipping it would keep the whole unsharded fp32 gradient
+    # until the last one (4 bytes per parameter on every GPU), which is what FSDP is chosen to avoid.
     yield
 
 

@@ -22,6 +22,7 @@ as ``<root>/<org>/<name>`` or ``<root>/<name>``; then the Hugging Face cache (of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
+from fqgan.runtime.vision import import_torchvision
 
 if TYPE_CHECKING:
     from fqgan.tokenizer.config import TokenizerConfig
@@ -183,6 +185,8 @@ def load_teacher(name_or_path: str | os.PathLike, root: str | os.PathLike | None
     its kind (CLIP or DINOv2) is read from ``config.json``. Never touches the network."""
     directory = find_teacher(name_or_path, root)
     kind = _model_type(directory)
+    with contextlib.suppress(ModuleNotFoundError):  # transformers imports torchvision whenever it is installed,
+        import_torchvision()  # which beside the CPU torch only this door can (fqgan/runtime/vision.py)
     from transformers import CLIPVisionModel, Dinov2Model
     from transformers.utils import logging as hf_logging
 

@@ -59,8 +59,8 @@ class RunConfig:
                            "gradients and optimizer state sharded; sharded checkpoints)", choices=PARALLEL_MODES,
                            group="run")
     activation_checkpointing: bool = option(False, "recompute the activations of the model's blocks (FAR's "
-                                            "transformer blocks, the tokenizer's adapters) in backward: less "
-                                            "memory, about a third more compute", group="run")
+                                            "transformer blocks; the tokenizer's adapters, encoder and decoder) in "
+                                            "backward: less memory, about a third more compute", group="run")
     compile: bool = option(False, "torch.compile the model", group="run")
     log_every: int = option(100, "steps per metrics.jsonl record", group="run")
     ckpt_every: int = option(5000, "steps between rewrites of last.pt, 0: only at the end", group="run")

@@ -1,6 +1,7 @@
 """Feature teachers: tiny random CLIP / DINOv2 configs saved with save_pretrained and loaded back
-through fqgan.teachers, compared with the official preprocessing and feature selection."""
+through fqgan.tokenizer.teachers, compared with the official preprocessing and feature selection."""
 
+import contextlib
 import json
 import math
 
@@ -9,10 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
+from fqgan.runtime.vision import import_torchvision
 from fqgan.tokenizer.config import TINY
 from fqgan.tokenizer.teachers import TEACHERS_ENV, FeatureTeacher, find_teacher, load_teacher, load_teachers
 
 transformers = pytest.importorskip("transformers")
+with contextlib.suppress(ModuleNotFoundError):
+    import_torchvision()  # transformers' models import torchvision when installed: through the door
 
 CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                    image_size=224, patch_size=32)

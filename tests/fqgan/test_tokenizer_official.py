@@ -498,7 +498,7 @@ def test_gradients_match_official():
         ref.backward()
     out = model(x)
     (out.reconstruction.square().mean() + out.quantizer_loss + out.semantic_features[0].square().mean()).backward()
-    grads = official_state_dict_grads(model, dict(model.named_parameters()))
+    grads = to_official_state_dict_grads(model, dict(model.named_parameters()))
     grads64 = {n: p.grad for n, p in om64.named_parameters()}
     for name, p in om.named_parameters():
         assert p.grad is not None and grads64[name] is not None, name
@@ -508,7 +508,7 @@ def test_gradients_match_official():
         assert_fp32_parity(grads[name], p.grad, grads64[name], name, slack=10.0)
 
 
-def official_state_dict_grads(model, named):
+def to_official_state_dict_grads(model, named):
     """Our gradients under the official names (codebook grads split per sub-codebook)."""
     saved = {n: p.data for n, p in named.items()}
     try:

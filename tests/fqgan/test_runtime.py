@@ -1,4 +1,4 @@
-"""Training components: checkpoints (atomic, clear errors), RNG state, EMA, sampler resume, metrics."""
+"""The runtime floor (fqgan.runtime): checkpoints (atomic, clear errors), RNG state, EMA, sampler resume, metrics."""
 
 import json
 import os
