@@ -85,7 +85,9 @@ def _signal_when_running(tmp_path, argv, sig, torchrun=0, min_steps=5):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    step = int((metrics.parent / "PREEMPTED").read_text())
+    marker = metrics.parent / "PREEMPTED"
+    assert marker.exists(), f"no PREEMPTED file; exit {proc.returncode}; stderr:\n{err[-3000:]}"
+    step = int(marker.read_text())
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), step
 
 
