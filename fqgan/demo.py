@@ -12,6 +12,8 @@
 The semantic (feature-prediction) loss and LPIPS need weights from the network, and a GAN needs far
 more steps than a demo has, so the demo's tokenizer trains with pixel + quantizer losses only (the
 report says so). Every stage runs on the GPU when there is one; every long stage shows a progress bar.
+
+The stages and the report stay in this one file (about 400 lines), read top to bottom as the run goes.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ hidden state into k hidden states, one per sub-token, and k output heads give th
 Behaviour (every detail that affects outputs) follows showlab/FQGAN ``far_dual.py`` / ``far_triple.py``
 for any k; docs/generator.md lists those details and the tests that pin each one.
 
+One file for the whole model, as LlamaGen's and gpt-fast's ``model.py``: the blocks, the caches and the
+two-level decoding read together (about 400 lines); the sampler is in :mod:`.generate`.
+
 Sequence layout (training, T positions, k factors, indices [B, k, T])::
 
     trunk input     [cls, x_0, x_1, ..., x_{T-2}]      x_t = aggregate(cat_i E_i[idx[:, i, t]])

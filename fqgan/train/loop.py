@@ -11,6 +11,8 @@ A task (:class:`Task`: :class:`~fqgan.train.tokenizer.TokenizerTask`,
 optimizers, the :class:`Phase` list of one step (each phase is one optimizer step: a loss over the
 micro-batches, returning metrics), and the entries it adds to checkpoints.
 
+The loop is one file (under 400 lines): every behaviour a run has, read in the order it happens.
+
 Gradient accumulation (``grad_accum = N``): each process's share of the global batch is cut into N
 micro-batches; each phase runs its loss on all of them (gradients synchronised over processes on the
 last only), scaled by 1 / N, then clips and steps once. For losses that are means over the batch this
