@@ -389,6 +389,9 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="generator checkpoint (from `fqgan train-generator`, or an official FAR file)")
     p.add_argument("--tokenizer", required=True, metavar="CKPT", help="the tokenizer whose codes trained it")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="decode with a tokenizer other than the one whose codes trained the generator (its "
+                        "fingerprint differs: the images will not be what the generator means)")
     p.add_argument("--class", dest="classes", action="append", required=True, metavar="ID",
                    help="class id (or a class name of the training codes); repeat for several classes")
     p.add_argument("--n", type=int, default=16, help="images per class (default: %(default)s)")
@@ -410,6 +413,23 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def check_provenance(codes_meta: dict[str, Any], tokenizer: Any, generator_path: Any, tokenizer_path: Any,
+                     allow: bool) -> None:
+    """Refuse a tokenizer whose fingerprint is not the one that wrote the generator's training codes."""
+    want = codes_meta.get("tokenizer_fingerprint")
+    if want is None:
+        return  # an official FAR file, or codes from before fingerprints: nothing to compare
+    got = tokenizer.fingerprint()
+    if got == want:
+        return
+    made_by = codes_meta.get("tokenizer") or "a tokenizer"
+    text = (f"the generator {generator_path} was trained on codes of {made_by} (fingerprint {want}), but "
+            f"{tokenizer_path} has fingerprint {got}: its codes mean other things and the images would be garbage")
+    if not allow:
+        raise ValueError(f"{text}. Pass the tokenizer that wrote the codes, or --allow-tokenizer-mismatch")
+    print(f"warning: {text} (--allow-tokenizer-mismatch)", file=sys.stderr)
+
+
 def run_sample(args: argparse.Namespace):
     """``fqgan sample``: class-conditional images from a generator + tokenizer, as a PNG grid."""
     import torch
@@ -418,14 +438,17 @@ def run_sample(args: argparse.Namespace):
     from fqgan.data.images import save_grid
     from fqgan.generator import check_generator_tokenizer, load_generator, sample_images
     from fqgan.runtime.device import resolve_device
+    from fqgan.runtime.rundir import check_output_file
     from fqgan.tokenizer import load_tokenizer
 
     if args.n < 1 or args.batch_size < 1:
         raise ValueError("--n and --batch-size must be positive")
+    check_output_file(args.out, (".png",))  # before hours of generation, not after
     device = resolve_device(args.device)
     generator, meta = load_generator(args.checkpoint, args.weights, device)
     tokenizer = load_tokenizer(args.tokenizer, device, args.tokenizer_weights)
     check_generator_tokenizer(generator.config, tokenizer.config)
+    check_provenance(meta, tokenizer, args.checkpoint, args.tokenizer, args.allow_tokenizer_mismatch)
     ids = resolve_classes(args.classes, generator.config.num_classes, meta.get("classes", ()))
     labels = torch.tensor([c for c in ids for _ in range(args.n)], dtype=torch.long, device=device)
     k = generator.config.num_factors

@@ -54,6 +54,7 @@ class CodesMeta:
     codebook_names: tuple[str, ...]
     tokenizer: str | None = None
     tokenizer_config: dict[str, Any] | None = None
+    tokenizer_fingerprint: str | None = None  # FQTokenizer.fingerprint() of the tokenizer that wrote the codes
 
     @property
     def num_classes(self) -> int:
@@ -64,7 +65,7 @@ class CodesMeta:
                 "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
                 "grid_size": self.grid_size, "image_size": self.image_size, "classes": list(self.classes),
                 "codebook_names": list(self.codebook_names), "tokenizer": self.tokenizer,
-                "tokenizer_config": self.tokenizer_config}
+                "tokenizer_config": self.tokenizer_config, "tokenizer_fingerprint": self.tokenizer_fingerprint}
 
 
 def _code_dtype(codebook_size: int) -> np.dtype:
@@ -99,7 +100,8 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
     grid = c.image_size // c.down_factor
     classes = list(classes if classes is not None else getattr(dataset, "classes", []))
     meta = CodesMeta(n, num_aug, c.num_codebooks, c.codebook_size, grid, c.image_size, tuple(classes),
-                     tuple(c.codebook_names), tokenizer_path, c.to_dict())
+                     tuple(c.codebook_names), tokenizer_path, c.to_dict(),
+                     tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None)
     out = os.fspath(out_dir)
     tmp_codes = os.path.join(out, ".codes.npy.tmp")
     shape = (n, num_aug, c.num_codebooks, grid, grid)
@@ -178,12 +180,32 @@ def load_codes_meta(path: str | os.PathLike) -> CodesMeta:
         with open(meta_path) as f:
             m = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{meta_path} is not readable JSON: {exc}") from exc
-    if m.get("kind") != CODES_KIND:
-        raise ValueError(f"{meta_path} is not an fqgan code folder's meta.json (kind {m.get('kind')!r})")
-    return CodesMeta(int(m["num_images"]), int(m["num_aug"]), int(m["num_codebooks"]), int(m["codebook_size"]),
-                     int(m["grid_size"]), int(m["image_size"]), tuple(m["classes"]), tuple(m["codebook_names"]),
-                     m.get("tokenizer"), m.get("tokenizer_config"))
+        raise ValueError(f"{meta_path} is not readable JSON ({exc}): the code folder is damaged; write it again "
+                         "with `fqgan extract-codes`") from exc
+    if not isinstance(m, dict) or m.get("kind") != CODES_KIND:
+        kind = m.get("kind") if isinstance(m, dict) else type(m).__name__
+        raise ValueError(f"{meta_path} is not an fqgan code folder's meta.json (kind {kind!r})")
+    fields = {"num_images": int, "num_aug": int, "num_codebooks": int, "codebook_size": int, "grid_size": int,
+              "image_size": int, "classes": list, "codebook_names": list}
+    missing = [k for k in fields if k not in m]
+    wrong = [f"{k} = {m[k]!r}" for k, t in fields.items() if k in m and not isinstance(m[k], t)]
+    if missing or wrong:
+        what = "; ".join(([f"no {', '.join(missing)}"] if missing else []) + ([f"bad {', '.join(wrong)}"] if wrong
+                                                                                else []))
+        raise ValueError(f"{meta_path} is damaged ({what}): write the code folder again with `fqgan extract-codes`")
+    return CodesMeta(m["num_images"], m["num_aug"], m["num_codebooks"], m["codebook_size"], m["grid_size"],
+                     m["image_size"], tuple(m["classes"]), tuple(m["codebook_names"]), m.get("tokenizer"),
+                     m.get("tokenizer_config"), m.get("tokenizer_fingerprint"))
+
+
+def _load_array(path: str, mmap: bool) -> np.ndarray:
+    """``np.load`` with errors that name the file and say what is wrong (a truncated copy, another format)."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as exc:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise ValueError(f"{path} ({size} bytes) is damaged or truncated and cannot be read as a .npy array "
+                         f"({exc}): write the code folder again with `fqgan extract-codes`") from exc
 
 
 class CodeDataset(Dataset):
@@ -198,8 +220,8 @@ class CodeDataset(Dataset):
     def __init__(self, path: str | os.PathLike, augment: bool = True, seed: int = 0) -> None:
         self.path = os.fspath(path)
         self.meta = load_codes_meta(self.path)
-        self.codes = np.load(os.path.join(self.path, "codes.npy"), mmap_mode="r")
-        self.labels = np.load(os.path.join(self.path, "labels.npy"))
+        self.codes = _load_array(os.path.join(self.path, "codes.npy"), mmap=True)
+        self.labels = _load_array(os.path.join(self.path, "labels.npy"), mmap=False)
         m = self.meta
         expect = (m.num_images, m.num_aug, m.num_codebooks, m.grid_size, m.grid_size)
         if self.codes.shape != expect or self.labels.shape != (m.num_images,):

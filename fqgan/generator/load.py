@@ -36,7 +36,9 @@ def load_generator(path: str | os.PathLike, weights: str = "auto",
         raise ValueError(f"generator checkpoint {os.fspath(path)!r} holds a {type(ckpt).__name__}, not a dict")
     kind = ckpt.get("kind")
     if kind is None:
-        return from_official(ckpt, use_ema=weights == "ema").to(device).eval(), {}
+        # "auto" means "EMA when present" for official files too (the released FAR checkpoints hold both).
+        use_ema = weights == "ema" or (weights == "auto" and "ema" in ckpt)
+        return from_official(ckpt, use_ema=use_ema).to(device).eval(), {}
     if kind != CHECKPOINT_KIND:
         raise ValueError(f"{os.fspath(path)!r} is a {kind!r} checkpoint, not a generator (train-generator) one")
     if weights == "ema" and "ema" not in ckpt:

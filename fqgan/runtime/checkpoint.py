@@ -27,7 +27,7 @@ from .dist import DistInfo
 
 __all__ = ["CHECKPOINT_FORMAT", "LAST", "META_FILE", "CheckpointError", "MissingFileError", "capture_rng",
            "check_state_dict", "find_file", "gather_rng", "load_checkpoint", "load_reason", "load_torch_file",
-           "read_sharded", "restore_rng", "resume_path", "save_checkpoint", "seed_everything"]
+           "read_sharded", "restore_rng", "resume_path", "save_checkpoint", "seed_everything", "state_fingerprint"]
 
 CHECKPOINT_FORMAT = 1
 META_FILE = "meta.pt"  # the non-tensor entries of a sharded (DCP) checkpoint folder
@@ -232,6 +232,20 @@ def resume_path(resume: str | None, out_dir: str | os.PathLike) -> str | None:
 
 def _written_at(path: str) -> float:
     return os.path.getmtime(os.path.join(path, META_FILE) if os.path.isdir(path) else path)
+
+
+def state_fingerprint(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
+    """A short digest (16 hex digits of SHA-256) of a model's config and weights: equal exactly when both are,
+    whatever the file they came from. Tensors are hashed by name, dtype, shape and bytes."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 # -- RNG state -------------------------------------------------------------------------------------

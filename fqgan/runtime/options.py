@@ -11,13 +11,13 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["option"]
+__all__ = ["option", "run_defining_diff"]
 
 _MISSING: Any = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None, group: str | None = None,
-           choices: Sequence[Any] | None = None, metavar: str | None = None,
+           choices: Sequence[Any] | None = None, metavar: str | None = None, runtime: bool = False,
            default_factory: Callable[[], Any] | None = None) -> Any:
     """A dataclass ``field`` that the CLI exposes as an option.
 
@@ -26,9 +26,20 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None, 
         ``global_batch_size``); a bool field whose flag starts with ``--no-`` turns it off
     :param group: the help section it appears in
     :param choices: the allowed values
+    :param runtime: the field says how a run executes, not what it computes (device, logging, paths of
+        weight files, parallelism): a resumed run may change it (:func:`run_defining_diff` ignores it)
     """
     meta = {"help": help, "flag": flag, "group": group, "choices": tuple(choices) if choices else None,
-            "metavar": metavar}
+            "metavar": metavar, "runtime": runtime}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def run_defining_diff(config: Any, saved: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, current value)`` for each field of the dataclass ``config`` whose value
+    differs from ``saved`` (its ``to_dict()`` at the time), leaving out :func:`option` fields marked
+    ``runtime`` and fields the saved dict does not have (added since)."""
+    now = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+    runtime = {f.name for f in dataclasses.fields(config) if f.metadata.get("runtime")}
+    return [(k, saved[k], now[k]) for k in now if k in saved and k not in runtime and saved[k] != now[k]]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .checkpoint import LAST, MissingFileError
 
-__all__ = ["RUN_FILES", "RunExistsError", "check_out_dir", "clean_stale_files", "describe_run", "holds_run",
-           "prepare_run_dir"]
+__all__ = ["RUN_FILES", "RunExistsError", "check_out_dir", "check_output_file", "clean_stale_files", "describe_run",
+           "holds_run", "prepare_run_dir"]
 
 # What a training run writes at the top of its folder (and --overwrite moves aside).
 RUN_FILES = ("config.json", "metrics.jsonl", *LAST, "step_*.pt", "step_*.dcp", "PREEMPTED", "data_index.json",
@@ -75,6 +75,19 @@ def check_out_dir(out_dir: str | os.PathLike, flag: str = "--out-dir") -> Path:
     parent = p if p.exists() else next((q for q in p.absolute().parents if q.exists()), None)
     if parent is None or not os.access(parent, os.W_OK):
         raise ValueError(f"{flag} {p}: {parent} is not writable")
+    return p
+
+
+def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], flag: str = "--out") -> Path:
+    """``path`` as a Path, after checking, before any work, that a file can be written there: its extension is
+    one of ``suffixes``, it is not a folder, and its folder exists or can be made and is writable."""
+    p = Path(path)
+    if p.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {p}: unknown file type {p.suffix or '(no extension)'!r}; use one of "
+                         f"{', '.join(suffixes)} (e.g. {p.with_suffix(suffixes[0]).name})")
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder; name a file inside it (e.g. {p / ('out' + suffixes[0])})")
+    check_out_dir(p.parent if str(p.parent) else ".", flag=f"{flag} {p}: folder")
     return p
 
 

@@ -20,12 +20,18 @@ import torch
 from torch import Tensor, nn
 
 import fqgan_kernels as fk
+from fqgan.runtime.checkpoint import state_fingerprint
 
 from .adapter import FactorizedAdapter, FeaturePredictor
 from .blocks import Decoder, Encoder, group_norm, swish
 from .config import TokenizerConfig, get_preset
 
 __all__ = ["EncoderBranch", "FQTokenizer", "TokenizerOutput"]
+
+# Config fields that do not change what a code means (training-only weights, run-time choices).
+_NOT_FINGERPRINTED = ("commit_loss_beta", "codebook_weight", "entropy_loss_ratio", "entropy_temperature",
+                      "disentanglement_ratio", "dropout_p", "teachers", "quantizer_backend", "quantizer_distributed",
+                      "usage_window")
 
 
 class TokenizerOutput(NamedTuple):
@@ -157,6 +163,14 @@ class FQTokenizer(nn.Module):
         d = self.config.codebook_dim
         return tuple(self.feature_predictors[str(i)](quantized[:, i * d:(i + 1) * d])[:, 0]
                      for i in self.config.semantic_codebooks)
+
+    def fingerprint(self) -> str:
+        """A digest of what makes this tokenizer's codes mean what they mean: its weights and the config fields
+        that shape encoding and decoding (not training-only settings, the kernel backend or the usage
+        counters). Code folders and generator checkpoints record it; ``fqgan sample`` compares it."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        state = {k: v for k, v in self.state_dict().items() if k not in ("quantizer.step", "quantizer.last_used")}
+        return state_fingerprint(config, state)
 
     @property
     def last_layer(self) -> Tensor:

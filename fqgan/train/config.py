@@ -17,6 +17,9 @@ from fqgan.runtime.parallel import PARALLEL_MODES
 from fqgan.runtime.signals import DEFAULT_STOP_SIGNALS, parse_signals
 from fqgan.tokenizer.config import TokenizerConfig, TokenizerLossConfig, get_preset
 
+# Fields of the "run" section: how a run executes, not what it computes; a resumed run may change them.
+_RUN = {"group": "run", "runtime": True}
+
 
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -28,17 +31,17 @@ class RunConfig:
     """What every training loop shares: data, optimisation, parallelism, bookkeeping."""
 
     out_dir: str = option("runs/tokenizer", "writes last.pt (last.dcp/ under FSDP), metrics.jsonl and config.json "
-                          "here", group="run")
+                          "here", **_RUN)
     data: str = option("sample", "image folder (any depth; labels from the first-level folders) or 'sample' for the "
                        "built-in photographs", group="data")
     sample_length: int = option(512, "random crops per epoch of the sample set", group="data")
     num_workers: int = option(4, "data-loading processes per training process (0: load in the training process)",
-                              group="data")
+                              group="data", runtime=True)
     global_batch_size: int = option(128, "global batch size, split over the processes (and micro-batches)",
                                     flag="--batch-size", group="optimisation")
     max_steps: int | None = option(None, "training steps (default: --epochs worth)", flag="--steps",
-                                   group="optimisation")
-    epochs: int = option(40, "epochs (when --steps is not given)", group="optimisation")
+                                   group="optimisation", runtime=True)
+    epochs: int = option(40, "epochs (when --steps is not given)", group="optimisation", runtime=True)
     lr: float = option(1e-4, "learning rate (the released scripts pass 2e-4 at global batch 256)",
                        group="optimisation")
     beta1: float = option(0.9, "Adam beta1", group="optimisation")
@@ -48,30 +51,34 @@ class RunConfig:
     weight_decay: float = option(0.0, "weight decay", group="optimisation")
     max_grad_norm: float = option(1.0, "gradient clipping, 0 disables", group="optimisation")
     grad_accum: int = option(1, "micro-batches per optimizer step: each process's share of --batch-size is cut "
-                             "into N, their gradients summed (memory of a batch N times smaller)", group="optimisation")
-    ema: bool = option(False, "keep an EMA of the weights (saved as 'ema')", group="optimisation")
+                             "into N, their gradients summed (memory of a batch N times smaller)",
+                             group="optimisation", runtime=True)
+    ema: bool = option(False, "keep an EMA of the weights (saved as 'ema'; may be turned on when resuming)",
+                       group="optimisation", runtime=True)
     ema_decay: float = option(0.9999, "EMA decay", group="optimisation")
     seed: int = option(0, "global seed: rank r seeds with seed * world_size + r (official)", group="optimisation")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N", group="run")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N", **_RUN)
     precision: str = option("auto", "autocast dtype (auto = bf16 on GPU, fp32 on CPU)",
-                            choices=("auto", "bf16", "fp32"), group="run")
+                            choices=("auto", "bf16", "fp32"), **_RUN)
     parallel: str = option("ddp", "data parallelism under torchrun: ddp (full copies) or fsdp (FSDP2: parameters, "
                            "gradients and optimizer state sharded; sharded checkpoints)", choices=PARALLEL_MODES,
-                           group="run")
+                           **_RUN)
     activation_checkpointing: bool = option(False, "recompute the activations of the model's blocks (FAR's "
                                             "transformer blocks; the tokenizer's adapters, encoder and decoder) in "
-                                            "backward: less memory, about a third more compute", group="run")
-    compile: bool = option(False, "torch.compile the model", group="run")
-    log_every: int = option(100, "steps per metrics.jsonl record", group="run")
-    ckpt_every: int = option(5000, "steps between rewrites of last.pt, 0: only at the end", group="run")
-    keep_every: int = option(0, "also keep step_XXXXXXX.pt every this many steps (0: only last.pt)", group="run")
+                                            "backward: less memory, about a third more compute", **_RUN)
+    compile: bool = option(False, "torch.compile the model", **_RUN)
+    log_every: int = option(100, "steps per metrics.jsonl record", **_RUN)
+    ckpt_every: int = option(5000, "steps between rewrites of last.pt, 0: only at the end", **_RUN)
+    keep_every: int = option(0, "also keep step_XXXXXXX.pt every this many steps (0: only last.pt)", **_RUN)
     resume: str | None = option(None, "continue from a checkpoint; 'auto': OUT_DIR/last.pt (or last.dcp) when it "
-                                "exists", metavar="CKPT|auto", group="run")
-    quiet: bool = option(False, "no progress bar", group="run")
+                                "exists", metavar="CKPT|auto", **_RUN)
+    quiet: bool = option(False, "no progress bar", **_RUN)
     overwrite: bool = option(False, "start a new run in an --out-dir that holds one: its files move to "
-                             "OUT_DIR/previous/<time>/ (nothing is deleted)", group="run")
+                             "OUT_DIR/previous/<time>/ (nothing is deleted)", **_RUN)
     stop_signals: str = option(DEFAULT_STOP_SIGNALS, "signals that end the run with a checkpoint at the current "
-                               "step and exit code 75 (comma-separated; '' for none)", group="run")
+                               "step and exit code 75 (comma-separated; '' for none)", **_RUN)
+    allow_config_change: bool = option(False, "resume although the batch size, seed, data, optimiser, model or "
+                                       "loss settings differ from the checkpoint's", **_RUN)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -113,7 +120,7 @@ class TokenizerTrainConfig(RunConfig):
     teachers: tuple[str | None, ...] | None = option(
         None, "a teacher's save_pretrained folder, once per feature predictor in sub-codebook order (default: the "
         "preset's teacher names, looked up under $FQGAN_TEACHERS_DIR and the Hugging Face cache)", flag="--teacher",
-        metavar="DIR", group="weight files (local only: nothing is downloaded)")
+        metavar="DIR", group="weight files (local only: nothing is downloaded)", runtime=True)
     # The official loop runs the discriminator step from step 1, with weight 0 before disc_start (its
     # gradients are zero; Adam's step count and BatchNorm statistics still move). True skips it until
     # disc_start: about a quarter less compute per step there, for runs that never reach disc_start.
@@ -121,10 +128,10 @@ class TokenizerTrainConfig(RunConfig):
                                          "loop runs it with weight 0)", group="losses (official VQLoss options)")
     vgg16_weights: str | None = option(None, "torchvision vgg16-397923af.pth for LPIPS (default: "
                                        "$FQGAN_VGG16_WEIGHTS, torch hub cache)", metavar="FILE",
-                                       group="weight files (local only: nothing is downloaded)")
+                                       group="weight files (local only: nothing is downloaded)", runtime=True)
     lpips_weights: str | None = option(None, "LPIPS v0.1 vgg.pth linear layers (default: $FQGAN_LPIPS_WEIGHTS, the "
                                        "lpips wheel's copy)", metavar="FILE",
-                                       group="weight files (local only: nothing is downloaded)")
+                                       group="weight files (local only: nothing is downloaded)", runtime=True)
 
     def validate(self) -> None:
         super().validate()
@@ -164,7 +171,7 @@ class GeneratorTrainConfig(RunConfig):
     """
 
     out_dir: str = option("runs/generator", "writes last.pt (last.dcp/ under FSDP), metrics.jsonl and config.json "
-                          "here", group="run")
+                          "here", **_RUN)
     codes: str = option("codes", "code folder from `fqgan extract-codes` (sets k, the codebook size, the grid, the "
                         "classes)", metavar="DIR", group="model")
     preset: str = option("FAR-B", "FAR size (FAR-tiny for CPU runs)", choices=tuple(sorted(FAR_PRESETS)), group="model")
@@ -174,7 +181,7 @@ class GeneratorTrainConfig(RunConfig):
                                      group="model")
     global_batch_size: int = option(256, "global batch size, split over the processes (and micro-batches)",
                                     flag="--batch-size", group="optimisation")
-    epochs: int = option(300, "epochs (when --steps is not given)", group="optimisation")
+    epochs: int = option(300, "epochs (when --steps is not given)", group="optimisation", runtime=True)
     weight_decay: float = option(0.05, "AdamW weight decay on matrices and embeddings", group="optimisation")
 
     def validate(self) -> None:

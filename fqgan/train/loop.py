@@ -42,6 +42,7 @@ from fqgan.runtime.device import autocast, enable_tf32, resolve_precision
 from fqgan.runtime.dist import DistInfo, barrier, distributed
 from fqgan.runtime.ema import EMA
 from fqgan.runtime.logging import MetricMeans, MetricsLogger, Progress, StepTimer, read_means
+from fqgan.runtime.options import run_defining_diff
 from fqgan.runtime.parallel import (
     apply_activation_checkpointing,
     clip_grad_norm,
@@ -163,6 +164,12 @@ class _Run:
             return None, None
         ckpt = load_checkpoint(path, kind=self.task.kind, map_location="cpu", tensors=False)
         self.task.check_resume(ckpt, path)
+        changed = run_defining_diff(self.cfg, ckpt.get("config") or {})
+        if changed and not self.cfg.allow_config_change:
+            details = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in changed[:6])
+            raise ValueError(f"cannot resume from {path!r} with other settings ({details}): the run would silently "
+                             "change. Use the checkpoint's settings, --allow-config-change to resume anyway, or a "
+                             "new --out-dir")
         need = ("steps",) if os.path.isdir(path) else self.task.required
         missing = [k for k in need if k not in ckpt]
         if missing:

@@ -126,3 +126,82 @@ def test_stale_temporary_files_are_removed_at_start(tmp_path, codes):
     assert got.returncode == 0, got.stderr
     assert "removed" in got.stderr and ".last.pt.x1y2.tmp" in got.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "last.pt", "metrics.jsonl"]
+
+
+def test_resume_refuses_a_changed_run_and_ignores_runtime_fields(tmp_path, codes):
+    first = fqgan(tmp_path, "train-generator", "--codes", codes, "--steps", "2", "--out-dir", "run", *FAR)
+    assert first.returncode == 0, first.stderr
+    before = hashes(tmp_path / "run")
+    changed = [*FAR[: FAR.index("--batch-size")], "--batch-size", "4", *FAR[FAR.index("--batch-size") + 2:]]
+    got = fqgan(tmp_path, "train-generator", "--codes", codes, "--steps", "4", "--out-dir", "run", "--resume", "auto",
+                "--seed", "1", *changed)
+    assert got.returncode == 2
+    assert "global_batch_size: checkpoint 8, now 4" in got.stderr and "seed: checkpoint 0, now 1" in got.stderr
+    assert "--allow-config-change" in got.stderr and hashes(tmp_path / "run") == before
+    # Runtime-only fields (log interval, checkpoint interval, quiet, the step count) change freely.
+    ok = fqgan(tmp_path, "train-generator", "--codes", codes, "--steps", "3", "--out-dir", "run", "--resume", "auto",
+               "--ckpt-every", "7", *FAR[:-2], "--log-every", "3")
+    assert ok.returncode == 0, ok.stderr
+    forced = fqgan(tmp_path, "train-generator", "--codes", codes, "--steps", "4", "--out-dir", "run", "--resume",
+                   "auto", "--allow-config-change", *changed)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_damaged_code_folder_names_the_file(tmp_path, codes):
+    folder = tmp_path / codes
+    data = (folder / "codes.npy").read_bytes()
+    (folder / "codes.npy").write_bytes(data[: len(data) // 3])
+    got = fqgan(tmp_path, "train-generator", "--codes", codes, "--steps", "1", "--out-dir", "run", *FAR)
+    assert got.returncode == 2 and "codes.npy" in got.stderr and "damaged or truncated" in got.stderr
+    (folder / "codes.npy").write_bytes(data)
+    (folder / "meta.json").write_text('{"kind": "fqgan-codes", "num_images": 32}')
+    got = fqgan(tmp_path, "train-generator", "--codes", codes, "--steps", "1", "--out-dir", "run2", *FAR)
+    assert got.returncode == 2 and "meta.json is damaged (no num_aug" in got.stderr
+    assert "Traceback" not in got.stderr
+
+
+@pytest.fixture
+def two_tokenizers_and_a_generator(tmp_path):
+    """Tokenizers a.pt and b.pt (same config, other weights), codes written by a, a FAR trained on them."""
+    from fqgan.data.codes import extract_codes
+    from fqgan.data.datasets import SampleImages
+    from fqgan.runtime.checkpoint import save_checkpoint
+    from fqgan.tokenizer import FQTokenizer
+    from fqgan.tokenizer.config import TINY
+    from fqgan.train.config import GeneratorTrainConfig
+    from fqgan.train.generator import train_generator
+
+    config = TINY.replace(codebook_size=32, feat_pred_dims=(0, 0), teachers=(None, None))
+    for seed, name in ((0, "a.pt"), (1, "b.pt")):
+        torch.manual_seed(seed)
+        model = FQTokenizer(config).eval()
+        save_checkpoint(tmp_path / name, {"model_config": config.to_dict(), "model": model.state_dict()},
+                        "fqgan-tokenizer")
+        if name == "a.pt":
+            extract_codes(model, SampleImages(32, length=8, augment=False), tmp_path / "codes", batch_size=4,
+                          tokenizer_path="a.pt")
+    train_generator(GeneratorTrainConfig(codes=str(tmp_path / "codes"), preset="FAR-tiny", out_dir=str(tmp_path / "g"),
+                                         model_overrides={"dim": 32, "n_layer": 1, "n_head": 2, "ar_n_layer": 1},
+                                         global_batch_size=4, max_steps=1, num_workers=0, quiet=True, device="cpu"))
+    return tmp_path
+
+
+def test_sample_refuses_another_tokenizer(two_tokenizers_and_a_generator):
+    tmp_path = two_tokenizers_and_a_generator
+    base = ["sample", "--checkpoint", "g/last.pt", "--class", "0", "--n", "1", "--device", "cpu"]
+    wrong = fqgan(tmp_path, *base, "--tokenizer", "b.pt", "--out", "b.png")
+    assert wrong.returncode == 2 and not (tmp_path / "b.png").exists()
+    assert "g/last.pt was trained on codes of a.pt" in wrong.stderr and "b.pt has fingerprint" in wrong.stderr
+    assert "--allow-tokenizer-mismatch" in wrong.stderr
+    right = fqgan(tmp_path, *base, "--tokenizer", "a.pt", "--out", "a.png")
+    assert right.returncode == 0, right.stderr
+    forced = fqgan(tmp_path, *base, "--tokenizer", "b.pt", "--out", "b.png", "--allow-tokenizer-mismatch")
+    assert forced.returncode == 0 and "warning:" in forced.stderr and (tmp_path / "b.png").exists()
+
+
+def test_sample_checks_its_output_before_generating(two_tokenizers_and_a_generator):
+    tmp_path = two_tokenizers_and_a_generator
+    base = ["sample", "--checkpoint", "g/last.pt", "--tokenizer", "a.pt", "--class", "0", "--n", "1"]
+    got = fqgan(tmp_path, *base, "--out", "s3")
+    assert got.returncode == 2 and "--out s3: unknown file type '(no extension)'" in got.stderr
+    assert "s3.png" in got.stderr

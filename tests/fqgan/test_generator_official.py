@@ -263,3 +263,16 @@ def test_from_official_errors(tmp_path):
         from_official(sd, n_head=4, block_size=15)
     with pytest.raises(TypeError, match="path or a state dict"):
         from_official(42)
+
+
+@pytest.mark.parametrize("weights,has_ema,expect", [("auto", True, True), ("auto", False, False),
+                                                    ("model", True, False), ("ema", True, True)])
+def test_load_generator_weights_auto_means_ema_when_present(tmp_path, monkeypatch, weights, has_ema, expect):
+    import fqgan.generator.load as loader
+
+    seen = []
+    monkeypatch.setattr(loader, "from_official", lambda ckpt, use_ema: seen.append(use_ema) or load(official(2, "B-like")))
+    ckpt = {"model": {"tok_embeddings_1.weight": torch.zeros(1)}, **({"ema": {}} if has_ema else {})}
+    torch.save(ckpt, tmp_path / "far.pt")
+    loader.load_generator(tmp_path / "far.pt", weights)
+    assert seen == [expect]
