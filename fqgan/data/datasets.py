@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import multiprocessing
 import os
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,7 +156,19 @@ class _AugmentedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        return self._transform(self._load(index), index), self._label(index)
+        source = index
+        for attempt in range(len(self)):
+            try:
+                img = self._load(source)
+                break
+            except ValueError as exc:  # unreadable (_open_rgb): skip it when training, else say which file
+                if not getattr(self, "skip_unreadable", False) or attempt == len(self) - 1:
+                    raise
+                with self.failed_reads.get_lock():
+                    self.failed_reads.value += 1
+                print(f"warning: {exc}; skipped (using the next image)", file=sys.stderr, flush=True)
+                source = (source + 1) % len(self)
+        return self._transform(img, index), self._label(source)
 
 
 class ImageFolder(_AugmentedImages):
@@ -179,12 +194,19 @@ class ImageFolder(_AugmentedImages):
     :param image_size: side of the square output
     :param augment: official training augmentation (random crop + flip) if True, centre crop if False
     :param seed: seeds the per-item augmentation draws
+    :param classes: a fixed class list (labels = positions in it; see :func:`scan_folder`)
+    :param index: a :class:`~fqgan.data.scan.FolderIndex` to take the samples from instead of listing the folder
+    :param skip_unreadable: a file that fails to decode (changed since the scan) is replaced by the next
+        readable one, with a warning naming it and a count in ``failed_reads`` (training); else an error
     :raises FileNotFoundError: ``root`` does not exist or is not a folder.
     :raises ValueError: no images, an empty class folder, or loose images beside sub-folders.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, augment: bool = True, seed: int = 0) -> None:
+    def __init__(self, root: str | os.PathLike, image_size: int, augment: bool = True, seed: int = 0, *,
+                 classes: list[str] | None = None, index: Any = None, skip_unreadable: bool = False) -> None:
         self.root = os.path.expanduser(os.fspath(root))
+        self.skip_unreadable = skip_unreadable
+        self.failed_reads = multiprocessing.Value("l", 0)  # shared with DataLoader workers
         self.image_size = _check_size(image_size)
         self.augment = bool(augment)
         self.seed = _check_seed(seed)
@@ -193,7 +215,10 @@ class ImageFolder(_AugmentedImages):
             what = "is not a folder" if os.path.exists(self.root) else "does not exist"
             raise FileNotFoundError(f"image folder {self.root!r} {what} (pass --data PATH to a folder of images, "
                                     f"or --data sample for the built-in sample set)")
-        self.samples, self.classes = _scan_folder(self.root)
+        if index is not None:
+            self.samples, self.classes = [tuple(s) for s in index.samples], list(index.classes)
+        else:
+            self.samples, self.classes = scan_folder(self.root, classes)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def __len__(self) -> int:
@@ -210,7 +235,12 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_folder(root: str, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples, classes)`` of an image folder under :class:`ImageFolder`'s rules; with ``classes`` (a fixed
+    list, ``--classes FILE``) labels are positions in it, a listed class may be empty or absent, and a class
+    folder it does not list is an error."""
+    if classes is not None:
+        return _scan_fixed_classes(root, classes)
     folder = import_torchvision().datasets.folder
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     loose = [e.path for e in entries if e.is_file() and _is_image(e.name)]
@@ -246,6 +276,25 @@ def _scan_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, classes
 
 
+def _scan_fixed_classes(root: str, classes: list[str]) -> tuple[list[tuple[str, int]], list[str]]:
+    folder = import_torchvision().datasets.folder
+    on_disk = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    unknown = sorted(set(on_disk) - set(classes))
+    if unknown:
+        raise ValueError(f"image folder {root!r} has class folders the --classes file does not list: {unknown[:5]}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    prefix = os.path.join(root, "")
+
+    def is_valid_file(path: str) -> bool:
+        return _is_image(os.path.basename(path)) and f"{os.sep}." not in os.sep + path[len(prefix):]
+
+    present = {name: i for i, name in enumerate(classes) if name in on_disk}
+    samples = folder.make_dataset(root, present, is_valid_file=is_valid_file, allow_empty=True) if present else []
+    if not samples:
+        raise ValueError(f"image folder {root!r} contains no images in the classes of the --classes file")
+    return samples, list(classes)
+
+
 def sample_photo_dir() -> str:
     """The folder of scikit-image's bundled pictures (``skimage/data``), found without importing
     scikit-image (its data module would route unknown names to pooch downloads)."""
@@ -275,10 +324,18 @@ class SampleImages(_AugmentedImages):
 
     Item ``i`` comes from photograph ``i % len(photos)`` (label = that photograph's position in
     ``photos``), so every photograph appears equally often. A crop is a random square of side
-    ``crop_frac * shorter side`` with ``crop_frac`` uniform in ``[min_crop, 1]`` (a patch rather
+    ``crop_frac * shorter side`` with ``crop_frac`` uniform in ``[min_crop, max_crop]`` (a patch rather
     than the whole picture, so that small images still carry photographic detail), then the official
     augmentation at ``image_size`` when ``augment``, a centre crop otherwise. With ``augment=False``
     the crops are fixed by ``(seed, i)``; with ``augment=True`` they change with the epoch.
+
+    A held-out split that keeps the classes (``region``): every photograph is cut into a *held-out
+    region*, its bottom-right quadrant (columns ``W // 2`` onwards, rows ``H // 2`` onwards: a quarter of
+    its area), and a *training region*, the L-shaped rest. ``region="train"`` draws crops that lie wholly
+    in the training region (uniformly over every position where they fit), ``"heldout"`` crops that lie
+    wholly in the quadrant; no training crop shares a pixel with any held-out crop. Both draw the crop side
+    from the same range, at most half the shorter side (the largest square that fits in either region),
+    so that the two differ in where they come from, not in scale. ``"all"`` (the default) crops anywhere.
 
     :param image_size: side of the square output
     :param length: number of items (crops) per epoch
@@ -286,15 +343,28 @@ class SampleImages(_AugmentedImages):
     :param seed: seeds the draws
     :param photos: file names in ``skimage/data`` (default :data:`SAMPLE_PHOTOS`)
     :param min_crop: smallest crop side as a fraction of the photograph's shorter side
+    :param max_crop: largest crop side as that fraction (default 1 for ``"all"``, 0.5 for a region;
+        at most 0.5 for a region)
+    :param region: ``"all"``, ``"train"`` or ``"heldout"`` (see above)
     """
 
+    REGIONS = ("all", "train", "heldout")
+
     def __init__(self, image_size: int, length: int = 512, augment: bool = True, seed: int = 0,
-                 photos: Sequence[str] = SAMPLE_PHOTOS, min_crop: float = 0.3) -> None:
+                 photos: Sequence[str] = SAMPLE_PHOTOS, min_crop: float = 0.3, max_crop: float | None = None,
+                 region: str = "all") -> None:
         self.image_size = _check_size(image_size)
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"length must be a positive int, got {length!r}")
-        if not 0.0 < min_crop <= 1.0:
-            raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
+        if region not in self.REGIONS:
+            raise ValueError(f"region must be one of {self.REGIONS}, got {region!r}")
+        limit = 1.0 if region == "all" else 0.5
+        max_crop = limit if max_crop is None else float(max_crop)
+        if not 0.0 < max_crop <= limit:
+            raise ValueError(f"max_crop must be in (0, {limit}] for region {region!r}, got {max_crop}"
+                             + (" (a crop must fit in the quadrant of the held-out split)" if limit < 1 else ""))
+        if not 0.0 < min_crop <= max_crop:
+            raise ValueError(f"min_crop must be in (0, max_crop = {max_crop}], got {min_crop}")
         if len(photos) == 0:
             raise ValueError("photos is empty")
         self.length = length
@@ -304,6 +374,8 @@ class SampleImages(_AugmentedImages):
         self.photos = tuple(photos)
         self.classes = [os.path.splitext(p)[0] for p in self.photos]
         self.min_crop = float(min_crop)
+        self.max_crop = max_crop
+        self.region = region
         sample_photo_dir()  # fail early, with the install hint, when scikit-image is missing
 
     def __len__(self) -> int:
@@ -317,11 +389,34 @@ class SampleImages(_AugmentedImages):
         # The patch depends on the epoch only when augmenting.
         rng = (_item_rng(_PATCH_PER_EPOCH, self.seed, self.epoch, index) if self.augment
                else _item_rng(_PATCH_FIXED, self.seed, 0, index))
-        short = min(photo.size)
-        side = max(1, round(short * rng.uniform(self.min_crop, 1.0)))
-        left = int(rng.integers(0, photo.size[0] - side + 1))
-        top = int(rng.integers(0, photo.size[1] - side + 1))
+        width, height = photo.size
+        side = max(1, round(min(photo.size) * rng.uniform(self.min_crop, self.max_crop)))
+        if self.region == "all":
+            left = int(rng.integers(0, width - side + 1))
+            top = int(rng.integers(0, height - side + 1))
+        else:
+            left, top = _region_corner(rng, width, height, side, self.region)
         return photo.crop((left, top, left + side, top + side))
+
+
+def _region_corner(rng: np.random.Generator, width: int, height: int, side: int, region: str) -> tuple[int, int]:
+    """Top-left corner of a ``side`` square drawn uniformly over the positions where it lies wholly in
+    ``region`` of a ``width x height`` photograph (:class:`SampleImages`: the held-out region is the
+    quadrant ``[W // 2, W) x [H // 2, H)``, the training region the rest)."""
+    half_w, half_h = width // 2, height // 2
+    side = max(1, min(side, half_w, half_h))  # fits in the quadrant and in either band of the L
+    if region == "heldout":
+        return (half_w + int(rng.integers(0, width - half_w - side + 1)),
+                half_h + int(rng.integers(0, height - half_h - side + 1)))
+    # The L is the union of the top band (rows < H // 2) and the left band (columns < W // 2): number the
+    # corners of the top band first, then those of the left band that are not in the top band.
+    cols, rows = width - side + 1, height - side + 1
+    top_rows, left_cols = half_h - side + 1, half_w - side + 1
+    r = int(rng.integers(0, top_rows * cols + left_cols * (rows - top_rows)))
+    if r < top_rows * cols:
+        return r % cols, r // cols
+    r -= top_rows * cols
+    return r % left_cols, top_rows + r // left_cols
 
 
 def build_dataset(source: str, image_size: int, augment: bool = True, seed: int = 0,

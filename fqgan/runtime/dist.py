@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from .device import resolve_device
 
-__all__ = ["DistInfo", "all_reduce_mean", "all_reduce_sum", "barrier", "distributed", "init_distributed",
-           "rank_world", "teardown_distributed"]
+__all__ = ["DistInfo", "all_ranks_reach_here", "all_reduce_mean", "all_reduce_sum", "barrier", "distributed",
+           "init_distributed", "rank_world", "teardown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,12 @@ def rank_world() -> tuple[int, int]:
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in one process)."""
     if info.distributed:
+        dist.barrier()
+
+
+def all_ranks_reach_here() -> None:
+    """A barrier over the current group (no-op without one)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["ResumableSampler", "epoch_batches"]
+__all__ = ["ResumableSampler", "epoch_batches", "worker_errors_as_one_line"]
+
+
+@contextlib.contextmanager
+def worker_errors_as_one_line() -> Iterator[None]:
+    """An error raised in a DataLoader worker reaches the user as the worker's own last line (e.g.
+    ``ValueError: cannot read image 'x.jpg': ...``), not as "Caught ValueError in DataLoader worker process 0.
+    Original Traceback ...": a ValueError or OSError stays one (a fault of the data), anything else becomes a
+    RuntimeError, with the hint to run with ``--num-workers 0`` for the worker's traceback."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        if "in DataLoader worker process" not in text:
+            raise
+        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), type(exc).__name__)
+        message = f"{last} (raised while loading data; --num-workers 0 shows where)"
+        kind = ValueError if isinstance(exc, (ValueError, OSError)) else RuntimeError
+        raise kind(message) from None
 
 
 class ResumableSampler(DistributedSampler):
@@ -56,8 +75,9 @@ def epoch_batches(dataset, sampler: ResumableSampler, local_batch: int, step: in
             dataset.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=num_workers,
                             collate_fn=collate_fn, drop_last=True, pin_memory=device.type == "cuda", generator=gen)
-        for batch in loader:
-            yield epoch, batch
-            step += 1
-            if step >= max_steps:
-                return
+        with worker_errors_as_one_line():
+            for batch in loader:
+                yield epoch, batch
+                step += 1
+                if step >= max_steps:
+                    return

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fqgan.data.scan import BAD_IMAGE_CHOICES
 from fqgan.generator.config import PRESETS as FAR_PRESETS
 from fqgan.runtime.options import option
 from fqgan.runtime.parallel import PARALLEL_MODES
@@ -124,6 +125,12 @@ class TokenizerTrainConfig(RunConfig):
     # The official loop runs the discriminator step from step 1, with weight 0 before disc_start (its
     # gradients are zero; Adam's step count and BatchNorm statistics still move). True skips it until
     # disc_start: about a quarter less compute per step there, for runs that never reach disc_start.
+    classes: str | None = option(None, "a file of class names, one per line, in label order: fixes the labels of "
+                                 "an image folder (a listed class may then be empty or missing)", metavar="FILE",
+                                 group="data")
+    bad_images: str = option("error", "unreadable images found by the check before step 1: 'error' stops and lists "
+                             "them, 'skip' trains without them (listed in OUT_DIR/bad_images.txt)",
+                             choices=BAD_IMAGE_CHOICES, group="data", runtime=True)
     skip_disc_until_start: bool = option(False, "skip the discriminator step before --disc-start (the official "
                                          "loop runs it with weight 0)", group="losses (official VQLoss options)")
     vgg16_weights: str | None = option(None, "torchvision vgg16-397923af.pth for LPIPS (default: "

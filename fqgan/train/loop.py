@@ -337,6 +337,8 @@ class _Run:
                     sec, rate = timer.rate()
                     extra = {"lr": next(iter(owned.values()))[1].param_groups[0]["lr"], "epoch": epoch,
                              "sec_per_step": sec, task.rate_key: rate * cfg.global_batch_size}
+                    if hasattr(dataset, "failed_reads"):  # images unreadable since the scan, skipped (this rank)
+                        extra["skipped_images"] = dataset.failed_reads.value
                     pending = (step, extra, means.flush())
                 if preempted:
                     break

@@ -18,6 +18,8 @@ small, is replicated.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,7 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from fqgan.data import build_dataset, collate
+from fqgan.data import ImageFolder, build_dataset, collate
+from fqgan.data.scan import FolderIndex, read_classes_file, scan_image_folder
+from fqgan.runtime.dist import all_ranks_reach_here, rank_world
 from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.adapter import FactorizedAdapter
 from fqgan.tokenizer.blocks import Decoder, Encoder
@@ -84,8 +88,33 @@ class TokenizerTask:
 
     def dataset(self) -> tuple[Dataset, Callable]:
         c = self.cfg
-        return build_dataset(c.data, c.model.image_size, augment=True, seed=c.seed,
-                             sample_length=c.sample_length), collate
+        if c.data == "sample":
+            return build_dataset(c.data, c.model.image_size, augment=True, seed=c.seed,
+                                 sample_length=c.sample_length), collate
+        return ImageFolder(c.data, c.model.image_size, augment=True, seed=c.seed, index=self._index(),
+                           skip_unreadable=True), collate
+
+    def _index(self) -> FolderIndex:
+        """The image folder's checked index: scanned by rank 0 (kept in the run folder, where a resumed run
+        finds it and does not scan again), read by the other ranks."""
+        c = self.cfg
+        cache = os.path.join(c.out_dir, "data_index.json")
+        rank, _ = rank_world()
+        if rank == 0:
+            index = FolderIndex.load(cache) if c.resume is not None else None
+            if index is None or index.root != os.path.abspath(os.path.expanduser(c.data)):
+                classes = read_classes_file(c.classes) if c.classes else None
+                index = scan_image_folder(os.path.abspath(os.path.expanduser(c.data)), classes=classes,
+                                          bad_images=c.bad_images, progress=not c.quiet)
+                os.makedirs(c.out_dir, exist_ok=True)
+                index.save(cache)
+                if index.bad:
+                    with open(os.path.join(c.out_dir, "bad_images.txt"), "w") as f:
+                        f.writelines(f"{p}\t{r}\n" for p, r in index.bad)
+                    print(f"train-tokenizer: {len(index.bad)} unreadable images left out (--bad-images skip), listed "
+                          f"in {os.path.join(c.out_dir, 'bad_images.txt')}", file=sys.stderr)
+        all_ranks_reach_here()
+        return index if rank == 0 else FolderIndex.load(cache)
 
     def check_resume(self, checkpoint: Mapping[str, Any], path: str) -> None:
         saved = checkpoint.get("config", {}).get("model")
