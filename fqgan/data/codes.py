@@ -34,6 +34,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fqgan.runtime.sampler import worker_errors_as_one_line
+
 from .datasets import collate
 
 CODES_KIND = "fqgan-codes"
@@ -119,19 +121,20 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
     tokenizer.eval()
     pos = 0
     try:
-        for images, y in loader:
-            x = images.to(device, non_blocking=True)
-            b = x.shape[0]
-            if flip:
-                x = torch.cat([x, _flip(x)])
-            idx = tokenizer.encode(x).cpu().numpy()  # [A*b, k, h, w]
-            idx = idx.reshape(num_aug, b, *idx.shape[1:]).transpose(1, 0, 2, 3, 4)  # [b, A, k, h, w]
-            rows = mine[pos:pos + b]
-            codes[rows] = idx.astype(codes.dtype)
-            labels[rows] = y.numpy()
-            pos += b
-            if on_batch is not None:
-                on_batch(b)
+        with worker_errors_as_one_line():  # a worker's error as one line naming the file
+            for images, y in loader:
+                x = images.to(device, non_blocking=True)
+                b = x.shape[0]
+                if flip:
+                    x = torch.cat([x, _flip(x)])
+                idx = tokenizer.encode(x).cpu().numpy()  # [A*b, k, h, w]
+                idx = idx.reshape(num_aug, b, *idx.shape[1:]).transpose(1, 0, 2, 3, 4)  # [b, A, k, h, w]
+                rows = mine[pos:pos + b]
+                codes[rows] = idx.astype(codes.dtype)
+                labels[rows] = y.numpy()
+                pos += b
+                if on_batch is not None:
+                    on_batch(b)
     finally:
         tokenizer.train(was_training)
     codes.flush()

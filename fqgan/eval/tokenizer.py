@@ -35,6 +35,7 @@ from fqgan.eval.fid import FeatureStats, frechet_distance, save_stats
 from fqgan.eval.inception import FEATURE_DIM, inception_features
 from fqgan.eval.metrics import SSIM_OFFICIAL, SSIM_STANDARD, CodeUsage, MeanMeter, psnr, ssim
 from fqgan.runtime.dist import rank_world
+from fqgan.runtime.sampler import worker_errors_as_one_line
 
 __all__ = ["evaluate_tokenizer", "format_eval_table", "format_reconstruct_table", "mean", "reconstruct_images"]
 
@@ -99,36 +100,37 @@ def evaluate_tokenizer(model: nn.Module, data: Iterable[Any], *, num_images: int
     was_training = model.training
     model.eval()
     try:
-        for batch in data:
-            if num_images is not None and seen >= num_images:
-                break
-            x = _batch_images(batch)
-            if num_images is not None:
-                x = x[: num_images - seen]
-            x = x.to(device, non_blocking=True)
-            indices = model.encode(x)  # [B, k, h, w]
-            recon = model.decode_indices(indices)  # [B, 3, H, W]
-            x8, r8 = to_uint8(x), to_uint8(recon)
-            meters["psnr"].update(psnr(r8, x8))
-            meters["ssim"].update(ssim(r8, x8, SSIM_STANDARD))
-            meters["ssim_official"].update(ssim(r8, x8, SSIM_OFFICIAL))
-            codes.update(indices)
-            if inception is not None:
-                fx, fr = inception_features(inception, x), inception_features(inception, recon)
-                if stats is None:
-                    stats = (FeatureStats(fx.shape[1], device), FeatureStats(fx.shape[1], device))
-                stats[0].update(fx)
-                stats[1].update(fr)
-            if grid_path is not None and rank == 0 and sum(map(len, grid_in)) < grid_images:
-                need = grid_images - sum(map(len, grid_in))
-                grid_in.append(x[:need].float().cpu())
-                grid_out.append(recon[:need].float().cpu())
-            if save_dir is not None:
-                for i in range(x.shape[0]):
-                    save_image(recon[i].float().cpu(), Path(save_dir) / f"{(seen + i) * world + rank:06d}.png")
-            seen += x.shape[0]
-            if on_batch is not None:
-                on_batch(x.shape[0])
+        with worker_errors_as_one_line():  # a DataLoader worker's error as one line naming the file
+            for batch in data:
+                if num_images is not None and seen >= num_images:
+                    break
+                x = _batch_images(batch)
+                if num_images is not None:
+                    x = x[: num_images - seen]
+                x = x.to(device, non_blocking=True)
+                indices = model.encode(x)  # [B, k, h, w]
+                recon = model.decode_indices(indices)  # [B, 3, H, W]
+                x8, r8 = to_uint8(x), to_uint8(recon)
+                meters["psnr"].update(psnr(r8, x8))
+                meters["ssim"].update(ssim(r8, x8, SSIM_STANDARD))
+                meters["ssim_official"].update(ssim(r8, x8, SSIM_OFFICIAL))
+                codes.update(indices)
+                if inception is not None:
+                    fx, fr = inception_features(inception, x), inception_features(inception, recon)
+                    if stats is None:
+                        stats = (FeatureStats(fx.shape[1], device), FeatureStats(fx.shape[1], device))
+                    stats[0].update(fx)
+                    stats[1].update(fr)
+                if grid_path is not None and rank == 0 and sum(map(len, grid_in)) < grid_images:
+                    need = grid_images - sum(map(len, grid_in))
+                    grid_in.append(x[:need].float().cpu())
+                    grid_out.append(recon[:need].float().cpu())
+                if save_dir is not None:
+                    for i in range(x.shape[0]):
+                        save_image(recon[i].float().cpu(), Path(save_dir) / f"{(seen + i) * world + rank:06d}.png")
+                seen += x.shape[0]
+                if on_batch is not None:
+                    on_batch(x.shape[0])
     finally:
         model.train(was_training)
     for meter in meters.values():

@@ -205,3 +205,93 @@ def test_sample_checks_its_output_before_generating(two_tokenizers_and_a_generat
     got = fqgan(tmp_path, *base, "--out", "s3")
     assert got.returncode == 2 and "--out s3: unknown file type '(no extension)'" in got.stderr
     assert "s3.png" in got.stderr
+
+
+# -- data integrity ---------------------------------------------------------------------------------------
+TOKENIZER = ["--preset", "tiny", "--codebook-size", "32", "--perceptual-weight", "0", "--semantic-weight", "0",
+             "--batch-size", "2", "--device", "cpu", "--precision", "fp32", "--quiet", "--log-every", "1",
+             "--num-workers", "2"]
+
+
+def image_folder(root, classes=("cat", "dog"), per_class=3):
+    """Real PNG files of random pixels, ``per_class`` in each class folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_a_corrupt_image_is_found_before_training(tmp_path):
+    image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 3)
+    got = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "2", "--out-dir", "run", *TOKENIZER)
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert "1 of 7 images in" in got.stderr and "broken.jpg" in got.stderr and "--bad-images skip" in got.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+    skip = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "2", "--out-dir", "run", "--overwrite",
+                 "--bad-images", "skip", *TOKENIZER)
+    assert skip.returncode == 0, skip.stderr
+    assert "1 unreadable images left out" in skip.stderr
+    assert "broken.jpg" in (tmp_path / "run" / "bad_images.txt").read_text()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["steps"] == 2
+
+    # Images that break after the scan (the index is kept: a resume does not scan again): with every one broken
+    # there is nothing left to skip to, and the worker's error reaches the user as one line naming a file.
+    index = (tmp_path / "run" / "data_index.json").read_bytes()
+    for p in (tmp_path / "imgs").rglob("*.png"):
+        p.write_bytes(p.read_bytes()[:40])
+    later = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "3", "--out-dir", "run", "--resume",
+                  "auto", "--bad-images", "skip", *TOKENIZER)
+    assert later.returncode == 2, later.stderr
+    assert (tmp_path / "run" / "data_index.json").read_bytes() == index
+    assert "Traceback" not in later.stderr and "DataLoader worker" not in later.stderr
+    assert "cannot read image" in later.stderr
+
+
+def test_skipped_images_are_counted(tmp_path):
+    image_folder(tmp_path / "imgs", per_class=4)
+    first = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "1", "--out-dir", "run", *TOKENIZER)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "imgs" / "cat" / "0.png").write_bytes(b"gone bad")
+    later = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "5", "--out-dir", "run", "--resume",
+                  "auto", *TOKENIZER)
+    assert later.returncode == 0, later.stderr
+    assert "cat/0.png" in later.stderr and "skipped" in later.stderr and "Traceback" not in later.stderr
+    assert max(r["skipped_images"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) >= 1
+
+
+def test_an_empty_class_folder_is_an_error_unless_classes_are_listed(tmp_path):
+    image_folder(tmp_path / "imgs", classes=("ant", "bee"))
+    (tmp_path / "imgs" / "arm").mkdir()  # sorts between: would shift bee's label
+    got = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "1", "--out-dir", "run", *TOKENIZER)
+    assert got.returncode == 2 and "arm" in got.stderr and "contains no images" in got.stderr
+    (tmp_path / "classes.txt").write_text("ant\narm\nbee\n")
+    ok = fqgan(tmp_path, "train-tokenizer", "--data", "imgs", "--steps", "1", "--out-dir", "run", "--classes",
+               "classes.txt", *TOKENIZER)
+    assert ok.returncode == 0, ok.stderr
+    import json
+
+    index = json.loads((tmp_path / "run" / "data_index.json").read_text())
+    assert index["classes"] == ["ant", "arm", "bee"] and {label for _, label in index["samples"]} == {0, 2}
+
+
+def test_extract_codes_worker_error_is_one_line(tmp_path):
+    from fqgan.runtime.checkpoint import save_checkpoint
+    from fqgan.tokenizer import FQTokenizer
+    from fqgan.tokenizer.config import TINY
+
+    config = TINY.replace(codebook_size=32, feat_pred_dims=(0, 0), teachers=(None, None))
+    save_checkpoint(tmp_path / "tok.pt", {"model_config": config.to_dict(), "model": FQTokenizer(config).state_dict()},
+                    "fqgan-tokenizer")
+    image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "1.png").write_bytes(b"not a png")
+    got = fqgan(tmp_path, "extract-codes", "--tokenizer", "tok.pt", "--data", "imgs", "--out", "codes",
+                "--num-workers", "2", "--device", "cpu", "--quiet")
+    assert got.returncode == 2
+    assert "cat/1.png" in got.stderr and "Traceback" not in got.stderr and "DataLoader worker" not in got.stderr
