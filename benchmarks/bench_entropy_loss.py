@@ -4,7 +4,8 @@ kernel and, on GPU, the Triton and CUDA kernels; each on peaked and flat inputs 
 Inputs: z sits near its codes (each row a normalised code plus noise of std 0.05 per dimension), as
 the commitment loss keeps it in training. "peaked" is FQGAN's T = 0.01: the softmax over codes is
 near one-hot and many exp(a_nj - lse_n) are subnormal floats; "flat" is T = 1 on the same z and
-codes. The session ends with the peaked/flat table (benchmarks/conftest.py).
+codes. The session ends with the summary table (benchmarks/conftest.py). The default run times
+N = 4096 (``HEADLINE_SHAPES``); ``--bench-full`` every shape of ``FULL_SHAPES``.
 
 GFLOP/s counts, per sub-codebook, the four N x K sweeps of the streaming kernels with 2*D + 8
 flops per element each (logit, exp and the per-sweep arithmetic): a common yardstick, so the
@@ -19,14 +20,16 @@ result are computed once per case.
 from __future__ import annotations
 
 import pytest
+import selection
 import torch
 from checks import Memo, check_entropy, entropy_conditioning
-from conftest import is_smoke, label, peak_extra_bytes, record, sync
+from conftest import label, record, sync, timed
 
 import fqgan_kernels as fk
 from fqgan_kernels import reference as ref
 
 FULL_SHAPES = [(4096, 16384, 8, 3), (8192, 16384, 8, 3)]
+HEADLINE_SHAPES = [(4096, 16384, 8, 3)]  # the default run (benchmarks/selection.py)
 SMOKE_SHAPES = [(64, 512, 8, 2)]
 GPU_SHAPES = [(8192, 16384, 8, 3), (65536, 16384, 8, 3)]
 TEMPERATURE = {"peaked": 0.01, "flat": 1.0}
@@ -40,7 +43,9 @@ _references = Memo(size=2)  # (shape, inputs, device) -> (eager fp32, float64 tr
 def pytest_generate_tests(metafunc):
     if "shape" in metafunc.fixturenames:
         gpu = metafunc.definition.get_closest_marker("cuda") is not None
-        shapes = SMOKE_SHAPES if is_smoke(metafunc.config) else (GPU_SHAPES if gpu else FULL_SHAPES)
+        mode = selection.mode(metafunc.config)
+        shapes = SMOKE_SHAPES if mode == "smoke" else (
+            GPU_SHAPES if gpu else (FULL_SHAPES if mode == "full" else HEADLINE_SHAPES))
         metafunc.parametrize("shape", shapes, ids=[f"N{n}-K{K}-D{d}-k{k}" for n, K, d, k in shapes])
     if "inputs" in metafunc.fixturenames:
         metafunc.parametrize("inputs", ["flat", "peaked"])
@@ -91,41 +96,36 @@ def references(shape, inputs, device, eager_result=None):
     return _references.get((shape, inputs, device), compute)
 
 
-def check(provider, shape, inputs, z, cb, loss, device="cpu"):
-    """The provider's first result against the truth; outside the timing."""
-    got = (loss, z.grad, cb.grad)
-    eager, truth = references(shape, inputs, device, got if provider in EAGER else None)
-    cond = entropy_conditioning(z, cb, TEMPERATURE[inputs])
-    check_entropy(f"entropy_loss {provider} {inputs} {shape}", got, eager, truth, z.dtype, cond)
+def checker(provider, shape, inputs, z, cb, device="cpu"):
+    """``check(loss)``: the provider's first result (loss and the gradients left in z and cb) against
+    the truth; outside the timing."""
+
+    def check(loss):
+        got = (loss, z.grad, cb.grad)
+        eager, truth = references(shape, inputs, device, got if provider in EAGER else None)
+        cond = entropy_conditioning(z, cb, TEMPERATURE[inputs])
+        check_entropy(f"entropy_loss {provider} {inputs} {shape}", got, eager, truth, z.dtype, cond)
+
+    return check
 
 
-def run(benchmark, fn, shape, provider, inputs, device="cpu", rounds=None):
+def _bench(benchmark, shape, inputs, provider, loss_fn, device="cpu", compiles=False):
     N, K, D, k = shape
-    flops = 4.0 * N * K * k * (2 * D + 8)
-    peak = peak_extra_bytes(fn, device)
-    if rounds is None:
-        rounds = 1 if benchmark.disabled else 3
-    label(benchmark, f"entropy_loss fwd+bwd N={N} K={K} D={D} k={k} {device}", provider, inputs, NOTE[inputs])
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if benchmark.disabled else 1)
-    record(benchmark, flops=flops, peak_bytes=peak, threads=torch.get_num_threads(),
+    label(benchmark, f"N={N} K={K} D={D} k={k}", NOTE[inputs])
+    z, cb = make_inputs(shape, device)
+    fn = step_fn(lambda a, b: loss_fn(a, b, TEMPERATURE[inputs]), z, cb, device)
+    timed(benchmark, fn, check=checker(provider, shape, inputs, z, cb, device), device=device, compiles=compiles)
+    record(benchmark, flops=4.0 * N * K * k * (2 * D + 8), threads=torch.get_num_threads(),
            temperature=TEMPERATURE[inputs])
 
 
-def _bench(benchmark, shape, inputs, provider, loss_fn, device="cpu", rounds=None):
-    z, cb = make_inputs(shape, device)
-    fn = step_fn(lambda a, b: loss_fn(a, b, TEMPERATURE[inputs]), z, cb, device)
-    loss = fn()  # warm-up (compiles, loads the kernels), and the result that is checked
-    check(provider, shape, inputs, z, cb, loss, device)
-    run(benchmark, fn, shape, provider, inputs, device, rounds)
-
-
 def test_reference_eager(benchmark, shape, inputs):
-    _bench(benchmark, shape, inputs, "reference eager", ref.entropy_loss, rounds=1 if shape[0] > 4096 else None)
+    _bench(benchmark, shape, inputs, "reference eager", ref.entropy_loss)
 
 
 def test_reference_compiled(benchmark, shape, inputs):
     compiled = torch.compile(ref.entropy_loss)
-    _bench(benchmark, shape, inputs, "torch.compile(reference)", compiled, rounds=1 if shape[0] > 4096 else None)
+    _bench(benchmark, shape, inputs, "torch.compile(reference)", compiled, compiles=True)
 
 
 def test_fused_cpu(benchmark, shape, inputs):
@@ -141,4 +141,4 @@ def test_gpu(benchmark, shape, inputs, provider):
         loss_fn = torch.compile(ref.entropy_loss)
     else:
         loss_fn = lambda a, b, t: fk.entropy_loss(a, b, t, backend=provider)
-    _bench(benchmark, shape, inputs, provider, loss_fn, "cuda", rounds=5)
+    _bench(benchmark, shape, inputs, provider, loss_fn, "cuda", compiles=provider == "compiled")

@@ -18,18 +18,20 @@ null-class rows) and the KV caches; ``sampler=fused`` is :func:`fqgan_kernels.sa
 Shapes: ``tiny`` = FAR-tiny (dim 128, 4 + 2 layers); ``B-width`` = FAR-B's width and heads (dim 1024, 16 heads)
 with 2 trunk layers and 1 AR-head layer, so that a CPU run stays in minutes -- with FAR-B's full 24 + 3 layers
 the model's share of a generation step, and of a training step, only grows. k = 2, V = 16384 throughout.
-Smoke mode (``--benchmark-disable`` or ``FQGAN_BENCH_SMOKE=1``) runs a tiny model at V = 512 on 4x4 grids once.
+The default run times the training step at ``B-width`` (``HEADLINE_TRAIN``); ``--bench-full`` both shapes and the
+generation (marked ``bench_full``). Smoke mode (``--benchmark-disable`` or ``FQGAN_BENCH_SMOKE=1``) runs a tiny
+model at V = 512 on 4x4 grids once.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import inspect
 import time
 
 import pytest
+import selection
 import torch
-from conftest import is_smoke, peak_extra_bytes, record, sync
+from conftest import label, peak_extra_bytes, record, sync, timed
 
 import fqgan_kernels as fk
 from fqgan.generator import FAR, FARConfig, generate
@@ -39,6 +41,7 @@ TRAIN_SHAPES = {
     "tiny": ("FAR-tiny", dict(vocab_size=16384, block_size=64), 8, 64),
     "B-width": ("FAR-B", dict(vocab_size=16384, n_layer=2, ar_n_layer=1), 4, 256),
 }
+HEADLINE_TRAIN = ["B-width"]  # the default run (benchmarks/selection.py); generation runs with --bench-full
 GEN_SHAPES = {
     "tiny": ("FAR-tiny", dict(vocab_size=16384, block_size=256)),
     "B-width": ("FAR-B", dict(vocab_size=16384, n_layer=2, ar_n_layer=1)),
@@ -48,9 +51,11 @@ CFG_SCALE = [2.0, 2.0]
 
 
 def pytest_generate_tests(metafunc):
-    smoke = is_smoke(metafunc.config)
+    mode = selection.mode(metafunc.config)
+    smoke = mode == "smoke"
     if "train_shape" in metafunc.fixturenames:
-        shapes = {"smoke": (*SMOKE, 2, 16)} if smoke else TRAIN_SHAPES
+        names = list(TRAIN_SHAPES) if mode == "full" else HEADLINE_TRAIN
+        shapes = {"smoke": (*SMOKE, 2, 16)} if smoke else {n: TRAIN_SHAPES[n] for n in names}
         metafunc.parametrize("train_shape", list(shapes.values()), ids=list(shapes))
     if "gen_shape" in metafunc.fixturenames:
         shapes = {"smoke": SMOKE} if smoke else GEN_SHAPES
@@ -58,20 +63,22 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("batch", [2] if smoke else [8, 32])
 
 
-def _trim() -> None:
-    """Return freed heap pages to the OS so that the RSS high-water mark sees a step's allocations again
-    (glibc keeps freed large blocks mapped: without this, a repeated step can measure 0 extra)."""
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def peak(fn, device) -> int:
-    _trim()
     return peak_extra_bytes(fn, device)
+
+
+def choice(fn, reference: bool) -> dict:
+    """The keyword that picks the reference (or the fused) path of ``fn``: ``backend=`` in the current
+    fqgan API, ``reference=`` before it."""
+    if "backend" in inspect.signature(fn).parameters:
+        return {"backend": "reference" if reference else None}
+    return {"reference": reference}
+
+
+def shape_text(preset: str, overrides: dict, **sizes) -> str:
+    """e.g. 'FAR-B n_layer=2 ar_n_layer=1 V=16384 B=4 T=256'."""
+    over = " ".join(f"{'V' if k == 'vocab_size' else k}={v}" for k, v in overrides.items())
+    return " ".join([preset, over, *(f"{k}={v}" for k, v in sizes.items())])
 
 
 def make_model(preset: str, overrides: dict, device: str = "cpu") -> FAR:
@@ -93,29 +100,28 @@ def test_train_step(benchmark, train_shape, heads, device="cpu"):
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model(indices, labels, reference=reference).loss
+        loss = model(indices, labels, **choice(model.forward, reference)).loss
         loss.backward()
         sync(device)
         return loss
 
-    step()  # warm-up: extension load, thread pools
-    step_peak = peak(step, device)
+    label(benchmark, shape_text(preset, overrides, B=B, T=T, k=c.num_factors))
+    timed(benchmark, step, device=device)  # the warm-up: extension load, thread pools
     hidden = model.hidden(indices, labels).detach().requires_grad_()
 
     def head_step():
-        loss = model.head_loss(hidden, indices, reference=reference).loss
+        loss = model.head_loss(hidden, indices, **choice(model.head_loss, reference)).loss
         return torch.autograd.grad(loss, [hidden, model.head])
 
     head_step()
     head_peak = peak(head_step, device)
     grads = (hidden.numel() + model.head.numel()) * 4  # the returned float32 gradients
-    benchmark.group = f"FAR train step {preset} {overrides} B{B} T{T} k{c.num_factors}"
-    benchmark.pedantic(step, rounds=1 if benchmark.disabled else 3, iterations=1, warmup_rounds=0)
-    record(benchmark, peak_bytes=step_peak, head_peak_extra_MiB=round(head_peak / 2**20, 2),
+    record(benchmark, head_peak_extra_MiB=round(head_peak / 2**20, 2),
            head_peak_minus_grads_MiB=round((head_peak - grads) / 2**20, 2), tokens=B * T,
            threads=torch.get_num_threads())
 
 
+@pytest.mark.bench_full
 @pytest.mark.parametrize("sampler", ["fused", "reference"])
 def test_generate(benchmark, monkeypatch, gen_shape, batch, sampler, device="cpu"):
     preset, overrides = gen_shape
@@ -124,10 +130,13 @@ def test_generate(benchmark, monkeypatch, gen_shape, batch, sampler, device="cpu
     labels = torch.arange(batch, device=device) % c.num_classes
     spent = [0.0]
     name = "sample"
-    owner = fk if sampler == "fused" else fk.reference
+    # generate() calls fk.sample(backend=...) in the current fqgan API, reference.sample itself before it
+    new_api = "backend" in inspect.signature(generate).parameters
+    owner = fk if sampler == "fused" or new_api else fk.reference
     inner = getattr(owner, name)
+    kw = {"backend": "reference"} if new_api and sampler == "reference" else {}
 
-    def timed(*args, **kwargs):
+    def timed_sample(*args, **kwargs):
         sync(device)
         t0 = time.perf_counter()
         out = inner(*args, **kwargs)
@@ -137,19 +146,19 @@ def test_generate(benchmark, monkeypatch, gen_shape, batch, sampler, device="cpu
 
     # warm-up of the sampler and the model's kernels on one step's shapes
     logits = torch.randn(batch, c.vocab_size, device=device)
-    inner(logits, logits, cfg_scale=2.0, uniform=torch.rand(batch, dtype=torch.float64, device=device))
+    inner(logits, logits, cfg_scale=2.0, uniform=torch.rand(batch, dtype=torch.float64, device=device), **kw)
     model.logits(torch.zeros(1, c.num_factors, 1, dtype=torch.long, device=device), labels[:1])
-    monkeypatch.setattr(owner, name, timed)
+    monkeypatch.setattr(owner, name, timed_sample)
 
     def run():
         spent[0] = 0.0
         start = time.perf_counter()
-        out = generate(model, labels, cfg_scale=CFG_SCALE, seed=0, reference=sampler == "reference")
+        out = generate(model, labels, cfg_scale=CFG_SCALE, seed=0, **choice(generate, sampler == "reference"))
         sync(device)
         return out, spent[0] / (time.perf_counter() - start)
 
-    benchmark.group = f"FAR generate {preset} {overrides} B{batch} k{c.num_factors} cfg"
-    out, share = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    label(benchmark, shape_text(preset, overrides, B=batch, k=c.num_factors) + " cfg")
+    out, share = timed(benchmark, run, device=device)
     assert out.shape == (batch, c.num_factors, c.block_size)
     tokens = batch * c.block_size * c.num_factors
     stats = getattr(benchmark, "stats", None)

@@ -6,7 +6,8 @@ N = 4096 and 8192 tokens (16 and 32 images of 16 x 16 tokens).
 Inputs: z sits near its codes (each sub-vector a normalised code plus noise of std 0.05 per
 dimension), as the commitment loss keeps it in training. "peaked" is the FQGAN configuration
 (entropy at T = 0.01: a near one-hot softmax over codes, many subnormal exponentials); "flat" is the
-same step at T = 1. Paired in the peaked/flat table at the end of the session.
+same step at T = 1. Paired in the summary at the end of the session. The default run times N = 4096
+(``HEADLINE_TOKENS``); ``--bench-full`` both of ``FULL_TOKENS``.
 
 Before timing, each provider's first step is checked (benchmarks/checks.py): indices by the
 nearest-code distance rule, loss and gradients (z and codebooks) against the eager reference step,
@@ -19,9 +20,10 @@ materialises N x K distance, softmax and log-softmax tensors and their gradients
 from __future__ import annotations
 
 import pytest
+import selection
 import torch
 from checks import Memo, check_close_to_reference, check_nearest, exact_nearest
-from conftest import is_smoke, label, peak_extra_bytes, record, sync
+from conftest import label, record, sync, timed
 
 import fqgan_kernels as fk
 from fqgan_kernels import reference as ref
@@ -33,6 +35,7 @@ NOTE = {"peaked": "FQGAN config (entropy T=0.01), z near its codes (noise std 0.
         "flat": "entropy T=1.0, same z and codes"}
 NEAR_CODE_NOISE = 0.05
 FULL_TOKENS = [4096, 8192]
+HEADLINE_TOKENS = [4096]  # the default run (benchmarks/selection.py)
 SMOKE_TOKENS = [64]
 GPU_TOKENS = [8192, 65536]
 
@@ -40,8 +43,9 @@ GPU_TOKENS = [8192, 65536]
 def pytest_generate_tests(metafunc):
     if "tokens" in metafunc.fixturenames:
         gpu = metafunc.definition.get_closest_marker("cuda") is not None
-        smoke = is_smoke(metafunc.config)
-        tokens = SMOKE_TOKENS if smoke else (GPU_TOKENS if gpu else FULL_TOKENS)
+        mode = selection.mode(metafunc.config)
+        tokens = SMOKE_TOKENS if mode == "smoke" else (
+            GPU_TOKENS if gpu else (FULL_TOKENS if mode == "full" else HEADLINE_TOKENS))
         metafunc.parametrize("tokens", tokens, ids=[f"N{n}" for n in tokens])
     if "inputs" in metafunc.fixturenames:
         metafunc.parametrize("inputs", ["flat", "peaked"])
@@ -135,21 +139,21 @@ def references(tokens, inputs, device, eager_result=None):
 
 
 def run(benchmark, provider: str, tokens: int, inputs: str, device: str = "cpu"):
-    step, z, cb = make_step(provider, tokens, inputs, device)
-    loss, indices = step()  # warm-up (builds/loads kernels, compiles), and the result that is checked
-    got = (loss, z.grad, cb.grad)
-    eager, exact = references(tokens, inputs, device, got if provider == "eager" else None)
-    what = f"quantizer step {provider} {inputs} N={tokens}"
-    check_nearest(exact, indices, None, what)
-    check_close_to_reference(what, got, eager)
-    peak = peak_extra_bytes(step, device)
     K = codebook_size(tokens)
-    heavy = provider != "fused" and tokens >= 4096
-    rounds = 1 if benchmark.disabled else (2 if heavy else 5)
-    label(benchmark, f"quantizer step N={tokens} K={K} D={D} k={k} {device}", provider, inputs, NOTE[inputs])
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    label(benchmark, f"N={tokens} K={K} D={D} k={k}", NOTE[inputs])
+    step, z, cb = make_step(provider, tokens, inputs, device)
+
+    def check(result):  # the warm-up step (builds/loads kernels, compiles)
+        loss, indices = result
+        got = (loss, z.grad, cb.grad)
+        eager, exact = references(tokens, inputs, device, got if provider == "eager" else None)
+        what = f"quantizer step {provider} {inputs} N={tokens}"
+        check_nearest(exact, indices, None, what)
+        check_close_to_reference(what, got, eager)
+
+    timed(benchmark, step, check=check, device=device, compiles=provider == "compiled")
     # 5 sweeps over N x K x k (search, entropy 2 forward + 2 backward), 2*D flops per element each.
-    record(benchmark, flops=5 * 2.0 * tokens * K * k * D, peak_bytes=peak, threads=torch.get_num_threads(),
+    record(benchmark, flops=5 * 2.0 * tokens * K * k * D, threads=torch.get_num_threads(),
            temperature=TEMPERATURE[inputs])
 
 

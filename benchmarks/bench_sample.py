@@ -8,7 +8,8 @@ parameters. ``per_step_ms`` is the mean divided by k; GB/s counts the logits rea
 
 Inputs: "flat" logits are unit-scale (std 1), "peaked" logits x100 (std 100, near one-hot after CFG:
 most exp(x - max) underflow, many to subnormals), as a trained generator's are; same shapes and
-settings in the same run, paired in the peaked/flat table at the end of the session.
+settings in the same run, paired in the summary at the end of the session. The default run times
+B = 64, fp32, the top-k + top-p setting (``HEADLINE_*``); ``--bench-full`` every shape and setting.
 
 Before timing, each provider's first draws are checked against reference.sample given the same
 uniform numbers, by the rule of tests/test_sample.py (equal draws except on rows whose decision
@@ -18,9 +19,10 @@ sits within rounding of its threshold, and those rare) (benchmarks/checks.py).
 from __future__ import annotations
 
 import pytest
+import selection
 import torch
 from checks import check_draws
-from conftest import is_smoke, label, peak_extra_bytes, record, sync
+from conftest import label, record, sync, timed
 
 import fqgan_kernels as fk
 from fqgan_kernels import reference as ref
@@ -37,17 +39,21 @@ SETTINGS = {
     "topk+topp": [(4.0, 1.0, 1000, 0.95), (3.0, 0.9, 600, 0.9), (2.0, 0.8, 300, 0.8)],
 }
 SMOKE_SETTINGS = ["topk+topp"]
+HEADLINE_SHAPES, HEADLINE_SETTINGS = [(64, 16384, torch.float32)], ["topk+topp"]  # the default run
 LOGIT_STD = {"flat": 1.0, "peaked": 100.0}
 NOTE = {"flat": "logits std 1", "peaked": "logits std 100 (x100)"}
 
 
 def pytest_generate_tests(metafunc):
-    smoke = is_smoke(metafunc.config)
+    mode = selection.mode(metafunc.config)
+    if mode != "smoke" and metafunc.definition.get_closest_marker("cuda") is not None:
+        mode = "full"  # the GPU matrix runs whole (benchmarks/selection.py)
     if "shape" in metafunc.fixturenames:
-        shapes = SMOKE_SHAPES if smoke else FULL_SHAPES
+        shapes = {"smoke": SMOKE_SHAPES, "default": HEADLINE_SHAPES, "full": FULL_SHAPES}[mode]
         metafunc.parametrize("shape", shapes, ids=[f"B{b}-V{v}-{str(d).split('.')[-1]}" for b, v, d in shapes])
     if "setting" in metafunc.fixturenames:
-        metafunc.parametrize("setting", SMOKE_SETTINGS if smoke else list(SETTINGS))
+        settings = {"smoke": SMOKE_SETTINGS, "default": HEADLINE_SETTINGS, "full": list(SETTINGS)}[mode]
+        metafunc.parametrize("setting", settings)
     if "inputs" in metafunc.fixturenames:
         metafunc.parametrize("inputs", ["flat", "peaked"])
 
@@ -68,8 +74,10 @@ def check(got, steps, params, what):
         check_draws(f"{what} step {i}", tokens, want, (c, un, *p, u))
 
 
-def run(benchmark, make_fn, shape, setting, inputs, provider, device="cpu"):
+def run(benchmark, make_fn, shape, setting, inputs, provider, device="cpu", compiles=False):
     B, V, dtype = shape
+    dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).split(".")[-1])
+    label(benchmark, f"B={B}x2 V={V} {dt} k={K_STEPS} {setting}", NOTE[inputs])
     steps = make_inputs(shape, inputs, device)
     params = SETTINGS[setting]
 
@@ -78,15 +86,11 @@ def run(benchmark, make_fn, shape, setting, inputs, provider, device="cpu"):
         sync(device)
         return out
 
-    # warm-up / compile outside the timing, and the draws that are checked
-    check(fn(), steps, params, f"sample {provider} {inputs} {setting} B={B} V={V} {dtype}")
-    peak = peak_extra_bytes(fn, device)
-    group = f"sample B={B}x2 V={V} {str(dtype).split('.')[-1]} k={K_STEPS} {setting} {device}"
-    label(benchmark, group, provider, inputs, NOTE[inputs])
-    rounds = 1 if benchmark.disabled else 10
-    result = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0 if benchmark.disabled else 1)
+    what = f"sample {provider} {inputs} {setting} B={B} V={V} {dtype}"
+    result = timed(benchmark, fn, check=lambda got: check(got, steps, params, what), device=device,
+                   compiles=compiles)
     elem = torch.tensor([], dtype=dtype).element_size()
-    record(benchmark, bytes_moved=2.0 * B * V * elem * K_STEPS, peak_bytes=peak, threads=torch.get_num_threads())
+    record(benchmark, bytes_moved=2.0 * B * V * elem * K_STEPS, threads=torch.get_num_threads())
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None):
         benchmark.extra_info["per_step_ms"] = round(stats.stats.mean / K_STEPS * 1e3, 3)
@@ -104,7 +108,7 @@ def test_reference_eager(benchmark, shape, setting, inputs):
 def test_reference_compiled(benchmark, shape, setting, inputs):
     compiled = torch.compile(ref.sample)
     run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting,
-        inputs, "torch.compile(reference)")
+        inputs, "torch.compile(reference)", compiles=True)
 
 
 def _fused(backend):
@@ -126,7 +130,7 @@ def test_reference_eager_cuda(benchmark, shape, setting, inputs):
 def test_reference_compiled_cuda(benchmark, shape, setting, inputs):
     compiled = torch.compile(ref.sample)
     run(benchmark, lambda c, un, u, cfg, t, k, p: compiled(c, un, cfg, t, k, p, uniform=u), shape, setting,
-        inputs, "torch.compile(reference)", device="cuda")
+        inputs, "torch.compile(reference)", device="cuda", compiles=True)
 
 
 @pytest.mark.cuda

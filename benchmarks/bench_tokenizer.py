@@ -15,8 +15,8 @@ backward passes of the official loop; optimizer updates left out: the same for b
   the gradient of its input is (a tensor hook on the latents): the latents feed only the quantizer,
   and every node created after it (decoder, feature head, losses) has run by then, so the window holds
   exactly the quantizer's backward (nearest-code scatter, loss kernels, normalisations).
-- ``quantizer_ops_share``: the same share from torch.profiler, over the ``fqgan::*`` custom ops only
-  (their CPU total time, children included), from one extra profiled step.
+- ``quantizer_ops_share`` (``--bench-full`` only): the same share from torch.profiler, over the
+  ``fqgan::*`` custom ops only (their CPU total time, children included), from one extra profiled step.
 
 Smoke mode (``--benchmark-disable`` / ``FQGAN_BENCH_SMOKE=1``): the TINY preset on 32 x 32 images.
 """
@@ -27,11 +27,11 @@ import time
 
 import pytest
 import torch
-from conftest import is_smoke, peak_extra_bytes, record
+from conftest import is_full, is_smoke, label, record, timed
 
-from fqgan.teachers import FeatureTeacher
 from fqgan.tokenizer import FQTokenizer, TokenizerLoss, TokenizerLossConfig, get_preset
 from fqgan.tokenizer.lpips import LPIPS
+from fqgan.tokenizer.teachers import FeatureTeacher
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,18 +117,18 @@ def profiled_quantizer_share(step) -> float:
 def test_tokenizer_train_step(benchmark, provider, request):
     smoke = is_smoke(request.config)
     step, timer = make_step(provider, smoke)
-    step()  # warm-up: oneDNN primitives, kernel caches
-    peak = peak_extra_bytes(step)
-    timer.reset()
-    rounds = 1 if smoke else 2
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
-    wall = benchmark.stats.stats.mean if getattr(benchmark, "stats", None) else None
-    extra = dict(shape="2x3x32x32 TINY" if smoke else "2x3x256x256 FQGAN-Dual-16 K=16384",
-                 threads=torch.get_num_threads(), quantizer_s=round(timer.total_s / rounds, 4),
+    label(benchmark, "TINY B=2 32px" if smoke else "FQGAN-Dual-16 K=16384 B=2 256px",
+          "random images, every loss on, tiny random CLIP teacher")
+    # the warm-up (oneDNN primitives, kernel caches) is not counted in the quantizer's time
+    timed(benchmark, step, after_warmup=timer.reset)
+    stats = getattr(benchmark, "stats", None)
+    rounds = stats.stats.rounds if stats is not None and getattr(stats, "stats", None) else 1
+    wall = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
+    extra = dict(threads=torch.get_num_threads(), quantizer_s=round(timer.total_s / rounds, 4),
                  quantizer_fwd_s=round(timer.forward_s / rounds, 4),
                  quantizer_bwd_s=round(timer.backward_s / rounds, 4))
     if wall:
         extra["quantizer_share"] = round(timer.total_s / rounds / wall, 4)
-    if not smoke:
+    if is_full(request.config):  # one more step, profiled
         extra["quantizer_ops_share"] = round(profiled_quantizer_share(step), 4)
-    record(benchmark, peak_bytes=peak, **extra)
+    record(benchmark, **extra)
