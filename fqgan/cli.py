@@ -528,7 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, ModuleNotFoundError)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+# Modules of the package's extras (pyproject.toml), by import name: (the package to install, its extra).
+_EXTRAS = {"PIL": ("pillow", "model"), "skimage": ("scikit-image", "model"), "scipy": ("scipy", "model"),
+           "tqdm": ("tqdm", "model"), "matplotlib": ("matplotlib", "model"), "transformers": ("transformers", "model"),
+           "torchvision": ("torchvision", "model"), "lpips": ("lpips", "model"), "sklearn": ("scikit-learn", "model"),
+           "torch_fidelity": ("torch-fidelity", "eval")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -549,6 +554,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fqgan {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if os.environ.get("FQGAN_DEBUG") or exc.name is None:
+            raise
+        package, extra = _EXTRAS.get(exc.name.split(".")[0], (None, None))
+        if package is None:
+            raise
+        args._parser.exit(2, f"fqgan {args.command}: error: this command needs {package} (module {exc.name!r}), "
+                             f"part of the {extra} extra: pip install 'fqgan-kernels[{extra}]'\n")
     except _USER_ERRORS as exc:
         if os.environ.get("FQGAN_DEBUG"):
             raise

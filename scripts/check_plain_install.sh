@@ -22,3 +22,14 @@ assert "compiled on first use" in report["cpu"].reason, report["cpu"].reason
 assert report.auto["cpu"] == "cpu"
 print("plain install OK: compiled cpu backend")
 PY
+# Without the [model] extra (no pillow, torchvision, ...): every --help works, and a command that needs the
+# extra says which package to install, in one line (exit 2).
+for cmd in "" demo train-tokenizer eval-tokenizer reconstruct extract-codes train-generator sample; do
+    fqgan $cmd --help >/dev/null
+done
+set +e
+out=$(fqgan train-generator --codes nowhere 2>&1); code=$?
+set -e
+echo "$out"
+[[ $code == 2 && "$out" == *"pip install 'fqgan-kernels[model]'"* && "$out" != *Traceback* ]]
+echo "plain install OK: --help of every command, and the [model] hint"

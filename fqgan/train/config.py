@@ -11,7 +11,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from fqgan.data.scan import BAD_IMAGE_CHOICES
 from fqgan.generator.config import PRESETS as FAR_PRESETS
 from fqgan.runtime.options import option
 from fqgan.runtime.parallel import PARALLEL_MODES
@@ -130,7 +129,7 @@ class TokenizerTrainConfig(RunConfig):
                                  group="data")
     bad_images: str = option("error", "unreadable images found by the check before step 1: 'error' stops and lists "
                              "them, 'skip' trains without them (listed in OUT_DIR/bad_images.txt)",
-                             choices=BAD_IMAGE_CHOICES, group="data", runtime=True)
+                             choices=("error", "skip"), group="data", runtime=True)
     skip_disc_until_start: bool = option(False, "skip the discriminator step before --disc-start (the official "
                                          "loop runs it with weight 0)", group="losses (official VQLoss options)")
     vgg16_weights: str | None = option(None, "torchvision vgg16-397923af.pth for LPIPS (default: "

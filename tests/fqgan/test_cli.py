@@ -143,3 +143,20 @@ def test_codes_generator_sample_end_to_end_and_errors(tmp_path, capsys):
     # A tokenizer checkpoint given where a generator is expected.
     err = _error(capsys, [*base[:2], str(tok / "last.pt"), *base[3:], "--class", "1"])
     assert "'fqgan-tokenizer' checkpoint, not a generator" in err
+
+
+def test_help_and_the_hint_without_the_model_extra(tmp_path):
+    # The extra's modules made unimportable (scripts/check_plain_install.sh does it with a real install).
+    import subprocess
+    import sys
+
+    blocked = ["PIL", "tqdm", "torchvision", "transformers", "skimage", "scipy", "matplotlib", "sklearn", "lpips"]
+    prelude = f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\nfrom fqgan.cli import main\n"
+    for cmd in ([], ["train-tokenizer"], ["train-generator"], ["sample"], ["eval-tokenizer"], ["demo"]):
+        got = subprocess.run([sys.executable, "-c", prelude + f"main({[*cmd, '--help']!r})"], capture_output=True,
+                             text=True, cwd=tmp_path)
+        assert got.returncode == 0 and "usage: fqgan" in got.stdout, got.stderr
+    got = subprocess.run([sys.executable, "-c", prelude + "sys.exit(main(['train-generator', '--codes', 'x']))"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert got.returncode == 2 and "needs pillow" in got.stderr and "fqgan-kernels[model]" in got.stderr
+    assert "Traceback" not in got.stderr
