@@ -23,6 +23,7 @@ Smoke mode (``--benchmark-disable`` / ``FQGAN_BENCH_SMOKE=1``): the TINY preset 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -34,6 +35,13 @@ from fqgan.tokenizer.lpips import LPIPS
 from fqgan.tokenizer.teachers import FeatureTeacher
 
 transformers = pytest.importorskip("transformers")
+try:  # transformers' models import torchvision when it is installed: beside the CPU torch, through fqgan's door
+    from fqgan.runtime.vision import import_torchvision
+except ImportError:  # an fqgan without it (and without torchvision in the model extra)
+    import_torchvision = None
+if import_torchvision is not None:
+    with contextlib.suppress(ModuleNotFoundError):
+        import_torchvision()
 
 PROVIDERS = ["fused", "reference"]
 
