@@ -1,8 +1,9 @@
 """The ``fqgan`` command line: ``fqgan <command> --help`` documents each command.
 
 Commands: ``demo``, ``train-tokenizer``, ``eval-tokenizer``, ``reconstruct``, ``extract-codes``,
-``train-generator``, ``sample``. Every command also runs as ``python -m fqgan <command>``, and under torchrun
-(``torchrun --nproc_per_node N -m fqgan <command>``) where it trains or evaluates with one process per device.
+``train-generator``, ``sample``, ``eval-generator``. Every command also runs as ``python -m fqgan <command>``,
+and under torchrun (``torchrun --nproc_per_node N -m fqgan <command>``) where it trains or evaluates with one
+process per device.
 
 All argument parsing of the package is here, and only here (so this file is longer than the others: one
 section per command). The training commands' flags are generated from their config dataclasses
@@ -174,7 +175,8 @@ def add_eval_tokenizer_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
                         help="writes metrics.json and grid.png (originals above reconstructions) here")
     parser.add_argument("--grid-images", type=int, default=8, help="images in grid.png")
     parser.add_argument("--inception-weights", default=None, metavar="FILE",
-                        help="pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for rFID; default "
+                        help="the FID Inception weights for rFID (torch-fidelity's "
+                             "weights-inception-2015-12-05-6726825d.pth or pytorch-fid's pt_inception-...pth); default "
                              "$FQGAN_INCEPTION_WEIGHTS, else the torch hub cache; without it rFID is skipped")
     parser.add_argument("--no-rfid", action="store_true", help="skip rFID even when the weights are available")
     parser.add_argument("--save-reconstructions", default=None, metavar="DIR",
@@ -467,6 +469,62 @@ def run_sample(args: argparse.Namespace):
     return images
 
 
+# -- eval-generator ---------------------------------------------------------------------------------
+def add_eval_generator_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan eval-generator``."""
+    p.add_argument("samples", metavar="SAMPLES.npz",
+                   help="samples in ADM's format: arr_0 = uint8 images [N, H, W, 3] (`fqgan sample --npz`)")
+    p.add_argument("--ref", required=True, metavar="REF",
+                   help="reference batch: an ADM .npz (arr_0 images and/or precomputed mu, sigma [, mu_s, sigma_s]), "
+                        "or an image folder (centre-cropped to the samples' size as ADM; its statistics are cached)")
+    p.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="the FID Inception weights: torch-fidelity's weights-inception-2015-12-05-6726825d.pth or "
+                        "pytorch-fid's pt_inception-2015-12-05-6726825d.pth; default $FQGAN_INCEPTION_WEIGHTS, "
+                        "else the torch hub cache (nothing is downloaded)")
+    p.add_argument("--out", default=None, metavar="JSON",
+                   help="write the metrics here (default: SAMPLES with the suffix .metrics.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--sfid", action="store_true", help="also compute sFID (mixed_6/conv features, as ADM)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="where a folder reference's statistics are cached (default: beside the folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=4,
+                   help="DataLoader workers reading a reference folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
+    """``fqgan eval-generator``: FID, IS, precision / recall (sFID) of samples; prints a table, writes ``--out``."""
+    from fqgan.eval.generator import evaluate_samples, format_generator_table
+
+    _positive(args, "batch_size")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    samples = Path(args.samples)
+    out = Path(args.out) if args.out is not None else samples.with_name(samples.name.removesuffix(".npz")
+                                                                          + ".metrics.json")
+    # The output is checked before any input is read or any network loaded (evaluate_samples checks the inputs).
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / 'metrics.json'}")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"--out {out}: {parent} is not writable")
+    result = evaluate_samples(samples, args.ref, weights=args.inception_weights, device=args.device,
+                              batch_size=args.batch_size, sfid=args.sfid, cache_dir=args.cache,
+                              num_workers=args.num_workers, progress=not args.quiet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_generator_table(result))
+    print(f"metrics          {out}")
+    return result
+
+
 # -- demo -------------------------------------------------------------------------------------------
 def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fqgan demo``: every :class:`~fqgan.demo.DemoConfig` field as a flag."""
@@ -512,6 +570,8 @@ def _commands() -> list[Command]:
          add_train_generator_arguments, run_train_generator),
         ("sample", "class-conditional samples from a generator and its tokenizer, as a PNG grid",
          add_sample_arguments, run_sample),
+        ("eval-generator", "FID, Inception Score, precision / recall (and sFID) of generated samples against a "
+         "reference batch, as OpenAI's ADM evaluator", add_eval_generator_arguments, run_eval_generator),
     ]
 
 

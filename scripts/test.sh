@@ -3,7 +3,7 @@
 # TRITON_INTERPRET=1 on machines without a GPU (tests/conftest.py sets it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh test,bench,model
+bash scripts/setup_env.sh test,bench,model,eval
 # shellcheck disable=SC1091
 . "${FQGAN_VENV:-.venv}/bin/activate"
 ruff check .

@@ -1,7 +1,8 @@
 """Frechet Inception Distance: streaming feature statistics and the Frechet distance of two Gaussians.
 
 ``FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` (Heusel et al. 2017), computed as
-pytorch-fid's ``calculate_frechet_distance``: ``scipy.linalg.sqrtm``; if the product is singular
+pytorch-fid's ``calculate_frechet_distance`` and the ADM evaluator's ``FIDStatistics.frechet_distance`` (both
+TTUR's steps): ``scipy.linalg.sqrtm``; if the product is singular
 (non-finite root), ``eps`` is added to both diagonals; an imaginary part above 1e-3 on the
 diagonal is an error, a smaller one is dropped.
 

@@ -11,8 +11,9 @@ Metrics, as FQGAN's ``tokenizer/reconstruction_vq_ddp_dual.py`` where it defines
 * codebook usage (fraction of codes used) and perplexity per sub-codebook, from the code histogram
   of the whole evaluation set (the official script reports neither; its training loop shows usage
   over a sliding window of the last 65536 tokens);
-* rFID = FID between the Inception features of the inputs and of the reconstructions (pytorch-fid's
-  network and preprocessing, :mod:`fqgan.eval.inception`), when the weight file is available.
+* rFID = FID between the Inception features of the inputs and of the reconstructions (torch-fidelity's
+  FID Inception, TF 1.x resize, on the 8-bit images: :mod:`fqgan.eval.inception`, the network of
+  ``fqgan eval-generator`` too), when the weight file is available.
 
 Under torchrun each rank evaluates every ``world_size``-th image (rank r: images r, r + W, ...) and
 the sums are all-reduced, so the numbers do not depend on the number of processes.
@@ -73,12 +74,13 @@ def evaluate_tokenizer(model: nn.Module, data: Iterable[Any], *, num_images: int
     :param grid_path: write this rank's first ``grid_images`` originals above their reconstructions
         (:func:`fqgan.data.images.save_comparison_grid`) to this PNG (rank 0 only).
     :param inception: the FID network (:func:`~fqgan.eval.inception.load_fid_inception`; any module
-        mapping [0, 1] images to ``[B, D]`` features works); ``None`` skips rFID and reports
-        ``rfid_note`` as the reason.
+        mapping uint8 images ``[B, 3, H, W]`` to ``[B, D]`` features works); ``None`` skips rFID and
+        reports ``rfid_note`` as the reason.
     :param save_dir: also write every reconstruction as ``<save_dir>/<index:06d>.png`` (index = position
         in the data set under the strided sharding above), for external FID tools.
     :param fid_stats_dir: also write the Inception statistics of the inputs and the reconstructions
-        (``inputs.npz``, ``reconstructions.npz``: pytorch-fid's ``mu``/``sigma`` format), rank 0.
+        (``inputs.npz``, ``reconstructions.npz``: ``mu``/``sigma``, the format of pytorch-fid's stats and of
+        ADM reference batches, which ``fqgan eval-generator --ref`` reads), rank 0.
     :param on_batch: called with the number of images of each batch (progress bars).
     :returns: ``{"num_images", "psnr", "ssim", "ssim_official", "codebook_names", "usage" [k],
         "perplexity" [k], "rfid" (None when skipped), "rfid_note", "grid" (path or None)}``.

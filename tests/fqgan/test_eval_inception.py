@@ -1,5 +1,9 @@
-"""fqgan.eval.inception: the FID InceptionV3's layout (key names and shapes of pytorch-fid's weight file),
-loading through the real path from a file the test writes, and how the weights are found."""
+"""fqgan.eval.inception: torch-fidelity's FID InceptionV3 has pytorch-fid's layout (key names and shapes of both
+weight files), loads through the checked path from a file the test writes (as torch-fidelity's own loader does),
+resizes as TF 1.x, gives the features of the ADM evaluator (pool3, bias-free logits, mixed_6/conv), and the
+weights are found without any download."""
+
+import sys
 
 import pytest
 import torch
@@ -8,17 +12,23 @@ from fqgan.data.images import to_uint8
 from fqgan.eval.inception import (
     INCEPTION_WEIGHTS_ENV,
     INCEPTION_WEIGHTS_FILENAME,
-    FIDInceptionV3,
-    _avg_pool_3x3,
+    INCEPTION_WEIGHTS_FILENAMES,
+    INSTALL_HINT,
+    SPATIAL_DIM,
     find_inception_weights,
+    import_torch_fidelity,
     inception_features,
     load_fid_inception,
+    random_inception_state_dict,
     resolve_rfid_weights,
+    torch_fidelity_available,
 )
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
 
+pytestmark = pytest.mark.skipif(not torch_fidelity_available(), reason=INSTALL_HINT)
+
 # torchvision's inception_v3 (1000 classes, with AuxLogits) has 27,161,264 parameters (its model table).
-# pytorch-fid's network = that without AuxLogits (conv0 128x768 + bn, conv1 768x128x5x5 + bn, fc 768->1000)
+# The FID network = that without AuxLogits (conv0 128x768 + bn, conv1 768x128x5x5 + bn, fc 768->1000)
 # and with 1008 instead of 1000 classes.
 AUX = (768 * 128 + 2 * 128) + (128 * 768 * 25 + 2 * 768) + (768 * 1000 + 1000)
 FID_INCEPTION_PARAMS = 27_161_264 - AUX + 8 * (2048 + 1)
@@ -64,57 +74,71 @@ def _expected_state_shapes():
 
 
 @pytest.fixture(scope="module")
-def random_inception():
-    """The network with random weights and random BatchNorm statistics (so that loading is visible)."""
-    g = torch.Generator().manual_seed(0)
-    model = FIDInceptionV3()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * (0.1 if t.dim() > 1 else 0.5))
-    return model.eval()
+def state():
+    """Random weights and random BatchNorm statistics (so that loading is visible), as torch-fidelity's file:
+    no BatchNorm counters."""
+    return {k: v for k, v in random_inception_state_dict(0).items() if not k.endswith("num_batches_tracked")}
 
 
-def test_state_dict_keys_and_shapes_are_pytorch_fids():
-    state = FIDInceptionV3().state_dict()
-    expected = _expected_state_shapes()
-    assert sorted(set(state) - set(expected)) == [] and sorted(set(expected) - set(state)) == []
+def _tf_network(path):
+    """torch-fidelity's own FeatureExtractorInceptionV3, loading ``path`` with its own loader."""
+    fe = import_torch_fidelity().feature_extractor_inceptionv3
+    return fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                         feature_extractor_weights_path=str(path))
+
+
+def test_state_dict_keys_and_shapes_are_pytorch_fids(state):
+    # torchvision's Inception3 names with 1008 classes and no AuxLogits: pytorch-fid's file; torch-fidelity's
+    # converter writes the same names (without num_batches_tracked). Either file loads.
+    expected = {k: v for k, v in _expected_state_shapes().items() if not k.endswith("num_batches_tracked")}
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
-    assert sum(p.numel() for p in FIDInceptionV3().parameters()) == FID_INCEPTION_PARAMS == 23_850_960
-    for m in FIDInceptionV3().modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            assert m.eps == 1e-3  # TF's BatchNorm epsilon
-        if isinstance(m, torch.nn.Conv2d):
-            assert m.bias is None
+    assert sum(v.numel() for k, v in state.items() if not k.split(".")[-1].startswith("running")) == (
+        FID_INCEPTION_PARAMS) == 23_850_960
 
 
-def test_fid_variants_of_the_pools():
-    # TF averages only in-image pixels at the border (count_include_pad=False): a constant stays constant.
-    x = torch.full((1, 2, 5, 4), 3.0)
-    torch.testing.assert_close(_avg_pool_3x3(x), x)
-    m = FIDInceptionV3()
-    assert m.Mixed_7b.pool == "avg" and m.Mixed_7c.pool == "max"
-
-
-def test_load_roundtrip_through_a_weight_file(tmp_path, random_inception):
+def test_load_roundtrip_and_torch_fidelitys_own_loader(tmp_path, state):
     path = tmp_path / INCEPTION_WEIGHTS_FILENAME
-    torch.save(random_inception.state_dict(), path)
-    loaded = load_fid_inception(path)
-    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    for (k, a), b in zip(random_inception.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
-    # A file without the BatchNorm counters (older torch) loads too.
-    state = {k: v for k, v in random_inception.state_dict().items() if not k.endswith("num_batches_tracked")}
-    torch.save(state, tmp_path / "no_counters.pth")
-    loaded2 = load_fid_inception(tmp_path / "no_counters.pth")
+    torch.save(state, path)
+    model = load_fid_inception(path, spatial=True)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    loaded = model.net.state_dict()
     for k, v in state.items():
-        assert torch.equal(loaded2.state_dict()[k], v), k
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    f = inception_features(loaded, x)  # one forward (the state dicts are equal, so the outputs are too)
-    assert f.shape == (1, 2048) and f.dtype == torch.float32 and (f >= 0).all() and f.max() > 0
+        assert torch.equal(loaded[k], v), k
+    # pytorch-fid's layout (with the BatchNorm counters) loads too, with the same fingerprint (same tensors).
+    full = dict(state, **{k: torch.tensor(0) for k in _expected_state_shapes() if k.endswith("num_batches_tracked")})
+    torch.save(full, tmp_path / "pt_style.pth")
+    assert load_fid_inception(tmp_path / "pt_style.pth").fingerprint == model.fingerprint
+    # The features are torch-fidelity's, computed by its own network loading the same file by its own loader.
+    x = (torch.rand(2, 3, 32, 40, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    seen = []
+    hook = model.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    f = model.extract(x)
+    hook.remove()
+    pool, logits = _tf_network(path)(x)
+    assert torch.equal(f.pool, pool) and torch.equal(f.logits, logits)
+    assert f.pool.shape == (2, 2048) and f.logits.shape == (2, 1008) and f.spatial.shape == (2, SPATIAL_DIM)
+    # logits without the bias (ADM's softmax graph: pool3 @ W)
+    torch.testing.assert_close(f.logits, f.pool @ model.net.fc.weight.T, rtol=1e-5, atol=1e-5)
+    # sFID: mixed_6/conv = Mixed_6d.branch1x1 (post-ReLU), first 7 channels, NHWC order: index (h * 17 + w) * 7 + c.
+    nchw = seen[0]
+    assert nchw.shape == (2, 192, 17, 17)
+    for h, w, c in ((0, 0, 0), (3, 11, 6), (16, 16, 2)):
+        assert f.spatial[1, (h * 17 + w) * 7 + c] == nchw[1, c, h, w]
+    assert model(x[:1]).shape == (1, 2048)
+
+
+def test_resize_is_tensorflow_1x():
+    # TF 1.x ResizeBilinear (align_corners=False): source coordinate = dst * in / out, no half-pixel centres;
+    # torch's bilinear samples at (dst + 0.5) * in / out - 0.5. For 2 -> 4 pixels [a, b]:
+    # TF: a, (a + b) / 2, b, b; torch: a, 3a/4 + b/4, a/4 + 3b/4, b.
+    import_torch_fidelity()
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = torch.tensor([[[[0.0, 8.0]]]])
+    tf = interpolate_bilinear_2d_like_tensorflow1x(x, size=(1, 4), align_corners=False)
+    assert tf.flatten().tolist() == [0.0, 4.0, 8.0, 8.0]
+    torch_bilinear = torch.nn.functional.interpolate(x, size=(1, 4), mode="bilinear", align_corners=False)
+    assert torch_bilinear.flatten().tolist() == [0.0, 2.0, 6.0, 8.0]
 
 
 class _Recorder(torch.nn.Module):
@@ -125,18 +149,27 @@ class _Recorder(torch.nn.Module):
 
     def forward(self, x):
         self.seen = x
-        return x.flatten(1)
+        return x.float().flatten(1)
 
 
-def test_inception_features_feed_8bit_images_in_0_1():
-    # pytorch-fid reads PNGs as [0, 1] floats; the network then resizes and scales to [-1, 1] itself.
+def test_inception_features_feed_8bit_images():
+    # The network takes uint8 images (as torch-fidelity's and ADM's); model-side [-1, 1] images are quantised.
     x = torch.rand(3, 3, 5, 7) * 2.4 - 1.2
     rec = _Recorder()
     inception_features(rec, x)
-    torch.testing.assert_close(rec.seen, to_uint8(x).float() / 255, rtol=0, atol=0)
+    assert rec.seen.dtype == torch.uint8 and torch.equal(rec.seen, to_uint8(x))
 
-def test_load_rejects_wrong_files(tmp_path, random_inception):
-    state = random_inception.state_dict()
+
+def test_extract_bad_input(tmp_path, state):
+    torch.save(state, tmp_path / "w.pth")
+    model = load_fid_inception(tmp_path / "w.pth")
+    with pytest.raises(TypeError, match="uint8"):
+        model.extract(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model.extract(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_load_rejects_wrong_files(tmp_path, state):
     with pytest.raises(MissingFileError, match="absent.pth"):
         load_fid_inception(tmp_path / "absent.pth")
     bad = dict(state)
@@ -167,17 +200,20 @@ def test_load_rejects_wrong_files(tmp_path, random_inception):
 def test_find_weights(tmp_path, monkeypatch):
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILENAME
-    # Nothing configured, nothing cached: skipped, with where we looked and how to provide the file.
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    # Nothing configured, nothing cached: skipped, with where we looked (both names) and how to provide the file.
     found, message = resolve_rfid_weights()
     assert found is None and message.startswith("rFID skipped")
-    for part in (str(cached), "--inception-weights", INCEPTION_WEIGHTS_ENV, "pytorch-fid"):
+    for part in (str(hub / INCEPTION_WEIGHTS_FILENAMES[0]), str(hub / INCEPTION_WEIGHTS_FILENAMES[1]),
+                 "--inception-weights", INCEPTION_WEIGHTS_ENV, "torch-fidelity", "pytorch-fid"):
         assert part in message
     with pytest.raises(MissingFileError):
         find_inception_weights()
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"x")
-    assert resolve_rfid_weights() == (cached, "")
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_WEIGHTS_FILENAMES[1]).write_bytes(b"x")  # pytorch-fid's cache
+    assert resolve_rfid_weights() == (hub / INCEPTION_WEIGHTS_FILENAMES[1], "")
+    (hub / INCEPTION_WEIGHTS_FILENAMES[0]).write_bytes(b"x")  # torch-fidelity's comes first
+    assert resolve_rfid_weights() == (hub / INCEPTION_WEIGHTS_FILENAMES[0], "")
     mine = tmp_path / "mine.pth"
     mine.write_bytes(b"x")
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(mine))
@@ -189,3 +225,16 @@ def test_find_weights(tmp_path, monkeypatch):
     with pytest.raises(MissingFileError, match="other.pth"):
         resolve_rfid_weights(tmp_path / "other.pth")  # the argument wins over the variable
     assert resolve_rfid_weights(mine) == (mine, "")
+    # Without torch-fidelity: skipped when nothing was asked for, an error naming the extra when it was.
+    monkeypatch.setattr("fqgan.eval.inception.torch_fidelity_available", lambda: False)
+    with pytest.raises(ModuleNotFoundError, match=r"fqgan-kernels\[eval\]"):
+        resolve_rfid_weights(mine)
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV)
+    found, message = resolve_rfid_weights()
+    assert found is None and "fqgan-kernels[eval]" in message
+
+
+def test_missing_torch_fidelity_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # what an absent package looks like to import
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'fqgan-kernels\[eval\]'"):
+        import_torch_fidelity()

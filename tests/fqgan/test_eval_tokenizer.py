@@ -13,7 +13,7 @@ from PIL import Image
 
 from fqgan.cli import add_eval_tokenizer_arguments, add_reconstruct_arguments, run_eval_tokenizer, run_reconstruct
 from fqgan.data.images import load_image, to_uint8
-from fqgan.eval.inception import INCEPTION_WEIGHTS_ENV, FIDInceptionV3
+from fqgan.eval.inception import INCEPTION_WEIGHTS_ENV, random_inception_state_dict, torch_fidelity_available
 from fqgan.eval.tokenizer import evaluate_tokenizer
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError, save_checkpoint
 from fqgan.tokenizer import FQTokenizer
@@ -109,15 +109,17 @@ def test_evaluate_tokenizer_metrics_and_grid(tmp_path, model):
 
 
 class _TinyFeatures(torch.nn.Module):
-    """A cheap stand-in for the FID network: 16-d features of [0, 1] images (a 2048 x 2048 sqrtm
-    takes minutes on the 2-core CI machine; the Frechet distance itself is tested in test_eval_fid)."""
+    """A cheap stand-in for the FID network: 16-d features of uint8 images, the FID network's input (a
+    2048 x 2048 sqrtm takes minutes on the 2-core CI machine; the Frechet distance itself is tested in
+    test_eval_fid)."""
 
     def __init__(self):
         super().__init__()
         self.proj = torch.nn.Conv2d(3, 16, 4, stride=4)
 
     def forward(self, x):
-        return self.proj(x).mean(dim=(2, 3))  # linear: full-rank covariances from 20 images
+        assert x.dtype == torch.uint8
+        return self.proj(x.float() / 255).mean(dim=(2, 3))  # linear: full-rank covariances from 20 images
 
 
 def test_evaluate_tokenizer_rfid_and_saved_outputs(tmp_path, model):
@@ -285,8 +287,11 @@ def test_eval_tokenizer_command_end_to_end(tmp_path, checkpoint, capsys, monkeyp
     assert result["psnr"] == pytest.approx(direct["psnr"], rel=1e-12)
     assert result["usage"] == direct["usage"]
 
-    # A weight file named on the command line is loaded and its 2048-d features reach the Frechet
-    # distance (replaced by a recorder: scipy's 2048 x 2048 sqrtm alone takes minutes on 2 cores).
+    # A weight file named on the command line is loaded into torch-fidelity's network and its 2048-d
+    # features reach the Frechet distance (replaced by a recorder: scipy's 2048 x 2048 sqrtm alone takes
+    # minutes on 2 cores).
+    if not torch_fidelity_available():
+        pytest.skip("torch-fidelity (the eval extra) is not installed")
     import fqgan.eval.tokenizer as module
 
     seen = []
@@ -297,7 +302,7 @@ def test_eval_tokenizer_command_end_to_end(tmp_path, checkpoint, capsys, monkeyp
 
     monkeypatch.setattr(module, "frechet_distance", record)
     weights = tmp_path / "inception.pth"
-    torch.save(FIDInceptionV3().state_dict(), weights)
+    torch.save(random_inception_state_dict(), weights)
     result = run_eval_tokenizer(_parse(add_eval_tokenizer_arguments, [
         *argv, "--num-images", 2, "--inception-weights", weights, "--save-fid-stats"]))
     assert result["num_images"] == 2 and result["rfid"] == 1.5 and "rank-deficient" in result["rfid_note"]

@@ -26,8 +26,8 @@ class _Features(torch.nn.Module):
         g = torch.Generator().manual_seed(3)
         self.proj = torch.nn.Parameter(torch.randn(4, 3, generator=g))
 
-    def forward(self, x):
-        return torch.einsum("dc,bchw->bd", self.proj, x) / x[0, 0].numel()
+    def forward(self, x):  # x: uint8, the FID network's input
+        return torch.einsum("dc,bchw->bd", self.proj, x.float() / 255) / x[0, 0].numel()
 
 
 def _setup():
