@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fqgan.runtime.rundir import check_out_dir
+
 _EPILOG = """examples:
   fqgan demo                      # a few minutes on a CPU; writes demo_out/report.md
   fqgan train-tokenizer --preset tiny --data sample --steps 300 --perceptual-weight 0 --semantic-weight 0
@@ -206,6 +208,9 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
     weights_path, note = (None, "rFID skipped: --no-rfid") if args.no_rfid else resolve_rfid_weights(
         args.inception_weights)
     checkpoint_file(args.checkpoint)
+    check_out_dir(args.out, "--out")  # outputs before the work: the metrics are written at the end
+    if args.save_reconstructions is not None:
+        check_out_dir(args.save_reconstructions, "--save-reconstructions")
     info = init_distributed(args.device)
     try:
         model = load_tokenizer(args.checkpoint, info.device, args.weights, args.official_preset)
@@ -256,8 +261,9 @@ def run_reconstruct(args: argparse.Namespace) -> list[dict[str, Any]]:
     from fqgan.runtime.device import resolve_device
     from fqgan.tokenizer.load import checkpoint_file, load_tokenizer
 
-    list_images(args.images)  # missing inputs and checkpoint fail before anything is loaded
+    list_images(args.images)  # missing inputs, checkpoint and an unusable --out fail before anything is loaded
     checkpoint_file(args.checkpoint)
+    check_out_dir(args.out, "--out")
     model = load_tokenizer(args.checkpoint, resolve_device(args.device), args.weights, args.official_preset)
     records = reconstruct_images(model, args.images, args.out, batch_size=args.batch_size)
     summary = {
@@ -287,6 +293,10 @@ def add_extract_codes_arguments(p: argparse.ArgumentParser) -> argparse.Argument
                    help="encode this many images (default: the whole folder; 512 crops of the sample set)")
     p.add_argument("--out", default="codes", metavar="DIR",
                    help="code folder to write: codes.npy, labels.npy, meta.json (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace the code folder that --out holds")
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="class names, one per line, in label order: fixes the labels of an image folder (a listed "
+                        "class may then be empty or missing; default: its sorted class folders)")
     p.add_argument("--no-flip", action="store_true",
                    help="encode the images only (default: each image and its horizontal flip, as official)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default: %(default)s)")
@@ -308,12 +318,22 @@ def run_extract_codes(args: argparse.Namespace):
     from fqgan.tokenizer.load import load_tokenizer
 
     _positive(args, "num_images", "batch_size")
+    out = check_out_dir(args.out, "--out")
+    if (out / "meta.json").exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already holds a code folder: pass --overwrite to replace it, or another --out")
     info = init_distributed(args.device)
     try:
         tokenizer = load_tokenizer(args.tokenizer, info.device, args.weights)
-        dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
-                                sample_length=args.num_images or 512)
-        classes = list(dataset.classes)
+        if args.classes is not None and args.data != "sample":
+            from fqgan.data import ImageFolder
+            from fqgan.data.scan import read_classes_file
+
+            dataset = ImageFolder(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
+                                  classes=read_classes_file(args.classes))
+        else:
+            dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
+                                    sample_length=args.num_images or 512)
+        classes = list(dataset.classes)  # stored in the code folder's meta.json
         if args.num_images is not None and args.num_images < len(dataset):
             dataset = Subset(dataset, range(args.num_images))
         progress = Progress((len(dataset) + info.world_size - 1) // info.world_size, desc="extract-codes",

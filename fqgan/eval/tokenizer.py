@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fqgan.data.images import list_images, load_image, save_comparison_grid, save_image, to_uint8
+from fqgan.data.scan import verify_image
 from fqgan.eval.fid import FeatureStats, frechet_distance, save_stats
 from fqgan.eval.inception import FEATURE_DIM, inception_features
 from fqgan.eval.metrics import SSIM_OFFICIAL, SSIM_STANDARD, CodeUsage, MeanMeter, psnr, ssim
@@ -218,14 +219,18 @@ def reconstruct_images(model: nn.Module, paths: Iterable[str | os.PathLike], out
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     image_size = model.config.image_size
-    images = [load_image(f, size=image_size) for f in files]  # every file checked before any output
+    # Every file's header checked before any output, each image read only with its batch (bounded memory).
+    bad = [(f, reason) for f in files if (reason := verify_image(str(f))) is not None]
+    if bad:
+        more = f" (and {len(bad) - 1} more: {', '.join(str(f) for f, _ in bad[1:5])})" if len(bad) > 1 else ""
+        raise ValueError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     records = []
     model.eval()
     for start in range(0, len(files), batch_size):
-        x = torch.stack(images[start:start + batch_size]).to(device)
+        x = torch.stack([load_image(f, size=image_size) for f in files[start:start + batch_size]]).to(device)
         indices = model.encode(x)
         recon = model.decode_indices(indices)
         x8, r8 = to_uint8(x), to_uint8(recon)
