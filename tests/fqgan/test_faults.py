@@ -295,3 +295,27 @@ def test_extract_codes_worker_error_is_one_line(tmp_path):
                 "--num-workers", "2", "--device", "cpu", "--quiet")
     assert got.returncode == 2
     assert "cat/1.png" in got.stderr and "Traceback" not in got.stderr and "DataLoader worker" not in got.stderr
+
+
+def test_outputs_are_checked_before_the_work(tmp_path):
+    from fqgan.runtime.checkpoint import save_checkpoint
+    from fqgan.tokenizer import FQTokenizer
+    from fqgan.tokenizer.config import TINY
+
+    config = TINY.replace(codebook_size=32, feat_pred_dims=(0, 0), teachers=(None, None))
+    save_checkpoint(tmp_path / "tok.pt", {"model_config": config.to_dict(), "model": FQTokenizer(config).state_dict()},
+                    "fqgan-tokenizer")
+    (tmp_path / "taken").write_text("a file")
+    got = fqgan(tmp_path, "eval-tokenizer", "--checkpoint", "tok.pt", "--out", "taken", "--no-rfid", "--quiet")
+    assert got.returncode == 2 and "--out taken is an existing file, not a folder" in got.stderr
+    got = fqgan(tmp_path, "reconstruct", "taken", "--checkpoint", "tok.pt", "--out", "taken")
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+
+    args = ["extract-codes", "--tokenizer", "tok.pt", "--num-images", "4", "--out", "codes", "--num-workers", "0",
+            "--device", "cpu", "--quiet"]
+    assert fqgan(tmp_path, *args).returncode == 0
+    before = hashes(tmp_path / "codes")
+    again = fqgan(tmp_path, *args)
+    assert again.returncode == 2 and "already holds a code folder" in again.stderr and "--overwrite" in again.stderr
+    assert hashes(tmp_path / "codes") == before
+    assert fqgan(tmp_path, *args, "--overwrite").returncode == 0
