@@ -144,10 +144,11 @@ def test_generate(benchmark, monkeypatch, gen_shape, batch, sampler, device="cpu
         spent[0] += time.perf_counter() - t0
         return out
 
-    # warm-up of the sampler and the model's kernels on one step's shapes
-    logits = torch.randn(batch, c.vocab_size, device=device)
-    inner(logits, logits, cfg_scale=2.0, uniform=torch.rand(batch, dtype=torch.float64, device=device), **kw)
-    model.logits(torch.zeros(1, c.num_factors, 1, dtype=torch.long, device=device), labels[:1])
+    def warm():  # the sampler and the model's kernels on one step's shapes: a whole generation takes minutes
+        logits = torch.randn(batch, c.vocab_size, device=device)
+        inner(logits, logits, cfg_scale=2.0, uniform=torch.rand(batch, dtype=torch.float64, device=device), **kw)
+        model.logits(torch.zeros(1, c.num_factors, 1, dtype=torch.long, device=device), labels[:1])
+
     monkeypatch.setattr(owner, name, timed_sample)
 
     def run():
@@ -158,7 +159,7 @@ def test_generate(benchmark, monkeypatch, gen_shape, batch, sampler, device="cpu
         return out, spent[0] / (time.perf_counter() - start)
 
     label(benchmark, shape_text(preset, overrides, B=batch, k=c.num_factors) + " cfg")
-    out, share = timed(benchmark, run, device=device)
+    out, share = timed(benchmark, run, device=device, cold=True, warm=warm)  # one call, after warm()
     assert out.shape == (batch, c.num_factors, c.block_size)
     tokens = batch * c.block_size * c.num_factors
     stats = getattr(benchmark, "stats", None)
