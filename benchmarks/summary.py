@@ -142,8 +142,11 @@ def chart_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         if r["over_reference"]:
+            # the fused kernel's bar first, then torch.compile's, then the peers'
+            order = sorted(r["over_reference"], key=lambda p, fused=r["fused"]: (p != fused, p != COMPILE))
+            speedups = {p: r["over_reference"][p] for p in order}
             label = f"{r['op']} {r['shape']}{'' if r['device'] == 'cpu' else ' ' + r['device']}"
-            out.append({"label": label + (f" {r['inputs']}" if r["inputs"] else ""), "speedups": r["over_reference"]})
+            out.append({"label": label + (f" {r['inputs']}" if r["inputs"] else ""), "speedups": speedups})
     return out
 
 
@@ -192,10 +195,12 @@ def main() -> None:
     with open(args.json) as f:
         data = json.load(f)
     mi = data.get("machine_info", {})
-    meta = {"command": "pytest benchmarks/ --benchmark-only", "mode": "?", "date_utc": data.get("datetime", "?"),
+    load = mi.get("loadavg_at_save")
+    meta = {"command": f"pytest benchmarks/ --benchmark-only ... --benchmark-json={os.path.basename(args.json)}",
+            "mode": mi.get("bench_selection", "?"), "date_utc": data.get("datetime", "?"),
             "machine": f"{mi.get('cpu_model', '?')}, kernels isa={mi.get('fqgan_kernels_isa', '?')}, "
-                       f"{mi.get('torch_threads', '?')} threads",
-            "load_end": mi.get("loadavg_at_save")}
+                       f"torch {mi.get('torch', '?')}, {mi.get('torch_threads', '?')} threads",
+            "load_end": ", ".join(f"{x:.2f}" for x in load) if load else "?"}
     for path in write(entries_from_json(data), meta, args.out).values():
         print(path)
 
