@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fqgan.runtime.checkpoint import MissingFileError
+from fqgan.runtime.errors import UsageError, UsageTypeError
 from fqgan.runtime.vision import import_torchvision
 
 from .datasets import IMAGE_EXTENSIONS, center_crop_arr
@@ -36,16 +37,16 @@ from .datasets import IMAGE_EXTENSIONS, center_crop_arr
 
 def _check_images(images: Tensor, name: str = "images", ndims: tuple[int, ...] = (4,)) -> None:
     if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+        raise UsageTypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
     if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
+        raise UsageTypeError(f"{name} must be a floating-point tensor in [-1, 1], got dtype {images.dtype}")
     if images.dim() not in ndims:
         want = " or ".join({3: "[3, H, W]", 4: "[B, 3, H, W]"}[d] for d in ndims)
-        raise ValueError(f"{name} must have shape {want}, got {list(images.shape)}")
+        raise UsageError(f"{name} must have shape {want}, got {list(images.shape)}")
     if images.shape[-3] != 3:
-        raise ValueError(f"{name} must be RGB (3 channels at dim -3), got shape {list(images.shape)}")
+        raise UsageError(f"{name} must be RGB (3 channels at dim -3), got shape {list(images.shape)}")
     if images.numel() and not bool(torch.isfinite(images).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
+        raise UsageError(f"{name} contains NaN or Inf values")
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -69,9 +70,9 @@ def from_uint8(pixels: Tensor | np.ndarray) -> Tensor:
     # np.array copies: arrays from PIL images are read-only, which torch.from_numpy warns about.
     t = torch.from_numpy(np.array(pixels)) if isinstance(pixels, np.ndarray) else pixels
     if t.dtype != torch.uint8:
-        raise TypeError(f"pixels must be uint8, got {t.dtype}")
+        raise UsageTypeError(f"pixels must be uint8, got {t.dtype}")
     if t.dim() != 3 or t.shape[-1] != 3:
-        raise ValueError(f"pixels must have shape [H, W, 3], got {list(t.shape)}")
+        raise UsageError(f"pixels must have shape [H, W, 3], got {list(t.shape)}")
     return t.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -91,16 +92,16 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
     if not p.exists():
         raise MissingFileError(f"image file not found: {p} (looked for {p.resolve()})")
     if not p.is_file():
-        raise ValueError(f"not an image file: {p} is a {'directory' if p.is_dir() else 'special file'}")
+        raise UsageError(f"not an image file: {p} is a {'directory' if p.is_dir() else 'special file'}")
     try:
         with Image.open(p) as im:
             im.load()
             image = im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image {p}: {e}") from e
+        raise UsageError(f"cannot read image {p}: {e}") from e
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
+            raise UsageError(f"size must be a positive int, got {size!r}")
         image = center_crop_arr(image, size)
     return from_uint8(np.asarray(image, dtype=np.uint8))
 
@@ -118,14 +119,14 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
-                raise ValueError(f"directory {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+                raise UsageError(f"directory {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
             out.extend(found)
         elif p.exists():
             out.append(p)
         else:
             raise MissingFileError(f"image file not found: {p} (looked for {p.resolve()})")
     if not out:
-        raise ValueError("no image given")
+        raise UsageError("no image given")
     return out
 
 
@@ -195,18 +196,18 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
     tv = import_torchvision()
     _check_images(images)
     if not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+        raise UsageError(f"nrow must be a positive int, got {nrow!r}")
     if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+        raise UsageError(f"padding must be a non-negative int, got {padding!r}")
     if not 0 <= int(pad_value) <= 255:
-        raise ValueError(f"pad_value must be a grey level in 0..255, got {pad_value!r}")
+        raise UsageError(f"pad_value must be a grey level in 0..255, got {pad_value!r}")
     n, _, h, w = images.shape
     if n == 0:
-        raise ValueError("images is empty: nothing to put in a grid")
+        raise UsageError("images is empty: nothing to put in a grid")
     cols = min(nrow, n)
     rows = math.ceil(n / nrow)
     if row_labels is not None and len(row_labels) != rows:
-        raise ValueError(f"row_labels has {len(row_labels)} entries, the grid has {rows} rows "
+        raise UsageError(f"row_labels has {len(row_labels)} entries, the grid has {rows} rows "
                          f"({n} images, nrow={nrow})")
     tiles = to_uint8(images).cpu()  # [N, 3, H, W]
     if n == 1:  # make_grid returns a lone image as it is, without the padding
@@ -235,13 +236,13 @@ def save_comparison_grid(originals: Tensor, reconstructions: Tensor, path: str |
     _check_images(originals, "originals")
     _check_images(reconstructions, "reconstructions")
     if originals.shape != reconstructions.shape:
-        raise ValueError(f"originals {list(originals.shape)} and reconstructions {list(reconstructions.shape)} "
+        raise UsageError(f"originals {list(originals.shape)} and reconstructions {list(reconstructions.shape)} "
                          "must have the same shape")
     if not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+        raise UsageError(f"nrow must be a positive int, got {nrow!r}")
     n = originals.shape[0]
     if n == 0:
-        raise ValueError("originals is empty: nothing to put in a grid")
+        raise UsageError("originals is empty: nothing to put in a grid")
     cols = min(nrow, n)
     chunks, row_labels = [], []
     for start in range(0, n, nrow):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fqgan.runtime.errors import UsageError
+
 __all__ = ["BAD_IMAGE_CHOICES", "FolderIndex", "read_classes_file", "scan_image_folder", "verify_image"]
 
 BAD_IMAGE_CHOICES = ("error", "skip")
@@ -59,12 +61,12 @@ def read_classes_file(path: str | os.PathLike) -> list[str]:
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ValueError(f"--classes {path}: cannot read it ({exc.strerror or exc})") from None
+        raise UsageError(f"--classes {path}: cannot read it ({exc.strerror or exc})") from None
     names = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not names:
-        raise ValueError(f"--classes {path} lists no class")
+        raise UsageError(f"--classes {path} lists no class")
     if len(set(names)) != len(names):
-        raise ValueError(f"--classes {path} lists a class twice")
+        raise UsageError(f"--classes {path} lists a class twice")
     return names
 
 
@@ -90,7 +92,7 @@ def scan_image_folder(root: str | os.PathLike, *, classes: list[str] | None = No
     from .datasets import scan_folder
 
     if bad_images not in BAD_IMAGE_CHOICES:
-        raise ValueError(f"--bad-images must be one of {BAD_IMAGE_CHOICES}, got {bad_images!r}")
+        raise UsageError(f"--bad-images must be one of {BAD_IMAGE_CHOICES}, got {bad_images!r}")
     root = os.path.expanduser(os.fspath(root))
     samples, names = scan_folder(root, classes)
     paths = [p for p, _ in samples]
@@ -111,7 +113,7 @@ def scan_image_folder(root: str | os.PathLike, *, classes: list[str] | None = No
     if bad and bad_images == "error":
         shown = "\n".join(f"  {p}: {r}" for p, r in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise ValueError(f"{len(bad)} of {len(paths)} images in {root} cannot be read:\n{shown}{more}\nFix or remove "
+        raise UsageError(f"{len(bad)} of {len(paths)} images in {root} cannot be read:\n{shown}{more}\nFix or remove "
                          "them, or pass --bad-images skip to train without them (they are listed in the run folder)")
     good = [s for s, r in zip(samples, reasons) if r is None]
     return FolderIndex(root, names, good, bad)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fqgan.eval.metrics import _all_reduce_sum
 from fqgan.runtime.checkpoint import MissingFileError
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 
 class FeatureStats:
@@ -30,7 +31,7 @@ class FeatureStats:
 
     def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
         if dim < 1:
-            raise ValueError(f"dim must be positive, got {dim}")
+            raise UsageError(f"dim must be positive, got {dim}")
         self.dim = dim
         self.count = torch.zeros((), dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
@@ -39,11 +40,11 @@ class FeatureStats:
     def update(self, features: Tensor) -> None:
         """Add features ``[B, D]`` (any float dtype; accumulated in float64)."""
         if not isinstance(features, Tensor) or not features.is_floating_point():
-            raise TypeError("features must be a floating-point tensor")
+            raise UsageTypeError("features must be a floating-point tensor")
         if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"features must have shape [B, {self.dim}], got {list(features.shape)}")
+            raise UsageError(f"features must have shape [B, {self.dim}], got {list(features.shape)}")
         if not bool(torch.isfinite(features).all()):
-            raise ValueError("features contain NaN or Inf values")
+            raise UsageError("features contain NaN or Inf values")
         f = features.detach().to(self.sum.device, torch.float64)
         self.count += f.shape[0]
         self.sum += f.sum(0)
@@ -61,7 +62,7 @@ class FeatureStats:
         """
         n = float(self.count)
         if n < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, got {int(n)}")
+            raise UsageError(f"need at least 2 feature vectors for a covariance, got {int(n)}")
         mu = self.sum / n
         sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
@@ -80,12 +81,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != mu2.shape or mu1.ndim != 1:
-        raise ValueError(f"mu1 {mu1.shape} and mu2 {mu2.shape} must be vectors of the same length")
+        raise UsageError(f"mu1 {mu1.shape} and mu2 {mu2.shape} must be vectors of the same length")
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"sigma1 {sigma1.shape} and sigma2 {sigma2.shape} must both be ({d}, {d})")
+        raise UsageError(f"sigma1 {sigma1.shape} and sigma2 {sigma2.shape} must both be ({d}, {d})")
     for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", sigma1), ("sigma2", sigma2)):
         if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or Inf values")
+            raise UsageError(f"{name} contains NaN or Inf values")
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -93,7 +94,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in the "
+            raise UsageError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} in the "
                              "matrix square root (covariances not positive semi-definite?)")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -115,5 +116,5 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise MissingFileError(f"FID statistics file not found: {p} (looked for {p.resolve()})")
     with np.load(p) as data:
         if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{p} must hold arrays 'mu' and 'sigma', found {sorted(data.files)}")
+            raise UsageError(f"{p} must hold arrays 'mu' and 'sigma', found {sorted(data.files)}")
         return data["mu"], data["sigma"]

@@ -61,6 +61,7 @@ from fqgan.eval.inception import (
 )
 from fqgan.runtime.checkpoint import MissingFileError
 from fqgan.runtime.device import resolve_device
+from fqgan.runtime.errors import UsageError
 from fqgan.runtime.logging import Progress
 
 __all__ = ["NpzImages", "Reference", "evaluate_samples", "format_generator_table", "inception_score",
@@ -104,19 +105,19 @@ class NpzImages:
                 names = z.namelist()
                 if f"{key}.npy" not in names:
                     found = sorted(n.removesuffix(".npy") for n in names)
-                    raise ValueError(f"{what}: {self.path} has no array {key!r} (found {found}); expected ADM's "
+                    raise UsageError(f"{what}: {self.path} has no array {key!r} (found {found}); expected ADM's "
                                      f"format: uint8 images [N, H, W, 3] under {key!r}")
                 with z.open(f"{key}.npy") as f:
                     header = _read_header(f)
         except zipfile.BadZipFile as e:
-            raise ValueError(f"{what}: {self.path} is not an .npz archive ({e})") from e
+            raise UsageError(f"{what}: {self.path} is not an .npz archive ({e})") from e
         if header is None:
             with np.load(self.path, allow_pickle=False) as data:
                 arr = data[key]
             header = (arr.shape, False, arr.dtype)
         shape, fortran, dtype = header
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or shape[0] < 1 or fortran:
-            raise ValueError(f"{what}: {self.path}:{key} must be uint8 images [N, H, W, 3] with N >= 1 (C order), got "
+            raise UsageError(f"{what}: {self.path}:{key} must be uint8 images [N, H, W, 3] with N >= 1 (C order), got "
                              f"{dtype} {list(shape)}{' (Fortran order)' if fortran else ''}")
         self.shape: tuple[int, int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
 
@@ -137,7 +138,7 @@ class NpzImages:
                 b = min(batch_size, n - start)
                 data = f.read(b * per_image)
                 if len(data) != b * per_image:
-                    raise ValueError(f"{self.path}:{self.key} is truncated: image {start + len(data) // per_image} of "
+                    raise UsageError(f"{self.path}:{self.key} is truncated: image {start + len(data) // per_image} of "
                                      f"{n} missing")
                 yield np.frombuffer(data, dtype=np.uint8).reshape(b, h, w, c)
 
@@ -147,7 +148,7 @@ def _npz_keys(path: Path, what: str) -> list[str]:
         with zipfile.ZipFile(path) as z:
             return sorted(n.removesuffix(".npy") for n in z.namelist())
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{what}: {path} is not an .npz archive ({e})") from e
+        raise UsageError(f"{what}: {path} is not an .npz archive ({e})") from e
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -164,11 +165,11 @@ def inception_score(logits: Tensor | np.ndarray, split_size: int = IS_SPLIT_SIZE
     """
     x = torch.as_tensor(logits).double()
     if x.dim() != 2 or x.shape[0] < 1:
-        raise ValueError(f"logits must have shape [N, C] with N >= 1, got {list(x.shape)}")
+        raise UsageError(f"logits must have shape [N, C] with N >= 1, got {list(x.shape)}")
     if split_size < 1:
-        raise ValueError(f"split_size must be positive, got {split_size}")
+        raise UsageError(f"split_size must be positive, got {split_size}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError("logits contain NaN or Inf values")
+        raise UsageError("logits contain NaN or Inf values")
     log_p = torch.log_softmax(x, dim=1)
     scores = []
     for start in range(0, x.shape[0], split_size):
@@ -195,13 +196,13 @@ def precision_recall(samples: Tensor | np.ndarray, reference: Tensor | np.ndarra
     b = torch.as_tensor(reference)
     for name, t in (("samples", a), ("reference", b)):
         if t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} features must be a float [N, D] array, got {t.dtype} {list(t.shape)}")
+            raise UsageError(f"{name} features must be a float [N, D] array, got {t.dtype} {list(t.shape)}")
         if t.shape[0] <= k:
-            raise ValueError(f"precision / recall with k = {k} need more than {k} {name} features, got {t.shape[0]}")
+            raise UsageError(f"precision / recall with k = {k} need more than {k} {name} features, got {t.shape[0]}")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"samples have {a.shape[1]}-d features, reference {b.shape[1]}-d")
+        raise UsageError(f"samples have {a.shape[1]}-d features, reference {b.shape[1]}-d")
     if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be positive, got {k}, {batch_size}")
+        raise UsageError(f"k and batch_size must be positive, got {k}, {batch_size}")
     import_torch_fidelity()  # torchvision through its door first
     from torch_fidelity.metric_prc import prc_features_to_metric
 
@@ -300,7 +301,7 @@ class _Plan:
 
 def _check_stats(mu: np.ndarray, sigma: np.ndarray, dim: int, where: str) -> None:
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise ValueError(f"{where}: statistics must be mu [{dim}] and sigma [{dim}, {dim}] (FID Inception pool3), got "
+        raise UsageError(f"{where}: statistics must be mu [{dim}] and sigma [{dim}, {dim}] (FID Inception pool3), got "
                          f"{list(mu.shape)} and {list(sigma.shape)}")
 
 
@@ -322,10 +323,10 @@ def _plan_reference(ref: str | os.PathLike, image_size: int, cache_dir: str | os
     keys = _npz_keys(path, "reference")
     has_stats = "mu" in keys and "sigma" in keys
     if "arr_0" not in keys and not has_stats:
-        raise ValueError(f"reference: {path} holds neither images ('arr_0') nor statistics ('mu' and 'sigma'): found "
+        raise UsageError(f"reference: {path} holds neither images ('arr_0') nor statistics ('mu' and 'sigma'): found "
                          f"{keys}; expected an ADM reference batch")
     if ("mu" in keys) != ("sigma" in keys) or ("mu_s" in keys) != ("sigma_s" in keys):
-        raise ValueError(f"reference: {path} must hold 'mu' with 'sigma' and 'mu_s' with 'sigma_s', found {keys}")
+        raise UsageError(f"reference: {path} must hold 'mu' with 'sigma' and 'mu_s' with 'sigma_s', found {keys}")
     plan = _Plan("npz", path, keys=keys)
     with np.load(path, allow_pickle=False) as data:
         plan.stats = {k: data[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
@@ -337,13 +338,13 @@ def _plan_reference(ref: str | os.PathLike, image_size: int, cache_dir: str | os
         plan.images = NpzImages(path, what="reference")
         h, w = plan.images.shape[1:3]
         if (h, w) != (image_size, image_size):
-            raise ValueError(f"the samples are {image_size}x{image_size} but the reference batch {path} holds {h}x{w} "
+            raise UsageError(f"the samples are {image_size}x{image_size} but the reference batch {path} holds {h}x{w} "
                              f"images: evaluate against a reference at the samples' resolution")
     if "image_size" in keys:
         with np.load(path, allow_pickle=False) as data:
             size = int(data["image_size"])
         if size != image_size:
-            raise ValueError(f"the samples are {image_size}x{image_size} but the reference statistics {path} were "
+            raise UsageError(f"the samples are {image_size}x{image_size} but the reference statistics {path} were "
                              f"computed at {size}x{size}")
     return plan
 
@@ -357,7 +358,7 @@ def _load_reference_npz(plan: _Plan, inception: FIDInception, device: torch.devi
         with np.load(plan.path, allow_pickle=False) as data:
             activations = data["activations"]
         if activations.ndim != 2 or activations.shape[1] != FEATURE_DIM:
-            raise ValueError(f"reference {plan.path}: 'activations' must be [M, {FEATURE_DIM}], got "
+            raise UsageError(f"reference {plan.path}: 'activations' must be [M, {FEATURE_DIM}], got "
                              f"{list(activations.shape)}")
         return Reference(stats["mu"], stats["sigma"], torch.from_numpy(activations.astype(np.float32)),
                          stats.get("mu_s"), stats.get("sigma_s"), len(activations), None,
@@ -475,12 +476,12 @@ def evaluate_samples(samples: str | os.PathLike | np.ndarray, ref: str | os.Path
     for name, value in (("batch_size", batch_size), ("is_split_size", is_split_size), ("prc_k", prc_k),
                         ("prc_batch_size", prc_batch_size), ("prc_reference_images", prc_reference_images)):
         if value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise UsageError(f"{name} must be positive, got {value}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise UsageError(f"num_workers must be >= 0, got {num_workers}")
     if isinstance(samples, np.ndarray):
         if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[3] != 3 or samples.shape[0] < 1:
-            raise ValueError(f"samples must be uint8 images [N, H, W, 3], got {samples.dtype} {list(samples.shape)}")
+            raise UsageError(f"samples must be uint8 images [N, H, W, 3], got {samples.dtype} {list(samples.shape)}")
         source: NpzImages | np.ndarray = samples
         shape = samples.shape
         samples_name = f"array {list(shape)}"
@@ -490,7 +491,7 @@ def evaluate_samples(samples: str | os.PathLike | np.ndarray, ref: str | os.Path
         samples_name = str(source.path)
     n, h, w = shape[0], shape[1], shape[2]
     if h != w:
-        raise ValueError(f"samples must be square, got {h}x{w}")
+        raise UsageError(f"samples must be square, got {h}x{w}")
     plan = _plan_reference(ref, h, cache_dir)
     weights_path = find_inception_weights(weights)
     dev = resolve_device(device)

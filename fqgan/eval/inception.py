@@ -44,6 +44,7 @@ from fqgan.runtime.checkpoint import (
     load_torch_file,
     state_fingerprint,
 )
+from fqgan.runtime.errors import UsageError, UsageTypeError
 from fqgan.runtime.vision import import_torchvision
 
 __all__ = [
@@ -169,10 +170,10 @@ class FIDInception(nn.Module):
     def extract(self, images: Tensor) -> InceptionFeatures:
         """pool3, logits and (if built with ``spatial``) sFID features of uint8 images ``[B, 3, H, W]``."""
         if not isinstance(images, Tensor) or images.dtype != torch.uint8:
-            raise TypeError(f"images must be a uint8 tensor [B, 3, H, W], got "
+            raise UsageTypeError(f"images must be a uint8 tensor [B, 3, H, W], got "
                             f"{images.dtype if isinstance(images, Tensor) else type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1:
-            raise ValueError(f"images must have shape [B, 3, H, W] with B >= 1, got {list(images.shape)}")
+            raise UsageError(f"images must have shape [B, 3, H, W] with B >= 1, got {list(images.shape)}")
         device = next(self.net.parameters()).device
         self._mixed_6 = None
         with _full_fp32(device):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 import fqgan_kernels as fk
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 
 class SSIMSettings(NamedTuple):
@@ -49,15 +50,15 @@ SSIM_OFFICIAL = SSIMSettings(gaussian=False, win_size=7, sample_covariance=True,
 def _check_uint8_pair(x: Tensor, y: Tensor) -> None:
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise UsageTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != torch.uint8:
-            raise TypeError(f"{name} must be a uint8 image tensor (see fqgan.data.images.to_uint8), got {t.dtype}")
+            raise UsageTypeError(f"{name} must be a uint8 image tensor (see fqgan.data.images.to_uint8), got {t.dtype}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must have shape [B, C, H, W], got {list(t.shape)}")
+            raise UsageError(f"{name} must have shape [B, C, H, W], got {list(t.shape)}")
     if x.shape != y.shape:
-        raise ValueError(f"x {list(x.shape)} and y {list(y.shape)} must have the same shape")
+        raise UsageError(f"x {list(x.shape)} and y {list(y.shape)} must have the same shape")
     if x.device != y.device:
-        raise ValueError(f"x is on {x.device}, y on {y.device}")
+        raise UsageError(f"x is on {x.device}, y on {y.device}")
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
@@ -128,11 +129,11 @@ def ssim(x: Tensor, y: Tensor, settings: SSIMSettings = SSIM_STANDARD) -> Tensor
     _check_uint8_pair(x, y)
     n = settings.win_size
     if n < 1 or n % 2 == 0:
-        raise ValueError(f"win_size must be odd and positive, got {n}")
+        raise UsageError(f"win_size must be odd and positive, got {n}")
     if min(x.shape[-2:]) < n:
-        raise ValueError(f"images of {x.shape[-2]}x{x.shape[-1]} are smaller than the {n}x{n} SSIM window")
+        raise UsageError(f"images of {x.shape[-2]}x{x.shape[-1]} are smaller than the {n}x{n} SSIM window")
     if settings.data_range <= 0:
-        raise ValueError(f"data_range must be positive, got {settings.data_range}")
+        raise UsageError(f"data_range must be positive, got {settings.data_range}")
     a = x.double() / 255.0
     b = y.double() / 255.0
     w = _window(settings, x.device)
@@ -165,7 +166,7 @@ class CodeUsage:
 
     def __init__(self, num_codebooks: int, codebook_size: int, device: torch.device | str = "cpu") -> None:
         if num_codebooks < 1 or codebook_size < 1:
-            raise ValueError(f"num_codebooks and codebook_size must be positive, got {num_codebooks}, {codebook_size}")
+            raise UsageError(f"num_codebooks and codebook_size must be positive, got {num_codebooks}, {codebook_size}")
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
         self.counts = torch.zeros(num_codebooks, codebook_size, dtype=torch.int64, device=device)
@@ -175,15 +176,15 @@ class CodeUsage:
         k, size = self.num_codebooks, self.codebook_size
         if not isinstance(indices, Tensor) or indices.dtype.is_floating_point or indices.dtype == torch.bool \
                 or indices.is_complex():
-            raise TypeError(f"indices must be an integer tensor, got "
+            raise UsageTypeError(f"indices must be an integer tensor, got "
                             f"{indices.dtype if isinstance(indices, Tensor) else type(indices).__name__}")
         if indices.dim() != 4 or indices.shape[1] != k:
-            raise ValueError(f"indices must have shape [B, {k}, h, w], got {list(indices.shape)}")
+            raise UsageError(f"indices must have shape [B, {k}, h, w], got {list(indices.shape)}")
         if indices.numel() == 0:
             return
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= size:
-            raise ValueError(f"indices out of range [0, {size}): min {lo}, max {hi}")
+            raise UsageError(f"indices out of range [0, {size}): min {lo}, max {hi}")
         flat = indices.to(self.counts.device, torch.int64).transpose(0, 1).reshape(k, -1)
         offsets = torch.arange(k, device=flat.device).unsqueeze(1) * size
         self.counts += torch.bincount((flat + offsets).reshape(-1), minlength=k * size).view(k, size)

@@ -37,6 +37,7 @@ from fqgan.eval.fid import FeatureStats, frechet_distance, save_stats
 from fqgan.eval.inception import FEATURE_DIM, inception_features
 from fqgan.eval.metrics import SSIM_OFFICIAL, SSIM_STANDARD, CodeUsage, MeanMeter, psnr, ssim
 from fqgan.runtime.dist import rank_world
+from fqgan.runtime.errors import UsageError, UsageTypeError
 from fqgan.runtime.sampler import worker_errors_as_one_line
 
 __all__ = ["evaluate_tokenizer", "format_eval_table", "format_reconstruct_table", "mean", "reconstruct_images"]
@@ -45,7 +46,7 @@ __all__ = ["evaluate_tokenizer", "format_eval_table", "format_reconstruct_table"
 def _batch_images(batch: Any) -> Tensor:
     images = batch[0] if isinstance(batch, (tuple, list)) else batch
     if not isinstance(images, Tensor):
-        raise TypeError(f"data must yield image tensors or (images, ...) tuples, got {type(images).__name__}")
+        raise UsageTypeError(f"data must yield image tensors or (images, ...) tuples, got {type(images).__name__}")
     return images
 
 
@@ -53,7 +54,7 @@ def _codebook_shape(model: nn.Module) -> tuple[int, int, list[str]]:
     config = getattr(model, "config", None)
     k, size = getattr(config, "num_codebooks", None), getattr(config, "codebook_size", None)
     if not isinstance(k, int) or not isinstance(size, int):
-        raise TypeError("model must have config.num_codebooks and config.codebook_size (an FQTokenizer)")
+        raise UsageTypeError("model must have config.num_codebooks and config.codebook_size (an FQTokenizer)")
     names = list(getattr(config, "codebook_names", [str(i) for i in range(k)]))
     return k, size, names
 
@@ -91,9 +92,9 @@ def evaluate_tokenizer(model: nn.Module, data: Iterable[Any], *, num_images: int
     device = torch.device(device) if device is not None else param.device
     rank, world = rank_world()
     if num_images is not None and num_images < 1:
-        raise ValueError(f"num_images must be positive, got {num_images}")
+        raise UsageError(f"num_images must be positive, got {num_images}")
     if grid_images < 1:
-        raise ValueError(f"grid_images must be positive, got {grid_images}")
+        raise UsageError(f"grid_images must be positive, got {grid_images}")
     meters = {name: MeanMeter(device) for name in ("psnr", "ssim", "ssim_official")}
     codes = CodeUsage(k, size, device)
     stats: tuple[FeatureStats, FeatureStats] | None = None  # sized by the feature network's first output
@@ -141,7 +142,7 @@ def evaluate_tokenizer(model: nn.Module, data: Iterable[Any], *, num_images: int
     codes.all_reduce()
     total = meters["psnr"].count
     if total == 0:
-        raise ValueError("data yielded no images")
+        raise UsageError("data yielded no images")
     result: dict[str, Any] = {
         "num_images": total,
         "psnr": meters["psnr"].mean(),
@@ -213,17 +214,17 @@ def reconstruct_images(model: nn.Module, paths: Iterable[str | os.PathLike], out
     stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems:
-            raise ValueError(f"two inputs share the name {f.stem!r} ({stems[f.stem]} and {f}): their outputs "
+            raise UsageError(f"two inputs share the name {f.stem!r} ({stems[f.stem]} and {f}): their outputs "
                              "would overwrite each other; rename one")
         stems[f.stem] = f
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     image_size = model.config.image_size
     # Every file's header checked before any output, each image read only with its batch (bounded memory).
     bad = [(f, reason) for f in files if (reason := verify_image(str(f))) is not None]
     if bad:
         more = f" (and {len(bad) - 1} more: {', '.join(str(f) for f, _ in bad[1:5])})" if len(bad) > 1 else ""
-        raise ValueError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}")
+        raise UsageError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device

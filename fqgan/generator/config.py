@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+from fqgan.runtime.errors import UsageError
 from fqgan.runtime.options import option
 
 
@@ -56,29 +57,29 @@ class FARConfig:
                      "ar_n_layer", "multiple_of"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FARConfig.{name} must be a positive int, got {value!r}")
+                raise UsageError(f"FARConfig.{name} must be a positive int, got {value!r}")
         if self.ar_n_layer < 1:
-            raise ValueError("FARConfig.ar_n_layer must be >= 1")
+            raise UsageError("FARConfig.ar_n_layer must be >= 1")
         if self.dim % self.n_head:
-            raise ValueError(f"FARConfig.dim ({self.dim}) must be divisible by n_head ({self.n_head})")
+            raise UsageError(f"FARConfig.dim ({self.dim}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 4:
             # 2-D RoPE: half the rotary pairs for rows, half for columns.
-            raise ValueError(f"head_dim = dim / n_head = {self.head_dim} must be divisible by 4 (2-D RoPE)")
+            raise UsageError(f"head_dim = dim / n_head = {self.head_dim} must be divisible by 4 (2-D RoPE)")
         kv = self.kv_heads
         if kv < 1 or self.n_head % kv:
-            raise ValueError(f"FARConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
+            raise UsageError(f"FARConfig.n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
         if math.isqrt(self.block_size) ** 2 != self.block_size:
-            raise ValueError(f"FARConfig.block_size ({self.block_size}) must be a square (grid_size ** 2)")
+            raise UsageError(f"FARConfig.block_size ({self.block_size}) must be a square (grid_size ** 2)")
         if self.num_factors > self.block_size + 1:
             # The AR head's slots take their rotations from the first k rows of the trunk's table.
-            raise ValueError(f"num_factors ({self.num_factors}) must be <= block_size + 1 ({self.block_size + 1})")
+            raise UsageError(f"num_factors ({self.num_factors}) must be <= block_size + 1 ({self.block_size + 1})")
         if self.ffn_dim is not None and self.ffn_dim < 1:
-            raise ValueError(f"FARConfig.ffn_dim must be None or >= 1, got {self.ffn_dim}")
+            raise UsageError(f"FARConfig.ffn_dim must be None or >= 1, got {self.ffn_dim}")
         for name in ("token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p", "drop_path_rate",
                      "class_dropout_prob"):
             p = getattr(self, name)
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"FARConfig.{name} must be in [0, 1), got {p}")
+                raise UsageError(f"FARConfig.{name} must be in [0, 1), got {p}")
 
     @property
     def head_dim(self) -> int:
@@ -112,11 +113,11 @@ class FARConfig:
     def from_preset(cls, name: str, **overrides) -> FARConfig:
         """``PRESETS[name]`` with ``overrides`` (any field, e.g. ``num_factors=3, vocab_size=1024``)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown FAR preset {name!r}; known: {sorted(PRESETS)}")
+            raise UsageError(f"unknown FAR preset {name!r}; known: {sorted(PRESETS)}")
         known = {f.name for f in fields(cls)}
         bad = sorted(set(overrides) - known)
         if bad:
-            raise ValueError(f"unknown FARConfig fields {bad}; known: {sorted(known)}")
+            raise UsageError(f"unknown FARConfig fields {bad}; known: {sorted(known)}")
         return replace(PRESETS[name], **overrides)
 
 

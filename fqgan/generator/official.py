@@ -25,6 +25,8 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from fqgan.runtime.errors import MissingFileError, UsageError, UsageTypeError
+
 from .config import PRESETS, FARConfig
 from .model import FAR
 
@@ -38,10 +40,10 @@ def _load(source: str | os.PathLike | Mapping) -> Mapping:
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}")
+        raise UsageTypeError(f"source must be a path or a state dict, got {type(source).__name__}")
     path = os.fspath(source)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FAR checkpoint not found: {os.path.abspath(path)}")
+        raise MissingFileError(f"FAR checkpoint not found: {os.path.abspath(path)}")
     # Official training checkpoints also pickle the argparse Namespace of the run under "args".
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -53,7 +55,7 @@ def state_dict_from_official(checkpoint: Mapping, use_ema: bool = False) -> dict
     ``module.`` / ``_orig_mod.`` prefixes of DDP and torch.compile removed."""
     if use_ema:
         if "ema" not in checkpoint:
-            raise ValueError(f"use_ema=True but the checkpoint has no 'ema' entry (keys: {sorted(checkpoint)[:8]})")
+            raise UsageError(f"use_ema=True but the checkpoint has no 'ema' entry (keys: {sorted(checkpoint)[:8]})")
         sd = checkpoint["ema"]
     else:
         sd = next((checkpoint[k] for k in ("model", "module", "state_dict")
@@ -61,7 +63,7 @@ def state_dict_from_official(checkpoint: Mapping, use_ema: bool = False) -> dict
     out = {}
     for key, value in sd.items():
         if not isinstance(value, Tensor):
-            raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor: "
+            raise UsageError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor: "
                              "not a model state dict")
         for prefix in _PREFIXES:
             while key.startswith(prefix):
@@ -81,7 +83,7 @@ def _count(sd: Mapping[str, Tensor], fmt: str) -> int:
 def _layers(sd: Mapping[str, Tensor], prefix: str) -> int:
     ids = {int(m.group(1)) for key in sd if (m := re.match(rf"^{prefix}\.(\d+)\.", key))}
     if ids and ids != set(range(len(ids))):
-        raise ValueError(f"checkpoint has {prefix}.* indices {sorted(ids)}: expected 0..{max(ids)}")
+        raise UsageError(f"checkpoint has {prefix}.* indices {sorted(ids)}: expected 0..{max(ids)}")
     return len(ids)
 
 
@@ -91,33 +93,33 @@ def config_from_official(sd: Mapping[str, Tensor], *, num_factors: int | None = 
     weight shapes; ``n_head`` from FAR-B/FAR-L by width unless given; ``block_size`` is not stored)."""
     if "cls_embedding.embedding_table.weight" not in sd:
         if any(key.startswith("cls_embedding.cap_proj") for key in sd):
-            raise ValueError("this is a text-conditional (t2i) FAR checkpoint; only class-conditional (c2i) is "
+            raise UsageError("this is a text-conditional (t2i) FAR checkpoint; only class-conditional (c2i) is "
                              "supported")
-        raise ValueError("not a FAR checkpoint: no 'cls_embedding.embedding_table.weight' "
+        raise UsageError("not a FAR checkpoint: no 'cls_embedding.embedding_table.weight' "
                          f"(first keys: {sorted(sd)[:6]})")
     k = _count(sd, "tok_embeddings_{}.weight")
     k_out = _count(sd, "output_{}.weight")
     if k == 0 or k != k_out:
-        raise ValueError(f"checkpoint has {k} input embeddings (tok_embeddings_i) and {k_out} output heads "
+        raise UsageError(f"checkpoint has {k} input embeddings (tok_embeddings_i) and {k_out} output heads "
                          "(output_i): expected k >= 1 of each")
     if num_factors is not None and num_factors != k:
-        raise ValueError(f"checkpoint is a k = {k} FAR (tok_embeddings_1..{k}, output_1..{k}) but num_factors = "
+        raise UsageError(f"checkpoint is a k = {k} FAR (tok_embeddings_1..{k}, output_1..{k}) but num_factors = "
                          f"{num_factors} was asked")
     V, D = sd["tok_embeddings_1.weight"].shape
     if n_head is None:
         if D not in _HEADS_BY_DIM:
-            raise ValueError(f"cannot infer n_head for width dim = {D} (FAR-B: 1024, FAR-L: 1280); pass n_head=")
+            raise UsageError(f"cannot infer n_head for width dim = {D} (FAR-B: 1024, FAR-L: 1280); pass n_head=")
         n_head = _HEADS_BY_DIM[D]
     n_layer, ar_n_layer = _layers(sd, "layers"), _layers(sd, "ar_head")
     if n_layer == 0 or ar_n_layer == 0:
-        raise ValueError(f"checkpoint has {n_layer} trunk layers and {ar_n_layer} AR-head layers; need >= 1 each")
+        raise UsageError(f"checkpoint has {n_layer} trunk layers and {ar_n_layer} AR-head layers; need >= 1 each")
     class_dropout_prob = overrides.pop("class_dropout_prob", 0.1)
     rows = sd["cls_embedding.embedding_table.weight"].shape[0]
     num_classes = rows - int(class_dropout_prob > 0)
     head_dim = D // n_head
     for key in ("layers.0.attention.wqkv.weight", "layers.0.feed_forward.w1.weight"):
         if key not in sd:
-            raise ValueError(f"official FAR checkpoint has no {key!r}")
+            raise UsageError(f"official FAR checkpoint has no {key!r}")
     qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
     n_kv_head = (qkv_rows // head_dim - n_head) // 2
     ffn = sd["layers.0.feed_forward.w1.weight"].shape[0]
@@ -175,13 +177,13 @@ def from_official(source: str | os.PathLike | Mapping, *, num_factors: int | Non
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"official FAR checkpoint does not match {config}:\n  missing keys: {missing[:12]}"
+        raise UsageError(f"official FAR checkpoint does not match {config}:\n  missing keys: {missing[:12]}"
                          f"{' ...' if len(missing) > 12 else ''}\n  unexpected keys: {unexpected[:12]}"
                          f"{' ...' if len(unexpected) > 12 else ''}")
     bad = [f"{key}: checkpoint {tuple(sd[key].shape)}, model {tuple(v.shape)}"
            for key, v in expected.items() if sd[key].shape != v.shape]
     if bad:
-        raise ValueError("official FAR checkpoint shapes do not match the inferred config:\n  " + "\n  ".join(bad))
+        raise UsageError("official FAR checkpoint shapes do not match the inferred config:\n  " + "\n  ".join(bad))
     state = {key: (torch.stack([sd[_STACKED[key].format(i + 1)] for i in range(config.num_factors)])
                    if key in _STACKED else sd[_official_key(key)]) for key in model.state_dict()}
     model.load_state_dict(state, strict=True)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import DistInfo
+from .errors import CheckpointError, MissingFileError
 
 __all__ = ["CHECKPOINT_FORMAT", "LAST", "META_FILE", "CheckpointError", "MissingFileError", "capture_rng",
            "check_state_dict", "find_file", "gather_rng", "load_checkpoint", "load_reason", "load_torch_file",
@@ -32,15 +33,6 @@ __all__ = ["CHECKPOINT_FORMAT", "LAST", "META_FILE", "CheckpointError", "Missing
 CHECKPOINT_FORMAT = 1
 META_FILE = "meta.pt"  # the non-tensor entries of a sharded (DCP) checkpoint folder
 LAST = ("last.pt", "last.dcp")  # what --resume auto looks for in the run folder
-
-class MissingFileError(FileNotFoundError, ValueError):
-    """A file or folder the user named (an image, a weights file, a checkpoint) does not exist. Also a
-    ``ValueError`` (bad input) and a ``FileNotFoundError``, so either ``except`` catches it."""
-
-
-class CheckpointError(ValueError):
-    """A weights file exists but cannot be used: corrupted, truncated, or not the expected layout."""
-
 
 def find_file(what: str, path: str | os.PathLike | None, env: str | None, defaults: Iterable[Path] = (),
               how: str = "", directory: bool = False) -> Path:

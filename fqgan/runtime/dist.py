@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .device import resolve_device
+from .errors import UsageError
 
 __all__ = ["DistInfo", "all_ranks_reach_here", "all_reduce_mean", "all_reduce_sum", "barrier", "distributed",
            "init_distributed", "rank_world", "teardown_distributed"]
@@ -45,7 +46,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:

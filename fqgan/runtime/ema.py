@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 __all__ = ["EMA"]
 
 
@@ -23,7 +25,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
         if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+            raise UsageError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
@@ -37,7 +39,7 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         buffers = list(model.buffers())
         if len(params) != len(mine) or len(buffers) != len(mine_buffers):
-            raise ValueError(f"model has {len(params)} parameters and {len(buffers)} buffers, the EMA "
+            raise UsageError(f"model has {len(params)} parameters and {len(buffers)} buffers, the EMA "
                              f"{len(mine)} and {len(mine_buffers)}: not the model the EMA was made from")
         if params:
             same = all(p.dtype == e.dtype for p, e in zip(params, mine))

@@ -29,6 +29,7 @@ import fqgan_kernels as fk
 
 from .checkpoint import META_FILE, CheckpointError, load_reason, save_checkpoint
 from .dist import DistInfo
+from .errors import UsageError
 
 __all__ = ["PARALLEL_MODES", "apply_activation_checkpointing", "clip_grad_norm", "grad_sync", "load_sharded",
            "save_sharded", "set_full_optimizer_state", "shard", "unwrap", "wrap_ddp"]
@@ -88,7 +89,7 @@ def shard(module: nn.Module, block_types: tuple[type[nn.Module], ...], info: Dis
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("--parallel fsdp needs a process group: run under torchrun (one process is fine: "
+        raise UsageError("--parallel fsdp needs a process group: run under torchrun (one process is fine: "
                          "torchrun --nproc_per_node 1 ...)")
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
               else MixedPrecisionPolicy())

@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .checkpoint import LAST, MissingFileError
+from .checkpoint import LAST
+from .errors import MissingFileError, RunExistsError, UsageError
 
 __all__ = ["RUN_FILES", "RunExistsError", "check_out_dir", "check_output_file", "clean_stale_files", "describe_run",
            "holds_run", "prepare_run_dir"]
@@ -25,10 +26,6 @@ __all__ = ["RUN_FILES", "RunExistsError", "check_out_dir", "check_output_file", 
 # What a training run writes at the top of its folder (and --overwrite moves aside).
 RUN_FILES = ("config.json", "metrics.jsonl", *LAST, "step_*.pt", "step_*.dcp", "PREEMPTED", "data_index.json",
              "bad_images.txt")
-
-
-class RunExistsError(ValueError):
-    """The output folder already holds a run and neither ``--resume`` nor ``--overwrite`` was given."""
 
 
 def holds_run(out_dir: str | os.PathLike) -> bool:
@@ -71,10 +68,10 @@ def check_out_dir(out_dir: str | os.PathLike, flag: str = "--out-dir") -> Path:
     """``out_dir`` as a Path, after checking it is a folder or can become one (not a file, writable)."""
     p = Path(out_dir)
     if p.exists() and not p.is_dir():
-        raise ValueError(f"{flag} {p} is an existing file, not a folder: name a folder")
+        raise UsageError(f"{flag} {p} is an existing file, not a folder: name a folder")
     parent = p if p.exists() else next((q for q in p.absolute().parents if q.exists()), None)
     if parent is None or not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag} {p}: {parent} is not writable")
+        raise UsageError(f"{flag} {p}: {parent} is not writable")
     return p
 
 
@@ -83,10 +80,10 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], flag: 
     one of ``suffixes``, it is not a folder, and its folder exists or can be made and is writable."""
     p = Path(path)
     if p.suffix.lower() not in suffixes:
-        raise ValueError(f"{flag} {p}: unknown file type {p.suffix or '(no extension)'!r}; use one of "
+        raise UsageError(f"{flag} {p}: unknown file type {p.suffix or '(no extension)'!r}; use one of "
                          f"{', '.join(suffixes)} (e.g. {p.with_suffix(suffixes[0]).name})")
     if p.is_dir():
-        raise ValueError(f"{flag} {p} is a folder; name a file inside it (e.g. {p / ('out' + suffixes[0])})")
+        raise UsageError(f"{flag} {p} is a folder; name a file inside it (e.g. {p / ('out' + suffixes[0])})")
     check_out_dir(p.parent if str(p.parent) else ".", flag=f"{flag} {p}: folder")
     return p
 

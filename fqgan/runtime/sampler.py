@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
+from .errors import UsageError
+
 __all__ = ["ResumableSampler", "epoch_batches", "worker_errors_as_one_line"]
 
 
@@ -43,7 +45,7 @@ class ResumableSampler(DistributedSampler):
     def set_position(self, epoch: int, skip: int = 0) -> None:
         """Start at index ``skip`` of this rank's share of ``epoch``."""
         if skip < 0 or skip > self.num_samples:
-            raise ValueError(f"skip={skip} outside this rank's {self.num_samples} samples per epoch")
+            raise UsageError(f"skip={skip} outside this rank's {self.num_samples} samples per epoch")
         self.set_epoch(epoch)
         self.skip = skip
 
@@ -65,7 +67,7 @@ def epoch_batches(dataset, sampler: ResumableSampler, local_batch: int, step: in
 
     steps_per_epoch = sampler.num_samples // local_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"{sampler.num_samples} samples per process is less than one batch of {local_batch}")
+        raise UsageError(f"{sampler.num_samples} samples per process is less than one batch of {local_batch}")
     # The DataLoader's own generator keeps its seeding off the global RNG (exact resume).
     gen = torch.Generator()
     while step < max_steps:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import DistInfo
+from .errors import UsageError
 
 __all__ = ["DEFAULT_STOP_SIGNALS", "PREEMPTED_EXIT_CODE", "StopRequest", "parse_signals"]
 
@@ -35,7 +36,7 @@ def parse_signals(text: str) -> list[signal.Signals]:
         try:
             out.append(signal.Signals(int(item)) if item.isdigit() else signal.Signals[name])
         except (KeyError, ValueError):
-            raise ValueError(f"--stop-signals: unknown signal {item!r} (e.g. TERM,INT,USR1)") from None
+            raise UsageError(f"--stop-signals: unknown signal {item!r} (e.g. TERM,INT,USR1)") from None
     return out
 
 

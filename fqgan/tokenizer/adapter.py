@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fqgan.runtime.errors import UsageError
+
 __all__ = ["FactorizedAdapter", "FeaturePredictor", "ResidualAttentionBlock", "SelfAttention"]
 
 
@@ -23,7 +25,7 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+            raise UsageError(f"width {width} is not divisible by heads {heads}")
         self.width, self.heads = width, heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
@@ -82,7 +84,7 @@ class FactorizedAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         if h * w != self.grid_size ** 2:
-            raise ValueError(f"FactorizedAdapter has positional embeddings for a {self.grid_size}x{self.grid_size} "
+            raise UsageError(f"FactorizedAdapter has positional embeddings for a {self.grid_size}x{self.grid_size} "
                              f"grid, got a {h}x{w} feature map")
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, C], row-major positions as the official rearrange
         x = self.ln_pre(x + self.positional_embedding.to(x.dtype))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from fqgan.runtime.errors import UsageError, UsageTypeError
 from fqgan.runtime.options import option
 
 __all__ = [
@@ -34,16 +35,16 @@ DINOV2_S = "facebook/dinov2-small"  # FQGAN-Triple's mid-level teacher (384-d)
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise UsageTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise UsageError(f"{name} must be >= 1, got {value}")
 
 
 def _non_negative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise UsageTypeError(f"{name} must be a number, got {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise UsageError(f"{name} must be >= 0, got {value}")
 
 
 _MODEL = "model (a preset, then overrides)"  # help sections of the CLI
@@ -110,46 +111,46 @@ class TokenizerConfig:
         for name in ("adapter_layers", "feat_pred_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+                raise UsageError(f"{name} must be an int >= 0, got {value!r}")
         for name in ("commit_loss_beta", "codebook_weight", "entropy_loss_ratio", "disentanglement_ratio",
                      "dropout_p", "adapter_mlp_ratio"):
             _non_negative(name, getattr(self, name))
         if self.entropy_temperature <= 0:
-            raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+            raise UsageError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
         # Tuples, so that configs hash, compare and print the same however they were written.
         for name in ("encoder_ch_mult", "decoder_ch_mult", "feat_pred_dims", "teachers", "codebook_names"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.encoder_ch_mult or any(not isinstance(m, int) or m < 1 for m in self.encoder_ch_mult):
-            raise ValueError(f"encoder_ch_mult must be positive ints, got {self.encoder_ch_mult}")
+            raise UsageError(f"encoder_ch_mult must be positive ints, got {self.encoder_ch_mult}")
         if len(self.decoder_ch_mult) != len(self.encoder_ch_mult):
-            raise ValueError(f"decoder_ch_mult {self.decoder_ch_mult} must have as many levels as "
+            raise UsageError(f"decoder_ch_mult {self.decoder_ch_mult} must have as many levels as "
                              f"encoder_ch_mult {self.encoder_ch_mult} (the decoder undoes the encoder's downsampling)")
         if any(not isinstance(m, int) or m < 1 for m in self.decoder_ch_mult):
-            raise ValueError(f"decoder_ch_mult must be positive ints, got {self.decoder_ch_mult}")
+            raise UsageError(f"decoder_ch_mult must be positive ints, got {self.decoder_ch_mult}")
         k = self.num_codebooks
         for name in ("feat_pred_dims", "teachers", "codebook_names"):
             if len(getattr(self, name)) != k:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries but num_codebooks = {k}")
+                raise UsageError(f"{name} has {len(getattr(self, name))} entries but num_codebooks = {k}")
         if any(not isinstance(d, int) or d < 0 for d in self.feat_pred_dims):
-            raise ValueError(f"feat_pred_dims must be ints >= 0, got {self.feat_pred_dims}")
+            raise UsageError(f"feat_pred_dims must be ints >= 0, got {self.feat_pred_dims}")
         if self.feat_pred_dims[0] != 0:
-            raise ValueError("sub-codebook 0 is the visual-detail one: feat_pred_dims[0] must be 0, "
+            raise UsageError("sub-codebook 0 is the visual-detail one: feat_pred_dims[0] must be 0, "
                              f"got {self.feat_pred_dims}")
         if len(set(self.codebook_names)) != k:
-            raise ValueError(f"codebook_names must be distinct, got {self.codebook_names}")
+            raise UsageError(f"codebook_names must be distinct, got {self.codebook_names}")
         if self.image_size % self.down_factor:
-            raise ValueError(f"image_size {self.image_size} is not divisible by the downsample factor "
+            raise UsageError(f"image_size {self.image_size} is not divisible by the downsample factor "
                              f"{self.down_factor} of encoder_ch_mult {self.encoder_ch_mult}")
         if self.adapter_width % self.adapter_heads:
-            raise ValueError(f"the adapter width ch * encoder_ch_mult[-1] = {self.adapter_width} is not "
+            raise UsageError(f"the adapter width ch * encoder_ch_mult[-1] = {self.adapter_width} is not "
                              f"divisible by adapter_heads = {self.adapter_heads}")
         for i, d in enumerate(self.feat_pred_dims):
             if d and d % self.feat_pred_heads:
-                raise ValueError(f"feat_pred_dims[{i}] = {d} is not divisible by feat_pred_heads = "
+                raise UsageError(f"feat_pred_dims[{i}] = {d} is not divisible by feat_pred_heads = "
                                  f"{self.feat_pred_heads}")
         for c in {self.ch * m for m in (1, *self.encoder_ch_mult, *self.decoder_ch_mult)}:
             if c % self.norm_groups:
-                raise ValueError(f"channel count {c} is not divisible by norm_groups = {self.norm_groups}")
+                raise UsageError(f"channel count {c} is not divisible by norm_groups = {self.norm_groups}")
 
     @property
     def down_factor(self) -> int:
@@ -185,7 +186,7 @@ class TokenizerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown TokenizerConfig fields: {unknown}")
+            raise UsageError(f"unknown TokenizerConfig fields: {unknown}")
         return cls(**data)
 
 
@@ -225,7 +226,7 @@ def get_preset(name: str, **changes: Any) -> TokenizerConfig:
     """The preset called ``name`` (case-insensitive, ``_`` or ``-``), with ``changes`` applied."""
     key = name.lower().replace("_", "-")
     if key not in PRESETS:
-        raise ValueError(f"unknown tokenizer preset {name!r}; known: {sorted(PRESETS)}")
+        raise UsageError(f"unknown tokenizer preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[key].replace(**changes) if changes else PRESETS[key]
 
 
@@ -268,17 +269,17 @@ class TokenizerLossConfig:
 
     def __post_init__(self) -> None:
         if self.reconstruction_loss not in ("l1", "l2"):
-            raise ValueError(f"reconstruction_loss must be 'l1' or 'l2', got {self.reconstruction_loss!r}")
+            raise UsageError(f"reconstruction_loss must be 'l1' or 'l2', got {self.reconstruction_loss!r}")
         disc = ("hinge", "vanilla", "non-saturating", "non-saturating-llamagen")
         if self.disc_loss not in disc:
-            raise ValueError(f"disc_loss must be one of {disc}, got {self.disc_loss!r}")
+            raise UsageError(f"disc_loss must be one of {disc}, got {self.disc_loss!r}")
         gen = ("hinge", "non-saturating", "non-saturating-llamagen")
         if self.gen_loss not in gen:
-            raise ValueError(f"gen_loss must be one of {gen}, got {self.gen_loss!r}")
+            raise UsageError(f"gen_loss must be one of {gen}, got {self.gen_loss!r}")
         for name in ("reconstruction_weight", "perceptual_weight", "disc_weight", "semantic_weight"):
             _non_negative(name, getattr(self, name))
         if isinstance(self.disc_start, bool) or not isinstance(self.disc_start, int) or self.disc_start < 0:
-            raise ValueError(f"disc_start must be an int >= 0, got {self.disc_start!r}")
+            raise UsageError(f"disc_start must be an int >= 0, got {self.disc_start!r}")
         for name in ("disc_dim", "disc_num_layers", "disc_in_channels"):
             _positive_int(name, getattr(self, name))
 

@@ -16,6 +16,7 @@ from fqgan.runtime.checkpoint import (
     load_checkpoint,
     load_torch_file,
 )
+from fqgan.runtime.errors import UsageError
 
 from .config import TokenizerConfig, get_preset
 from .model import FQTokenizer
@@ -53,7 +54,7 @@ def load_tokenizer(path: str | os.PathLike, device: torch.device | str = "cpu", 
     :raises CheckpointError: the file is unreadable or holds no tokenizer.
     """
     if weights not in ("auto", "ema", "model"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
+        raise UsageError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     p = checkpoint_file(path)
     # A sharded (FSDP) run's folder is gathered here; official training checkpoints also pickle their
     # argparse namespace, which load_torch_file allows.

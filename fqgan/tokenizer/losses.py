@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fqgan_kernels as fk
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 from .config import TokenizerConfig, TokenizerLossConfig
 from .discriminator import PatchGANDiscriminator
@@ -47,7 +48,7 @@ def reconstruction_loss(inputs: Tensor, reconstructions: Tensor, kind: str = "l2
         return F.mse_loss(inputs, reconstructions)
     if kind == "l1":
         return F.l1_loss(inputs, reconstructions)
-    raise ValueError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
+    raise UsageError(f"reconstruction loss must be 'l1' or 'l2', got {kind!r}")
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
@@ -107,7 +108,7 @@ def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Ten
     """``clamp(||d nll / d W|| / (||d g / d W|| + 1e-4), 0, 1e4)``, detached, W = ``last_layer``
     (taming / LlamaGen ``calculate_adaptive_weight``; nll = weighted pixel + perceptual loss)."""
     if not isinstance(last_layer, Tensor) or not last_layer.requires_grad:
-        raise ValueError("the adaptive GAN weight needs last_layer: the decoder's last weight with requires_grad "
+        raise UsageError("the adaptive GAN weight needs last_layer: the decoder's last weight with requires_grad "
                          "(pass model.last_layer)")
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -121,7 +122,7 @@ def info_nce(predicted: Tensor, target: Tensor) -> Tensor:
     (temperature 1). Equals the official ``(s @ t.T).exp()`` / row-sum form; unlike it, B = 1 works
     (the loss is then 0: the official ``squeeze()`` breaks there)."""
     if predicted.dim() != 2 or target.dim() != 2 or predicted.shape != target.shape:
-        raise ValueError(f"predicted and target must both be [B, W], got {tuple(predicted.shape)} and "
+        raise UsageError(f"predicted and target must both be [B, W], got {tuple(predicted.shape)} and "
                          f"{tuple(target.shape)}")
     p = predicted / predicted.norm(dim=-1, keepdim=True)
     t = target.detach() / target.detach().norm(dim=-1, keepdim=True)
@@ -173,7 +174,7 @@ class TokenizerLoss(nn.Module):
         super().__init__()
         self.config = c = config if config is not None else TokenizerLossConfig()
         if not isinstance(c, TokenizerLossConfig):
-            raise TypeError(f"config must be a TokenizerLossConfig, got {type(c).__name__}")
+            raise UsageTypeError(f"config must be a TokenizerLossConfig, got {type(c).__name__}")
         self.discriminator = PatchGANDiscriminator(c.disc_in_channels, c.disc_dim, c.disc_num_layers)
         self.disc_loss_fn = _DISC_LOSSES[c.disc_loss]
         self.gen_loss_fn = _GEN_LOSSES[c.gen_loss]
@@ -186,22 +187,22 @@ class TokenizerLoss(nn.Module):
         self.teachers = nn.ModuleDict()
         if self.semantic_codebooks and c.semantic_weight > 0:
             if teachers is None:
-                raise ValueError(f"the tokenizer has feature predictors on sub-codebooks "
+                raise UsageError(f"the tokenizer has feature predictors on sub-codebooks "
                                  f"{list(self.semantic_codebooks)} and "
                                  f"semantic_weight = {c.semantic_weight}: pass teachers= "
                                  "(fqgan.tokenizer.teachers.load_teachers(config)) or set semantic_weight=0")
             if not isinstance(teachers, Mapping):
                 teachers = list(teachers)
                 if len(teachers) != len(self.semantic_codebooks):
-                    raise ValueError(f"{len(teachers)} teachers for {len(self.semantic_codebooks)} feature predictors "
+                    raise UsageError(f"{len(teachers)} teachers for {len(self.semantic_codebooks)} feature predictors "
                                      f"(sub-codebooks {list(self.semantic_codebooks)})")
                 teachers = dict(zip(self.semantic_codebooks, teachers))
             for i in self.semantic_codebooks:
                 if i not in teachers:
-                    raise ValueError(f"no teacher for the feature predictor of sub-codebook {i}")
+                    raise UsageError(f"no teacher for the feature predictor of sub-codebook {i}")
                 width = getattr(teachers[i], "hidden_size", None)
                 if width is not None and width != tokenizer.feat_pred_dims[i]:
-                    raise ValueError(f"the teacher of sub-codebook {i} has hidden size {width} but its feature "
+                    raise UsageError(f"the teacher of sub-codebook {i} has hidden size {width} but its feature "
                                      f"predictor predicts {tokenizer.feat_pred_dims[i]}-d features")
                 self.teachers[str(i)] = teachers[i]
 
@@ -232,10 +233,11 @@ class TokenizerLoss(nn.Module):
         """
         c = self.config
         if not isinstance(output, TokenizerOutput):
-            raise TypeError(f"output must be the TokenizerOutput of the model's forward, got {type(output).__name__}")
+            raise UsageTypeError(f"output must be the TokenizerOutput of the model's forward, got "
+                                 f"{type(output).__name__}")
         recon = output.reconstruction
         if images.shape != recon.shape:
-            raise ValueError(f"images {tuple(images.shape)} and reconstruction {tuple(recon.shape)} differ in shape")
+            raise UsageError(f"images {tuple(images.shape)} and reconstruction {tuple(recon.shape)} differ in shape")
         images, recon = images.contiguous(), recon.contiguous()
         rec = reconstruction_loss(images, recon, c.reconstruction_loss)
         zero = rec.new_zeros(())
@@ -275,7 +277,7 @@ class TokenizerLoss(nn.Module):
         :param discriminator: the module to run (e.g. a DDP wrapper of ``self.discriminator``); default it
         """
         if images.shape != reconstructions.shape:
-            raise ValueError(f"images {tuple(images.shape)} and reconstructions {tuple(reconstructions.shape)} "
+            raise UsageError(f"images {tuple(images.shape)} and reconstructions {tuple(reconstructions.shape)} "
                              "differ in shape")
         disc = discriminator if discriminator is not None else self.discriminator
         logits_real = disc(images.contiguous().detach())

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 import fqgan_kernels as fk
 from fqgan.runtime.checkpoint import state_fingerprint
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 from .adapter import FactorizedAdapter, FeaturePredictor
 from .blocks import Decoder, Encoder, group_norm, swish
@@ -79,7 +80,7 @@ class FQTokenizer(nn.Module):
         if isinstance(config, str):
             config = get_preset(config)
         if not isinstance(config, TokenizerConfig):
-            raise TypeError(f"config must be a TokenizerConfig or a preset name, got {type(config).__name__}")
+            raise UsageTypeError(f"config must be a TokenizerConfig or a preset name, got {type(config).__name__}")
         self.config = c = config
         self.encoder = Encoder(c.in_channels, c.ch, c.encoder_ch_mult, c.num_res_blocks, c.dropout_p, c.norm_groups)
         self.branches = nn.ModuleList([EncoderBranch(c) for _ in range(c.num_codebooks)])
@@ -103,25 +104,25 @@ class FQTokenizer(nn.Module):
     def _check_images(self, images: Tensor) -> None:
         c = self.config
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+            raise UsageTypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor in [-1, 1], got {images.dtype}")
+            raise UsageTypeError(f"images must be a floating-point tensor in [-1, 1], got {images.dtype}")
         if images.dim() != 4:
-            raise ValueError(f"images must be [B, {c.in_channels}, H, W], got shape {tuple(images.shape)}")
+            raise UsageError(f"images must be [B, {c.in_channels}, H, W], got shape {tuple(images.shape)}")
         if images.shape[0] == 0:
-            raise ValueError(f"images is an empty batch (shape {tuple(images.shape)})")
+            raise UsageError(f"images is an empty batch (shape {tuple(images.shape)})")
         if images.shape[1] != c.in_channels:
-            raise ValueError(f"images must have {c.in_channels} channels on dim 1, got shape {tuple(images.shape)}")
+            raise UsageError(f"images must have {c.in_channels} channels on dim 1, got shape {tuple(images.shape)}")
         h, w = images.shape[-2:]
         if h % c.down_factor or w % c.down_factor:
-            raise ValueError(f"image size {h}x{w} is not divisible by the downsample factor {c.down_factor}")
+            raise UsageError(f"image size {h}x{w} is not divisible by the downsample factor {c.down_factor}")
         if h != c.image_size or w != c.image_size:
-            raise ValueError(f"this tokenizer takes {c.image_size}x{c.image_size} images (its adapters' positional "
+            raise UsageError(f"this tokenizer takes {c.image_size}x{c.image_size} images (its adapters' positional "
                              f"embeddings cover a {c.grid_size}x{c.grid_size} grid at downsample {c.down_factor}), "
                              f"got {h}x{w}: resize or crop the images, or use a config with that image_size")
         dev = self.post_quant_conv.weight.device
         if images.device != dev:
-            raise ValueError(f"images are on {images.device} but the model is on {dev}")
+            raise UsageError(f"images are on {images.device} but the model is on {dev}")
 
     # -- parts -------------------------------------------------------------------------------
     def encode_latents(self, images: Tensor) -> Tensor:
@@ -145,15 +146,15 @@ class FQTokenizer(nn.Module):
         need = self.config.num_codebooks * self.config.codebook_dim
         if not isinstance(quantized, torch.Tensor) or quantized.dim() != 4 or quantized.shape[1] != need:
             shape = tuple(quantized.shape) if isinstance(quantized, torch.Tensor) else type(quantized).__name__
-            raise ValueError(f"quantized must be [B, k*D = {need}, h, w], got {shape}")
+            raise UsageError(f"quantized must be [B, k*D = {need}, h, w], got {shape}")
         return self.decoder(self.post_quant_conv(quantized))
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Images ``[B, out_channels, h*f, w*f]`` from indices ``[B, k, h, w]`` (any h, w)."""
         if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+            raise UsageTypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() != 4:
-            raise ValueError(f"indices must be [B, k={self.config.num_codebooks}, h, w], got shape "
+            raise UsageError(f"indices must be [B, k={self.config.num_codebooks}, h, w], got shape "
                              f"{tuple(indices.shape)}")
         return self.decode(self.quantizer.decode_indices(indices, channel_first=True))
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError, check_state_dict, load_torch_file
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 from .config import FQGAN_DUAL_16, FQGAN_TRIPLE_16, TokenizerConfig
 from .model import FQTokenizer
@@ -137,7 +138,7 @@ def to_official_state_dict(model: FQTokenizer) -> dict[str, Tensor]:
     to run them in the official code. ``quantize_*.codebook_used`` is not written."""
     k = model.config.num_codebooks
     if k not in OFFICIAL_NAMES:
-        raise ValueError(f"the official layouts exist for k = 2 (Dual) and 3 (Triple), not k = {k}")
+        raise UsageError(f"the official layouts exist for k = 2 (Dual) and 3 (Triple), not k = {k}")
     pairs = _prefix_map(k)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
@@ -212,7 +213,7 @@ def _pick_state(checkpoint: Any, weights: str) -> Mapping[str, Tensor]:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"FQGAN checkpoint: expected a dict, got {type(checkpoint).__name__}")
     if weights not in ("auto", "ema", "model", "state_dict"):
-        raise ValueError(f"weights must be 'auto', 'ema', 'model' or 'state_dict', got {weights!r}")
+        raise UsageError(f"weights must be 'auto', 'ema', 'model' or 'state_dict', got {weights!r}")
     holders = [key for key in ("ema", "model", "state_dict") if isinstance(checkpoint.get(key), Mapping)]
     if weights == "auto":
         # The official reconstruction script's order: EMA weights first.
@@ -241,7 +242,7 @@ def from_official(source: str | os.PathLike | Mapping[str, Any], config: Tokeniz
     if isinstance(source, Mapping):
         checkpoint, where = source, "checkpoint dict"
     elif not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a checkpoint path or a (state) dict, got {type(source).__name__}")
+        raise UsageTypeError(f"source must be a checkpoint path or a (state) dict, got {type(source).__name__}")
     else:
         if not os.path.isfile(source):
             raise MissingFileError(f"FQGAN checkpoint: no such file {os.fspath(source)!r}")

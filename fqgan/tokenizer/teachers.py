@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fqgan.runtime.checkpoint import CheckpointError, MissingFileError
+from fqgan.runtime.errors import UsageError
 from fqgan.runtime.vision import import_torchvision
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def official_dinov2_positions(table: Tensor, patch_size: int, input_size: int) -
     n_pos = table.shape[1] - 1
     side = int(math.sqrt(n_pos))
     if side * side != n_pos:
-        raise ValueError(f"DINOv2 position table of {n_pos} patch positions is not a square grid")
+        raise UsageError(f"DINOv2 position table of {n_pos} patch positions is not a square grid")
     g = input_size // patch_size
     if g == side:
         return table
@@ -69,7 +70,7 @@ def official_dinov2_positions(table: Tensor, patch_size: int, input_size: int) -
     scale = (g + 0.1) / math.sqrt(n_pos)
     grid = F.interpolate(grid, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
     if tuple(grid.shape[-2:]) != (g, g):  # pragma: no cover - (g + 0.1) / n * n floors to g
-        raise ValueError(f"resampled DINOv2 positions to {tuple(grid.shape[-2:])}, expected {(g, g)}")
+        raise UsageError(f"resampled DINOv2 positions to {tuple(grid.shape[-2:])}, expected {(g, g)}")
     grid = grid.to(table.dtype).permute(0, 2, 3, 1).reshape(1, g * g, -1)
     return torch.cat([table[:, :1], grid], dim=1)
 
@@ -88,7 +89,7 @@ class FeatureTeacher(nn.Module):
     def __init__(self, model: nn.Module, kind: str, input_size: int = 224) -> None:
         super().__init__()
         if kind not in ("clip", "dinov2"):
-            raise ValueError(f"kind must be 'clip' or 'dinov2', got {kind!r}")
+            raise UsageError(f"kind must be 'clip' or 'dinov2', got {kind!r}")
         self.model, self.kind, self.input_size = model, kind, int(input_size)
         mean, std = OPENAI_CLIP_NORM if kind == "clip" else IMAGENET_NORM
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -123,7 +124,7 @@ class FeatureTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+            raise UsageError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         dtype = next(self.model.parameters()).dtype
         out = self.model(pixel_values=self.preprocess(images).to(dtype))
         # CLIP: last_hidden_state is the last encoder layer's output (= hidden_states[-1]), before
@@ -219,11 +220,11 @@ def load_teachers(config: TokenizerConfig, paths: Mapping[int, str | os.PathLike
     for i in config.semantic_codebooks:
         source = (paths or {}).get(i, config.teachers[i])
         if source is None:
-            raise ValueError(f"sub-codebook {i} has a feature predictor but config.teachers[{i}] is None and no path "
+            raise UsageError(f"sub-codebook {i} has a feature predictor but config.teachers[{i}] is None and no path "
                              "was given")
         teacher = load_teacher(source, root, input_size)
         if teacher.hidden_size != config.feat_pred_dims[i]:
-            raise ValueError(f"teacher {source} has hidden size {teacher.hidden_size} but the feature predictor of "
+            raise UsageError(f"teacher {source} has hidden size {teacher.hidden_size} but the feature predictor of "
                              f"sub-codebook {i} predicts {config.feat_pred_dims[i]}-d features")
         teachers[i] = teacher
     return teachers

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fqgan.generator.config import PRESETS as FAR_PRESETS
+from fqgan.runtime.errors import UsageError, UsageTypeError
 from fqgan.runtime.options import option
 from fqgan.runtime.parallel import PARALLEL_MODES
 from fqgan.runtime.signals import DEFAULT_STOP_SIGNALS, parse_signals
@@ -23,7 +24,7 @@ _RUN = {"group": "run", "runtime": True}
 
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise UsageError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass
@@ -89,24 +90,24 @@ class RunConfig:
         _positive("grad_accum", self.grad_accum)
         parse_signals(self.stop_signals)
         if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
+            raise UsageError(f"parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
         for name in ("ckpt_every", "keep_every", "num_workers", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+                raise UsageError(f"{name} must be an int >= 0, got {v!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UsageError(f"lr must be > 0, got {self.lr}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("weight_decay and max_grad_norm must be >= 0")
+            raise UsageError("weight_decay and max_grad_norm must be >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+            raise UsageError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+            raise UsageError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 @dataclass
@@ -142,9 +143,9 @@ class TokenizerTrainConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.model, TokenizerConfig):
-            raise TypeError(f"model must be a TokenizerConfig, got {type(self.model).__name__}")
+            raise UsageTypeError(f"model must be a TokenizerConfig, got {type(self.model).__name__}")
         if not isinstance(self.loss, TokenizerLossConfig):
-            raise TypeError(f"loss must be a TokenizerLossConfig, got {type(self.loss).__name__}")
+            raise UsageTypeError(f"loss must be a TokenizerLossConfig, got {type(self.loss).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for the checkpoint and ``config.json``)."""
@@ -163,7 +164,7 @@ class TokenizerTrainConfig(RunConfig):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown TokenizerTrainConfig fields: {unknown}")
+            raise UsageError(f"unknown TokenizerTrainConfig fields: {unknown}")
         return cls(model=model, loss=loss, teachers=None if teachers is None else tuple(teachers), **data)
 
 
@@ -205,5 +206,5 @@ class GeneratorTrainConfig(RunConfig):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown GeneratorTrainConfig fields: {unknown}")
+            raise UsageError(f"unknown GeneratorTrainConfig fields: {unknown}")
         return cls(**data)

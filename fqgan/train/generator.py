@@ -21,6 +21,7 @@ from fqgan.data.codes import CodeDataset, CodesMeta
 from fqgan.generator import FAR, FARConfig
 from fqgan.generator.load import CHECKPOINT_KIND
 from fqgan.generator.model import TransformerBlock
+from fqgan.runtime.errors import UsageError
 
 from .config import GeneratorTrainConfig
 from .loop import Phase, TrainResult, fit
@@ -36,13 +37,13 @@ def model_config_for(cfg: GeneratorTrainConfig, meta: CodesMeta) -> FARConfig:
     (token and label dropout stay) unless ``resid_dropout_p`` / ``ffn_dropout_p`` are overridden too."""
     num_classes = cfg.num_classes if cfg.num_classes is not None else max(meta.num_classes, 1)
     if num_classes < meta.num_classes:
-        raise ValueError(f"--num-classes {num_classes} is smaller than the {meta.num_classes} classes of the codes")
+        raise UsageError(f"--num-classes {num_classes} is smaller than the {meta.num_classes} classes of the codes")
     sized = {"num_factors": meta.num_codebooks, "vocab_size": meta.codebook_size,
              "block_size": meta.grid_size ** 2, "num_classes": num_classes}
     clash = {k: v for k, v in cfg.model_overrides.items() if k in sized and v != sized[k]}
     if clash:
         name = next(iter(clash))
-        raise ValueError(f"model override {name}={clash[name]} does not match the codes ({name}={sized[name]}: "
+        raise UsageError(f"model override {name}={clash[name]} does not match the codes ({name}={sized[name]}: "
                          f"k, codebook size and grid come from the tokenizer that wrote them)")
     config = FARConfig.from_preset(cfg.preset, **{**cfg.model_overrides, **sized})
     if config.drop_path_rate > 0:
@@ -85,7 +86,7 @@ class GeneratorTask:
         saved, mine = checkpoint.get("model_config"), dataclasses.asdict(self.model_cfg)
         if saved is not None and saved != mine:
             diff = sorted(k for k in saved if saved.get(k) != mine.get(k))
-            raise ValueError(f"cannot resume from {path!r}: it holds a FAR with other settings "
+            raise UsageError(f"cannot resume from {path!r}: it holds a FAR with other settings "
                              f"({', '.join(f'{k}: {saved[k]!r}' for k in diff[:6])}); use the same codes, "
                              f"--preset and model flags, or a new --out-dir")
 

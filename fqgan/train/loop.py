@@ -41,6 +41,7 @@ from fqgan.runtime.checkpoint import load_checkpoint, restore_rng, resume_path, 
 from fqgan.runtime.device import autocast, enable_tf32, resolve_precision
 from fqgan.runtime.dist import DistInfo, barrier, distributed
 from fqgan.runtime.ema import EMA
+from fqgan.runtime.errors import UsageError
 from fqgan.runtime.logging import MetricMeans, MetricsLogger, Progress, StepTimer, read_means
 from fqgan.runtime.options import run_defining_diff
 from fqgan.runtime.parallel import (
@@ -150,11 +151,11 @@ class _Run:
     def _batch_sizes(self) -> int:
         cfg, world = self.cfg, self.info.world_size
         if cfg.global_batch_size % world:
-            raise ValueError(f"global batch size {cfg.global_batch_size} is not divisible by the {world} "
+            raise UsageError(f"global batch size {cfg.global_batch_size} is not divisible by the {world} "
                              f"processes: pick a multiple of {world}")
         local = cfg.global_batch_size // world
         if local % cfg.grad_accum:
-            raise ValueError(f"the per-process batch of {local} (global {cfg.global_batch_size} over {world} "
+            raise UsageError(f"the per-process batch of {local} (global {cfg.global_batch_size} over {world} "
                              f"processes) does not split into --grad-accum {cfg.grad_accum} equal micro-batches")
         return local
 
@@ -167,13 +168,13 @@ class _Run:
         changed = run_defining_diff(self.cfg, ckpt.get("config") or {})
         if changed and not self.cfg.allow_config_change:
             details = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in changed[:6])
-            raise ValueError(f"cannot resume from {path!r} with other settings ({details}): the run would silently "
+            raise UsageError(f"cannot resume from {path!r} with other settings ({details}): the run would silently "
                              "change. Use the checkpoint's settings, --allow-config-change to resume anyway, or a "
                              "new --out-dir")
         need = ("steps",) if os.path.isdir(path) else self.task.required
         missing = [k for k in need if k not in ckpt]
         if missing:
-            raise ValueError(f"checkpoint {path!r} lacks {missing}: not a training checkpoint")
+            raise UsageError(f"checkpoint {path!r} lacks {missing}: not a training checkpoint")
         return path, ckpt
 
     def _restore_rng(self, ckpt: Mapping[str, Any], path: str, step: int) -> None:
@@ -227,7 +228,7 @@ class _Run:
                                    seed=cfg.seed)
         steps_per_epoch = sampler.num_samples // local_batch
         if steps_per_epoch == 0:
-            raise ValueError(f"the data has {len(dataset)} items, fewer than one global batch of "
+            raise UsageError(f"the data has {len(dataset)} items, fewer than one global batch of "
                              f"{cfg.global_batch_size}: lower --batch-size or add data")
         max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
 

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from fqgan.data import ImageFolder, build_dataset, collate
 from fqgan.data.scan import FolderIndex, read_classes_file, scan_image_folder
 from fqgan.runtime.dist import all_ranks_reach_here, rank_world
+from fqgan.runtime.errors import UsageError
 from fqgan.tokenizer import FQTokenizer
 from fqgan.tokenizer.adapter import FactorizedAdapter
 from fqgan.tokenizer.blocks import Decoder, Encoder
@@ -59,7 +60,7 @@ def build_loss(cfg: TokenizerTrainConfig, teachers: Mapping[int, nn.Module] | No
         paths = None
         if cfg.teachers is not None:
             if len(cfg.teachers) != len(model_cfg.semantic_codebooks):
-                raise ValueError(f"{len(cfg.teachers)} teachers given for {len(model_cfg.semantic_codebooks)} "
+                raise UsageError(f"{len(cfg.teachers)} teachers given for {len(model_cfg.semantic_codebooks)} "
                                  f"feature predictors (sub-codebooks {list(model_cfg.semantic_codebooks)})")
             paths = {i: t for i, t in zip(model_cfg.semantic_codebooks, cfg.teachers) if t is not None}
         teachers = load_teachers(model_cfg, paths)
@@ -79,7 +80,7 @@ class TokenizerTask:
     def __init__(self, cfg: TokenizerTrainConfig, teachers: Mapping[int, nn.Module] | None = None,
                  lpips: nn.Module | None = None) -> None:
         if cfg.parallel == "fsdp" and cfg.loss.disc_adaptive_weight:
-            raise ValueError("--disc-adaptive-weight takes a gradient at the decoder's last layer, which FSDP "
+            raise UsageError("--disc-adaptive-weight takes a gradient at the decoder's last layer, which FSDP "
                              "shards: use --parallel ddp with it")
         self.cfg, self._teachers, self._lpips = cfg, teachers, lpips
         self.names = cfg.model.codebook_names
@@ -124,7 +125,7 @@ class TokenizerTask:
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine.get(k)!r}" for k in diff[:6])
-            raise ValueError(f"cannot resume from {path!r}: it was trained with another model config ({details}); "
+            raise UsageError(f"cannot resume from {path!r}: it was trained with another model config ({details}); "
                              f"use the same --preset/model flags, or start a new --out-dir")
 
     def build(self, device: torch.device) -> dict[str, nn.Module]:
