@@ -96,10 +96,10 @@ def test_the_checks_catch_violations():
 # -- the floors of fqgan -----------------------------------------------------------------------------
 # Bottom to top. A module imports fqgan modules of lower floors, or of its own package; never a floor
 # above, nor another package of its floor. runtime knows no model; the models use runtime only for file
-# I/O (their loaders), option fields and the torchvision import.
+# I/O (their loaders), error types, option fields and the torchvision import.
 FLOORS = {"fqgan.runtime": 1, "fqgan.data": 2, "fqgan.tokenizer": 3, "fqgan.generator": 3, "fqgan.train": 4,
           "fqgan.eval": 4, "fqgan.demo": 5, "fqgan.cli": 6, "fqgan.__main__": 7, "fqgan": 7}
-MODEL_RUNTIME = {"fqgan.runtime.checkpoint", "fqgan.runtime.options", "fqgan.runtime.vision"}
+MODEL_RUNTIME = {"fqgan.runtime.checkpoint", "fqgan.runtime.errors", "fqgan.runtime.options", "fqgan.runtime.vision"}
 
 
 def _package(module):
