@@ -271,7 +271,8 @@ def test_load_generator_weights_auto_means_ema_when_present(tmp_path, monkeypatc
     import fqgan.generator.load as loader
 
     seen = []
-    monkeypatch.setattr(loader, "from_official", lambda ckpt, use_ema: seen.append(use_ema) or load(official(2, "B-like")))
+    far = load(official(2, "B-like"))
+    monkeypatch.setattr(loader, "from_official", lambda ckpt, use_ema: seen.append(use_ema) or far)
     ckpt = {"model": {"tok_embeddings_1.weight": torch.zeros(1)}, **({"ema": {}} if has_ema else {})}
     torch.save(ckpt, tmp_path / "far.pt")
     loader.load_generator(tmp_path / "far.pt", weights)
