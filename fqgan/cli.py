@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import linecache
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -608,7 +609,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+# The user's file system: a path that is missing, not a folder, or not writable.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("fqgan", "fqgan_kernels"))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports bad input (printed as one line) rather than a fault (a traceback): the package's own
+    types (:class:`fqgan.runtime.errors.FQGANError`), a path error, or a ValueError / TypeError raised by a
+    ``raise`` statement of fqgan or fqgan_kernels (their input checks). A ValueError raised inside torch, NumPy
+    or Python itself, or any other exception, is a fault and keeps its traceback."""
+    from fqgan.runtime.errors import FQGANError
+
+    if isinstance(exc, (FQGANError, *_PATH_ERRORS)):
+        return True
+    if not isinstance(exc, (ValueError, TypeError)) or exc.__traceback__ is None:
+        return False
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = str(Path(tb.tb_frame.f_code.co_filename).resolve())
+    line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
+    return where.startswith(_PACKAGES) and line.startswith("raise ")
 # Modules of the package's extras (pyproject.toml), by import name: (the package to install, its extra).
 _EXTRAS = {"PIL": ("pillow", "model"), "skimage": ("scikit-image", "model"), "scipy": ("scipy", "model"),
            "tqdm": ("tqdm", "model"), "matplotlib": ("matplotlib", "model"), "transformers": ("transformers", "model"),
@@ -642,8 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         args._parser.exit(2, f"fqgan {args.command}: error: this command needs {package} (module {exc.name!r}), "
                              f"part of the {extra} extra: pip install 'fqgan-kernels[{extra}]'\n")
-    except _USER_ERRORS as exc:
-        if os.environ.get("FQGAN_DEBUG"):
+    except Exception as exc:
+        if os.environ.get("FQGAN_DEBUG") or not is_user_error(exc):
             raise
         # A user error: say what to fix, without a traceback.
         args._parser.exit(2, f"fqgan {args.command}: error: {exc}\n")

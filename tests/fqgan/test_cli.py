@@ -160,3 +160,32 @@ def test_help_and_the_hint_without_the_model_extra(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert got.returncode == 2 and "needs pillow" in got.stderr and "fqgan-kernels[model]" in got.stderr
     assert "Traceback" not in got.stderr
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
+    # A ValueError that no input check raised (here: from torch) is a fault: it propagates with its traceback;
+    # the package's own input checks still end in one line.
+    import fqgan.cli as cli
+
+    def broken(args):
+        import torch
+
+        torch.zeros(2).view(3)  # RuntimeError inside torch
+        return None
+
+    def implicit(args):
+        return int("not a number")  # a ValueError Python raises, not an input check
+
+    def checked(args):
+        from fqgan.runtime.errors import UsageError
+
+        raise UsageError("--n must be positive")
+
+    for fn, exc in ((broken, RuntimeError), (implicit, ValueError)):
+        monkeypatch.setattr(cli, "run_sample", fn)
+        with pytest.raises(exc):
+            cli.main(["sample", "--checkpoint", "g.pt", "--tokenizer", "t.pt", "--class", "0"])
+    monkeypatch.setattr(cli, "run_sample", checked)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["sample", "--checkpoint", "g.pt", "--tokenizer", "t.pt", "--class", "0"])
+    assert stop.value.code == 2 and "error: --n must be positive" in capsys.readouterr().err
