@@ -15,26 +15,45 @@ null-class rows) and the KV caches; ``sampler=fused`` is :func:`fqgan_kernels.sa
 :func:`fqgan_kernels.reference.sample`. ``tokens_per_s`` counts the B x 256 x k sampled sub-tokens;
 ``sampler_share`` is the time spent inside the sampler over the whole call.
 
+Generation against the official sampling loop (``test_generation``): :func:`fqgan.generator.generate` and the
+official ``generate_fq`` / ``sample_fq`` with the official ``sample_from_logits`` (softmax + ``torch.multinomial``;
+``tests/fqgan/far_official_ref.py``, the test-only port of the official model and loop) on the same weights, at
+``B-width``, CFG 2 on both factors, top-k 0, top-p 1, batch 8 and 64, with the weights in bf16 (the official
+sampling script's default precision; bf16 matmuls run natively on CPUs with AMX or AVX512-BF16) and in fp32.
+Providers: ``fused`` = ``generate(compile=True)`` (one torch.compile graph per position and attention length,
+static KV caches); ``fqgan eager`` = ``generate()``; ``official loop``. ``tokens_per_s`` counts B x 256 x k
+sub-tokens, ``images_per_s`` B images per call; one timed call each, after a warm-up generation for ``fused``
+(``compile_s``: that first call, which compiles the 4 graphs) and a light one (the model's kernels, the draw)
+for the others.
+
 Shapes: ``tiny`` = FAR-tiny (dim 128, 4 + 2 layers); ``B-width`` = FAR-B's width and heads (dim 1024, 16 heads)
 with 2 trunk layers and 1 AR-head layer, so that a CPU run stays in minutes -- with FAR-B's full 24 + 3 layers
 the model's share of a generation step, and of a training step, only grows. k = 2, V = 16384 throughout.
 The default run times the training step at ``B-width`` (``HEADLINE_TRAIN``); ``--bench-full`` both shapes and the
 generation (marked ``bench_full``). Smoke mode (``--benchmark-disable`` or ``FQGAN_BENCH_SMOKE=1``) runs a tiny
-model at V = 512 on 4x4 grids once.
+model at V = 512 on 4x4 grids once. Generation on a loaded 2-core machine: ``OMP_NUM_THREADS=1`` (two threads
+wait on each other's barriers behind other processes' work).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
+import sys
 import time
 
 import pytest
 import selection
 import torch
+import torch.nn.functional as F
 from conftest import label, peak_extra_bytes, record, sync, timed
 
 import fqgan_kernels as fk
 from fqgan.generator import FAR, FARConfig, generate
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fqgan"))
+import far_official_ref as official  # the official model and loop (a test-only port)
 
 # name -> (preset, overrides, B, T) for the training step
 TRAIN_SHAPES = {
@@ -48,6 +67,9 @@ GEN_SHAPES = {
 }
 SMOKE = ("FAR-tiny", dict(vocab_size=512, block_size=16))
 CFG_SCALE = [2.0, 2.0]
+VS_OFFICIAL = GEN_SHAPES["B-width"]  # generation against the official loop
+VS_OFFICIAL_BATCHES = [8, 64]
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def pytest_generate_tests(metafunc):
@@ -61,6 +83,10 @@ def pytest_generate_tests(metafunc):
         shapes = {"smoke": SMOKE} if smoke else GEN_SHAPES
         metafunc.parametrize("gen_shape", list(shapes.values()), ids=list(shapes))
         metafunc.parametrize("batch", [2] if smoke else [8, 32])
+    if "setting" in metafunc.fixturenames:  # test_generation: (shape, batch, precision), providers back to back
+        shape = SMOKE if smoke else VS_OFFICIAL
+        settings = [(shape, b, p) for b in ([2] if smoke else VS_OFFICIAL_BATCHES) for p in PRECISIONS]
+        metafunc.parametrize("setting", settings, ids=[f"B{b}-{p}" for _, b, p in settings])
 
 
 def peak(fn, device) -> int:
@@ -166,3 +192,69 @@ def test_generate(benchmark, monkeypatch, gen_shape, batch, sampler, device="cpu
     mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
     record(benchmark, tokens=tokens, tokens_per_s=round(tokens / mean, 1) if mean else None,
            sampler_share=round(share, 4), threads=torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=1)
+def _models(preset: str, overrides: tuple, precision: str) -> tuple[FAR, official.Transformer]:
+    """Ours and the official model with the same weights, in ``precision`` (the official script casts its whole
+    model: ``.to(dtype=precision)``)."""
+    model = make_model(preset, dict(overrides)).eval()
+    c = model.config
+    args = official.ModelArgs(dim=c.dim, n_layer=c.n_layer, ar_n_layer=c.ar_n_layer, n_head=c.n_head,
+                              multiple_of=c.multiple_of, ffn_dim_multiplier=c.ffn_dim_multiplier,
+                              vocab_size=c.vocab_size, num_classes=c.num_classes, block_size=c.block_size,
+                              num_factors=c.num_factors, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    ref = official.Transformer(args).eval()
+    from fqgan.generator import to_official_state_dict
+
+    ref.load_state_dict(to_official_state_dict(model), strict=False)  # freqs_cis and caches are not weights
+    dtype = PRECISIONS[precision]
+    return model.to(dtype), ref.to(dtype)
+
+
+def official_sample_from_logits(logits, temperature, top_k, top_p):
+    """The official ``sample_from_logits`` at top-k 0, top-p 1 (no filtering): softmax and multinomial."""
+    logits = logits[:, -1, :] / temperature
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+@pytest.mark.bench_full
+@pytest.mark.parametrize("provider", ["fused", "fqgan eager", "official loop"])
+def test_generation(benchmark, setting, provider, device="cpu"):
+    (preset, overrides), batch, precision = setting
+    model, ref = _models(preset, tuple(sorted(overrides.items())), precision)
+    c = model.config
+    k, T = c.num_factors, c.block_size
+    labels = torch.arange(batch, device=device) % c.num_classes
+
+    calls: list[float] = []
+
+    def run():
+        t0 = time.perf_counter()
+        if provider == "official loop":
+            torch.manual_seed(0)
+            rows = official.generate_fq(ref, labels, T, CFG_SCALE, [1.0] * k, [0] * k, [1.0] * k,
+                                        official_sample_from_logits)
+            out = torch.stack(rows, dim=1)  # [B, k, T]
+        else:
+            out = generate(model, labels, cfg_scale=CFG_SCALE, seed=0, compile=provider == "fused")
+        sync(device)
+        calls.append(time.perf_counter() - t0)
+        return out
+
+    def check(out):
+        assert out.shape == (batch, k, T) and 0 <= int(out.min()) and int(out.max()) < c.vocab_size
+
+    def light_warm():  # the model's kernels and the draw on one step's shapes: a generation takes minutes
+        model.logits(torch.zeros(1, k, 1, dtype=torch.long, device=device), labels[:1])
+        torch.multinomial(torch.ones(2 * batch, c.vocab_size, device=device), 1)
+
+    label(benchmark, shape_text(preset, overrides, B=batch, k=k) + f" cfg {precision}")
+    # One timed call after a warm-up: a whole generation for the fused provider (it compiles its 4 graphs
+    # there), the light one otherwise.
+    timed(benchmark, run, check=check, device=device, cold=True, warm=run if provider == "fused" else light_warm)
+    stats = getattr(benchmark, "stats", None)
+    best = stats.stats.min if stats is not None and getattr(stats, "stats", None) else None
+    record(benchmark, tokens=batch * T * k, tokens_per_s=round(batch * T * k / best, 1) if best else None,
+           images_per_s=round(batch / best, 3) if best else None, precision=precision,
+           threads=torch.get_num_threads(), **({"compile_s": round(calls[0], 1)} if provider == "fused" else {}))

@@ -51,7 +51,7 @@ OP_OF_FILE = {
     "bench_tokenizer.py": "tokenizer step",
 }
 OP_OF_FUNCTION = {"test_torch_mm_4096": "torch.mm", "test_train_step": "FAR train step",
-                  "test_generate": "FAR generate"}
+                  "test_generate": "FAR generate", "test_generation": "FAR generation vs official loop"}
 PROVIDER_OF_FUNCTION = {
     "test_reference_eager": "reference",
     "test_reference_eager_cuda": "reference",

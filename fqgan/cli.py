@@ -36,6 +36,7 @@ _EPILOG = """examples:
   torchrun --nproc_per_node 8 -m fqgan train-generator --codes codes/ --preset FAR-L --parallel fsdp
   fqgan eval-tokenizer --checkpoint runs/tokenizer/last.pt --data sample
   fqgan reconstruct photo.jpg --checkpoint runs/tokenizer/last.pt --out recon/
+  torchrun --nproc_per_node 8 -m fqgan sample --checkpoint far.pt --tokenizer tok.pt --npz samples.npz
 """
 
 
@@ -300,6 +301,12 @@ def add_extract_codes_arguments(p: argparse.ArgumentParser) -> argparse.Argument
                         "class may then be empty or missing; default: its sorted class folders)")
     p.add_argument("--no-flip", action="store_true",
                    help="encode the images only (default: each image and its horizontal flip, as official)")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="encode the official ten crops of each image instead (the released FAR training's codes): "
+                        "a centre crop of int(image_size * crop_range) px, then torchvision TenCrop(image_size), "
+                        "stored as 10 augmentations")
+    p.add_argument("--crop-range", type=float, default=1.1,
+                   help="with --ten-crop: the centre crop's size over the image size (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops (default: %(default)s)")
@@ -309,7 +316,7 @@ def add_extract_codes_arguments(p: argparse.ArgumentParser) -> argparse.Argument
 
 
 def run_extract_codes(args: argparse.Namespace):
-    """``fqgan extract-codes``: tokenizer -> k index maps per image (and its flip), with labels."""
+    """``fqgan extract-codes``: tokenizer -> k index maps per image (and its flip, or its ten crops), with labels."""
     from torch.utils.data import Subset
 
     from fqgan.data import build_dataset
@@ -319,6 +326,10 @@ def run_extract_codes(args: argparse.Namespace):
     from fqgan.tokenizer.load import load_tokenizer
 
     _positive(args, "num_images", "batch_size")
+    if args.ten_crop and args.no_flip:
+        raise ValueError("--ten-crop and --no-flip exclude each other (the ten crops include the flipped five)")
+    if args.ten_crop and not args.crop_range >= 1:
+        raise ValueError(f"--crop-range must be >= 1 (the crops come from a larger centre crop), got {args.crop_range}")
     out = check_out_dir(args.out, "--out")
     if (out / "meta.json").exists() and not args.overwrite:
         raise ValueError(f"--out {out} already holds a code folder: pass --overwrite to replace it, or another --out")
@@ -334,13 +345,18 @@ def run_extract_codes(args: argparse.Namespace):
         else:
             dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
                                     sample_length=args.num_images or 512)
+        if args.ten_crop:
+            from fqgan.data.datasets import TenCropImages
+
+            dataset = TenCropImages(dataset, args.crop_range)
         classes = list(dataset.classes)  # stored in the code folder's meta.json
         if args.num_images is not None and args.num_images < len(dataset):
             dataset = Subset(dataset, range(args.num_images))
         progress = Progress((len(dataset) + info.world_size - 1) // info.world_size, desc="extract-codes",
                             enabled=info.is_main and not args.quiet, unit="img")
         try:
-            meta = extract_codes(tokenizer, dataset, args.out, flip=not args.no_flip, batch_size=args.batch_size,
+            meta = extract_codes(tokenizer, dataset, args.out, flip=not (args.no_flip or args.ten_crop),
+                                 ten_crop=args.crop_range if args.ten_crop else None, batch_size=args.batch_size,
                                  num_workers=args.num_workers, device=info.device, tokenizer_path=str(args.tokenizer),
                                  classes=classes, on_batch=lambda b: progress.update(b))
         finally:
@@ -409,30 +425,61 @@ def _floats(text: str) -> list[float]:
 
 def add_sample_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fqgan sample``."""
-    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+    g = _groups(p, "models", "what to sample", "sampling (defaults: the released FAR evaluation's)",
+                "many images for FID (--npz; resumable, runs under torchrun)", "speed")
+    m = g["models"]
+    m.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="generator checkpoint (from `fqgan train-generator`, or an official FAR file)")
-    p.add_argument("--tokenizer", required=True, metavar="CKPT", help="the tokenizer whose codes trained it")
-    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+    m.add_argument("--tokenizer", required=True, metavar="CKPT", help="the tokenizer whose codes trained it")
+    m.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="decode with a tokenizer other than the one whose codes trained the generator (its "
                         "fingerprint differs: the images will not be what the generator means)")
-    p.add_argument("--class", dest="classes", action="append", required=True, metavar="ID",
-                   help="class id (or a class name of the training codes); repeat for several classes")
-    p.add_argument("--n", type=int, default=16, help="images per class (default: %(default)s)")
-    p.add_argument("--out", default="samples.png", metavar="PNG", help="grid to write (default: %(default)s)")
-    p.add_argument("--cfg-scale", type=_floats, default=[2.0],
-                   help="classifier-free guidance >= 1, one value or one per sub-token, e.g. 4,2 (default: 2, "
-                        "the released FAR evaluation's)")
-    p.add_argument("--temperature", type=_floats, default=[1.0], help="> 0, one or one per sub-token (default: 1)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+    m.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
                    help="generator weights (default: %(default)s = EMA when present)")
-    p.add_argument("--tokenizer-weights", choices=("auto", "ema", "model"), default="auto",
+    m.add_argument("--tokenizer-weights", choices=("auto", "ema", "model"), default="auto",
                    help="tokenizer weights (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="images generated at once (default: %(default)s)")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: --n, at most 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    w = g["what to sample"]
+    w.add_argument("--class", dest="classes", action="append", metavar="ID",
+                   help="class id (or a class name of the training codes); repeat for several classes. A grid needs "
+                        "it; with --npz it limits the classes (default: all)")
+    w.add_argument("--n", type=int, default=16, help="grid: images per class (default: %(default)s)")
+    w.add_argument("--out", default="samples.png", metavar="PNG", help="grid to write (default: %(default)s)")
+    w.add_argument("--nrow", type=int, default=None, help="grid: images per row (default: --n, at most 16)")
+    sp = g["sampling (defaults: the released FAR evaluation's)"]
+    sp.add_argument("--cfg-scale", type=_floats, default=[2.0],
+                    help="classifier-free guidance >= 1, one value or one per sub-token, e.g. 4,2 (default: 2, "
+                         "the released FAR evaluation's)")
+    sp.add_argument("--temperature", type=_floats, default=[1.0], help="> 0, one or one per sub-token (default: 1)")
+    sp.add_argument("--top-k", type=int, default=0, help="0 = off (default: %(default)s)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="1 = off (default: %(default)s)")
+    sp.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    n = g["many images for FID (--npz; resumable, runs under torchrun)"]
+    n.add_argument("--npz", default=None, metavar="OUT.npz",
+                   help="write --num-images samples in ADM's format instead of a grid: arr_0 = uint8 [N, H, W, 3] "
+                        "(and labels), what `fqgan eval-generator` and ADM's evaluator read. Under torchrun each "
+                        "process samples its share into OUT.npz.shards/; a restarted run skips finished shards")
+    n.add_argument("--num-images", type=int, default=None,
+                   help="with --npz: how many images (default: 50000, 50 per class for ImageNet)")
+    n.add_argument("--class-order", choices=("balanced", "random"), default="balanced",
+                   help="with --npz: balanced = image i has class i mod C (every class equally often); random = a "
+                        "uniform draw per image, the official script's distribution (default: %(default)s)")
+    n.add_argument("--shard-size", type=int, default=1000,
+                   help="with --npz: images per shard file, the unit a restart resumes from (default: %(default)s)")
+    n.add_argument("--keep-shards", action="store_true",
+                   help="with --npz: keep OUT.npz.shards/ after OUT.npz is written")
+    n.add_argument("--overwrite", action="store_true", help="with --npz: replace an existing OUT.npz")
+    n.add_argument("--quiet", action="store_true", help="no progress bar")
+    f = g["speed"]
+    f.add_argument("--batch-size", type=int, default=32,
+                   help="images generated at once, per process (default: %(default)s)")
+    f.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the generator's weights: auto = bf16 on CUDA and on CPUs with AMX or AVX512-BF16 (as the "
+                        "official sampling script), fp32 elsewhere (default: %(default)s)")
+    f.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each position as one torch.compile graph (CUDA graphs on a GPU); default: on CUDA only "
+                        "(compiling takes a minute or more on a CPU)")
+    f.add_argument("--device", default="auto",
+                   help="auto (cuda:<local rank> if available, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
     return p
 
 
@@ -454,40 +501,132 @@ def check_provenance(codes_meta: dict[str, Any], tokenizer: Any, generator_path:
 
 
 def run_sample(args: argparse.Namespace):
-    """``fqgan sample``: class-conditional images from a generator + tokenizer, as a PNG grid."""
+    """``fqgan sample``: class-conditional images from a generator + tokenizer, as a PNG grid, or (``--npz``)
+    many class-balanced images in ADM's format, sharded over torchrun's processes and resumable."""
     import torch
 
     from fqgan.data.codes import resolve_classes
     from fqgan.data.images import save_grid
-    from fqgan.generator import check_generator_tokenizer, load_generator, sample_images
+    from fqgan.generator import sample_images
     from fqgan.runtime.device import resolve_device
     from fqgan.runtime.rundir import check_output_file
-    from fqgan.tokenizer import load_tokenizer
 
-    if args.n < 1 or args.batch_size < 1:
-        raise ValueError("--n and --batch-size must be positive")
-    check_output_file(args.out, (".png",))  # before hours of generation, not after
+    _positive(args, "n", "batch_size", "num_images", "shard_size")
+    if args.npz is None:
+        if not args.classes:
+            raise ValueError("give the grid's classes (--class ID, repeatable), or --npz OUT.npz for many images")
+        for flag, given in (("--num-images", args.num_images is not None), ("--keep-shards", args.keep_shards),
+                            ("--overwrite", args.overwrite)):
+            if given:
+                raise ValueError(f"{flag} goes with --npz")
+        check_output_file(args.out, (".png",))  # before hours of generation, not after
+    else:
+        npz = check_output_file(args.npz, (".npz",), "--npz")
+        if npz.exists() and not args.overwrite:
+            raise ValueError(f"--npz {npz} exists: pass --overwrite to replace it, or another --npz")
+        return _run_sample_npz(args, npz)
     device = resolve_device(args.device)
-    generator, meta = load_generator(args.checkpoint, args.weights, device)
-    tokenizer = load_tokenizer(args.tokenizer, device, args.tokenizer_weights)
-    check_generator_tokenizer(generator.config, tokenizer.config)
-    check_provenance(meta, tokenizer, args.checkpoint, args.tokenizer, args.allow_tokenizer_mismatch)
+    generator, tokenizer, meta, sampling = _load_for_sampling(args, device)
     ids = resolve_classes(args.classes, generator.config.num_classes, meta.get("classes", ()))
     labels = torch.tensor([c for c in ids for _ in range(args.n)], dtype=torch.long, device=device)
-    k = generator.config.num_factors
-    per = {}
-    for name in ("cfg_scale", "temperature"):
-        values = getattr(args, name)
-        if len(values) not in (1, k):
-            raise ValueError(f"--{name.replace('_', '-')} takes one value or k={k} values, got {len(values)}")
-        per[name] = values[0] if len(values) == 1 else values
-    images = sample_images(generator, tokenizer, labels, batch_size=args.batch_size, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, **per)
+    images = sample_images(generator, tokenizer, labels, batch_size=args.batch_size, seed=args.seed, **sampling)
     grid = save_grid(images.float().cpu(), args.out, nrow=args.nrow or min(args.n, 16))
     names = meta.get("classes", ())
     shown = ", ".join(f"{c} ({names[c]})" if c < len(names) else str(c) for c in ids)
     print(f"wrote {len(labels)} samples of class {shown} to {getattr(grid, 'path', args.out)}")
     return images
+
+
+def _load_for_sampling(args: argparse.Namespace, device: Any) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """(generator in --precision, tokenizer, the codes' metadata, generate()'s sampling keywords), checked
+    against each other (sizes, provenance)."""
+    import torch
+
+    from fqgan.generator import check_generator_tokenizer, load_generator
+    from fqgan.runtime.device import enable_tf32, resolve_precision
+    from fqgan.tokenizer import load_tokenizer
+
+    enable_tf32(device)  # the tokenizer decodes in float32 with TF32 on a GPU, as the official sampling script
+    generator, meta = load_generator(args.checkpoint, args.weights, device)
+    tokenizer = load_tokenizer(args.tokenizer, device, args.tokenizer_weights)
+    check_generator_tokenizer(generator.config, tokenizer.config)
+    check_provenance(meta, tokenizer, args.checkpoint, args.tokenizer, args.allow_tokenizer_mismatch)
+    k = generator.config.num_factors
+    sampling: dict[str, Any] = {"top_k": args.top_k, "top_p": args.top_p,
+                                "compile": args.compile if args.compile is not None else device.type == "cuda"}
+    for name in ("cfg_scale", "temperature"):
+        values = getattr(args, name)
+        if len(values) not in (1, k):
+            raise ValueError(f"--{name.replace('_', '-')} takes one value or k={k} values, got {len(values)}")
+        sampling[name] = values[0] if len(values) == 1 else values
+    if resolve_precision(args.precision, device) == "bf16":
+        generator = generator.to(torch.bfloat16)  # RoPE stays float32 (a plain attribute), as official
+    return generator, tokenizer, meta, sampling
+
+
+def _run_sample_npz(args: argparse.Namespace, npz: Path):
+    """``fqgan sample --npz``: :func:`fqgan.data.samples.write_samples_npz` with this generator and tokenizer."""
+    import numpy as np
+    import torch
+
+    from fqgan.data.codes import resolve_classes
+    from fqgan.data.samples import to_uint8, write_samples_npz
+    from fqgan.generator.generate import class_labels, image_uniforms, sample_images
+    from fqgan.runtime.device import resolve_precision
+    from fqgan.runtime.dist import init_distributed, teardown_distributed
+    from fqgan.runtime.logging import Progress
+
+    num_images = args.num_images or 50_000
+    info = init_distributed(args.device)
+    try:
+        generator, tokenizer, meta, sampling = _load_for_sampling(args, info.device)
+        c = generator.config
+        ids = (resolve_classes(args.classes, c.num_classes, meta.get("classes", ())) if args.classes
+               else list(range(c.num_classes)))
+        labels = class_labels(num_images, ids, args.class_order, args.seed)
+
+        def make(indices, batch_labels):
+            n = len(indices)
+            # compiled: a short last batch is padded to --batch-size (its own graphs would compile for minutes)
+            pad = args.batch_size - n if sampling["compile"] else 0
+            indices = np.concatenate([indices, np.repeat(indices[-1:], max(pad, 0))])
+            uniform = image_uniforms(args.seed, indices, c.num_factors, c.block_size, info.device)
+            y = torch.from_numpy(np.concatenate([batch_labels, np.repeat(batch_labels[-1:], max(pad, 0))]))
+            images = sample_images(generator, tokenizer, y.to(info.device), batch_size=len(indices),
+                                   uniform=uniform, **sampling)
+            return to_uint8(images[:n])
+
+        # What the images are: a restart with other settings is refused, not mixed in (compile and batch size
+        # change float rounding only, and may differ).
+        plan = {"checkpoint": str(Path(args.checkpoint).resolve()), "weights": args.weights,
+                "tokenizer": str(Path(args.tokenizer).resolve()), "tokenizer_weights": args.tokenizer_weights,
+                "seed": args.seed, "classes": ids, "class_order": args.class_order, "cfg_scale": args.cfg_scale,
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "precision": resolve_precision(args.precision, info.device)}
+        progress: list[Any] = []
+
+        def on_start(done: int, todo: int) -> None:
+            # rank 0's bar: its own images times the number of processes (they run in step)
+            progress.append(Progress(num_images, initial=done, desc="sample", unit="img",
+                                     enabled=info.is_main and not args.quiet))
+
+        try:
+            result = write_samples_npz(npz, labels, make, shard_size=args.shard_size, batch_size=args.batch_size,
+                                       plan=plan, keep_shards=args.keep_shards, on_start=on_start,
+                                       on_batch=lambda b: progress[0].update(b * info.world_size))
+        finally:
+            for bar in progress:
+                bar.close()
+        if info.is_main:
+            rate = result.generated / result.seconds if result.generated else 0.0
+            tokens = rate * c.num_factors * c.block_size
+            print(f"wrote {num_images} samples ({len(ids)} classes, {args.class_order}) to {npz} (arr_0 uint8 "
+                  f"[N, H, W, 3], labels); this process sampled {result.generated} at {rate:.2f} images/s "
+                  f"({tokens:.0f} tokens/s)" + (f", {result.skipped_shards} finished shards reused"
+                                                 if result.skipped_shards else ""))
+        return result
+    finally:
+        teardown_distributed()
 
 
 # -- eval-generator ---------------------------------------------------------------------------------
@@ -589,7 +728,8 @@ def _commands() -> list[Command]:
          add_extract_codes_arguments, run_extract_codes),
         ("train-generator", "train a FAR generator on extracted codes (one process, or torchrun with DDP or FSDP)",
          add_train_generator_arguments, run_train_generator),
-        ("sample", "class-conditional samples from a generator and its tokenizer, as a PNG grid",
+        ("sample", "class-conditional samples from a generator and its tokenizer, as a PNG grid or (--npz) many "
+         "class-balanced images in ADM's format for FID, resumable and sharded under torchrun",
          add_sample_arguments, run_sample),
         ("eval-generator", "FID, Inception Score, precision / recall (and sFID) of generated samples against a "
          "reference batch, as OpenAI's ADM evaluator", add_eval_generator_arguments, run_eval_generator),

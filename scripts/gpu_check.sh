@@ -10,8 +10,15 @@
 # if any did. The last table is the one to paste into benchmarks/RESULTS.md: per benchmark row the
 # measured min / median and the ratio to the H200 roofline bound of its composition
 # (scripts/roofline.py), so a kernel far from its bound shows on the first run.
+# Then (issue 19) each kernel backend against `reference` in a FAR-B training step and an FQGAN-Dual-16 tokenizer
+# training step under bf16 autocast, and FAR generation: the decode-step roofline of FAR-B / FAR-L on H200 and the
+# time to sample 50k images, then generate() of FAR-B timed eager and compiled (CUDA graphs) at batch 1 and 64,
+# in tokens/s and measured / bound.
 #   GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_BENCH_TIMEOUT (s): per-step limits (default 180 / 150; the build gets 240).
-#   GPU_CHECK_BUILD=0 / GPU_CHECK_CEILINGS=0 / GPU_CHECK_TESTS=0 / GPU_CHECK_BENCH=0: skip a step
+#   GPU_CHECK_DEADLINE (s, default 570): no step runs past it (each step's limit is cut to what is left), so the
+#   whole check stays one call of under 10 minutes; a step with under 20 s left is skipped and says so.
+#   GPU_CHECK_BUILD=0 / GPU_CHECK_CEILINGS=0 / GPU_CHECK_TESTS=0 / GPU_CHECK_BENCH=0 / GPU_CHECK_TRAIN=0 /
+#   GPU_CHECK_DECODE=0: skip a step
 #   (with GPU_CHECK_BENCH=0 and a bench.json already in $OUT, the table is made from that file:
 #   tests/test_gpu_checks.py runs the script so on a CPU machine). GPU_CHECK_BENCH_K: a -k filter
 #   for the benchmarks.
@@ -30,11 +37,19 @@ unset TRITON_INTERPRET
 declare -A STATUS=()
 ORDER=()
 
+DEADLINE="${GPU_CHECK_DEADLINE:-570}"
 step() {  # step NAME TIMEOUT_S CMD...: runs CMD with its output in $LOGS/NAME.log, records the status
   local name="$1" limit="$2"
   shift 2
-  local t0=$SECONDS rc=0
-  echo "== $name: $*"
+  local t0=$SECONDS rc=0 left=$((DEADLINE - SECONDS))
+  if (( left < 20 )); then
+    echo "== $name: skipped (${left}s left before the ${DEADLINE}s deadline)"
+    STATUS[$name]="skipped (deadline)"
+    ORDER+=("$name")
+    return 0
+  fi
+  (( limit > left - 5 )) && limit=$((left - 5))
+  echo "== $name (limit ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
   STATUS[$name]="rc=$rc $((SECONDS - t0))s"
   ORDER+=("$name")
@@ -112,7 +127,129 @@ if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
     ${GPU_CHECK_BENCH_K:+-k "$GPU_CHECK_BENCH_K"} --benchmark-json="$LOGS/bench.json"
 fi
 
-# 5. Summary and the compact table, last.
+# 5. Training steps with each kernel backend against `reference`, bf16 autocast (issue 19).
+HAS_GPU="$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
+if [[ "${GPU_CHECK_TRAIN:-1}" != 0 && "$HAS_GPU" == 1 ]]; then
+  cat >"$LOGS/train_backends.py" <<'PYEOF'
+"""One training step per kernel backend, bf16 autocast, against backend `reference`: FAR-B (k = 2, V = 16384,
+B = 4, T = 256; the heads' linear_cross_entropy) and FQGAN-Dual-16 (2 x 3 x 256 x 256: the quantizer's nearest
+code, entropy and VQ losses, pixel and GAN losses; LPIPS and teachers off: no weight files). Prints per backend
+the median step time of 3, the loss and the largest gradient difference relative to reference's gradient norm.
+--device cpu --small: the same on tiny presets (a dry run without a GPU)."""
+import argparse
+import time
+
+import torch
+
+from fqgan.generator import FAR, FARConfig
+from fqgan.tokenizer import FQTokenizer, TokenizerLoss, TokenizerLossConfig, get_preset
+
+p = argparse.ArgumentParser()
+p.add_argument("--device", default="cuda")
+p.add_argument("--small", action="store_true")
+a = p.parse_args()
+dev = torch.device(a.device)
+BACKENDS = ["reference", "torch"] + (["triton", "cuda"] if dev.type == "cuda" else ["cpu"])
+TOL = 5e-2  # bf16 autocast: the backends differ in summation order only
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def far():
+    torch.manual_seed(0)
+    c = FARConfig.from_preset("FAR-tiny" if a.small else "FAR-B", num_factors=2, num_classes=1000,
+                              vocab_size=512 if a.small else 16384, block_size=16 if a.small else 256)
+    model = FAR(c).to(dev).eval()  # eval: no dropout draws, gradients all the same
+    with torch.no_grad():
+        model.head.normal_(0.0, 2.0 / c.dim**0.5)  # the official init zeroes the heads
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, c.vocab_size, (4, 2, c.block_size), generator=g).to(dev)
+    lab = torch.randint(0, c.num_classes, (4,), generator=g).to(dev)
+
+    def step(backend):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = model(idx, lab, backend=backend).loss
+        loss.backward()
+        return loss, model
+
+    return step
+
+
+def tokenizer():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny" if a.small else "fqgan-dual-16")
+    model = FQTokenizer(cfg).to(dev).train()
+    loss_fn = TokenizerLoss(TokenizerLossConfig(disc_start=0, perceptual_weight=0.0, semantic_weight=0.0),
+                            cfg).to(dev).train()
+    x = (torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(dev)
+
+    def step(backend):
+        model.quantizer.backend = backend
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            out = model(x)
+            loss = loss_fn.generator_loss(x, out, step=1, last_layer=model.last_layer).loss
+        loss.backward()
+        return loss, model
+
+    return step
+
+
+failed = 0
+for name, make in (("FAR-B train step" if not a.small else "FAR-tiny train step", far),
+                   ("tokenizer train step" + (" (tiny)" if a.small else " (FQGAN-Dual-16)"), tokenizer)):
+    step = make()
+    ref_loss, module = step("reference")
+    ref_grads = {n: q.grad.float().clone() for n, q in module.named_parameters() if q.grad is not None}
+    print(f"{name}: backend | median ms of 3 | loss | max |grad - ref| / |ref grad| over parameters")
+    for backend in BACKENDS:
+        try:
+            loss, module = step(backend)
+        except Exception as e:  # a backend this machine cannot run is not a failure; other errors are
+            text = str(e).splitlines()[0][:110] if str(e) else type(e).__name__
+            unavailable = "cannot run" in text
+            failed += not unavailable
+            print(f"  {backend:9s} | {'unavailable' if unavailable else 'FAIL'}: {text}")
+            continue
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            loss, module = step(backend)
+            sync()
+            times.append(time.perf_counter() - t0)
+        worst = max(((q.grad.float() - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)).item()
+                    for n, q in module.named_parameters() if n in ref_grads and q.grad is not None)
+        dl = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-30)
+        bad = worst > TOL or dl > TOL
+        failed += bad
+        print(f"  {backend:9s} | {1e3 * sorted(times)[1]:9.1f} | {loss.item():.5f} (rel diff {dl:.1e}) | "
+              f"{worst:.2e}{'  FAIL' if bad else ''}")
+raise SystemExit(1 if failed else 0)
+PYEOF
+  step train_backends "${GPU_CHECK_TRAIN_TIMEOUT:-150}" "$PY" "$LOGS/train_backends.py" --device cuda
+elif [[ "${GPU_CHECK_TRAIN:-1}" != 0 ]]; then
+  echo "train_backends: skipped (no CUDA GPU)"
+fi
+
+# 6. FAR generation: the decode-step roofline on H200 and the 50k-image prediction (no GPU needed), then FAR-B's
+#    generate() eager and compiled (CUDA graphs; the first call compiles 4 graphs) in tokens/s, measured / bound.
+if [[ "${GPU_CHECK_DECODE:-1}" != 0 ]]; then
+  "$PY" scripts/roofline.py --decode | tee "$LOGS/decode_bound.md" || echo "  (decode roofline failed)"
+  if [[ "$HAS_GPU" == 1 ]]; then
+    step decode "${GPU_CHECK_DECODE_TIMEOUT:-300}" "$PY" scripts/roofline.py --decode-measure --device cuda \
+      --preset FAR-B --batches 1,64 --modes eager,compiled
+  else
+    echo "decode: generation not timed (no CUDA GPU)"
+  fi
+fi
+
+# 7. Summary and the compact table, last.
 echo
 echo "== summary (logs in $LOGS)"
 failed=0

@@ -261,6 +261,216 @@ def _shape_label(op: str, shape: tuple) -> str:
     return " ".join(f"{n}={v}" for n, v in zip(names, shape))
 
 
+# -- the FAR decode step (generation, issue 19) -------------------------------------------------------
+# One decode step = one image position for every row: the trunk on one token, then per factor the AR head on
+# one slot, that head's V logits and the draw. With CFG the rows are the B conditional and B null-class rows.
+# Bytes: every weight read once per step (the AR head's k times: its slots are sequential), the KV cache of
+# the prefix read once (the compulsory keys: position t reads t + 1 of them; our compiled step reads its
+# bucket's, on average (T/2 + T/8) / (T/2) = 1.25x that), the new keys and values written. FLOPs: 2 per
+# multiply-add of those weights per row, plus attention (QK and PV: 4 D per key per row and layer).
+# bound(step) = max(bytes / bandwidth, FLOPs / peak); a generation is the sum over its T steps.
+DECODE_PRESETS = ("FAR-B", "FAR-L")
+DECODE_BATCHES = (1, 64)
+FIFTY_K = 50_000
+# The tokenizer's pixel decoder per 256 x 256 image, FQGAN-Dual-16 (FLOPs counted on meta tensors by
+# torch.utils.flop_counter, `decoder_flops()`); the official script decodes in float32 (TF32 allowed).
+TOKENIZER_PRESET = "fqgan-dual-16"
+
+
+@dataclass
+class DecodeBound:
+    preset: str
+    n_layer: int
+    ar_n_layer: int
+    batch: int
+    rows: int  # batch x 2 with CFG
+    dtype: str
+    weight_bytes: float  # per step
+    kv_bytes: float  # per generation (all T steps)
+    flops: float  # per generation
+    seconds: float  # per generation: sum over the steps of max(bytes / bandwidth, FLOPs / peak)
+    memory_seconds: float  # per generation: the bytes term alone
+    compute_seconds: float  # per generation: the FLOPs term alone
+    memory_steps: int  # steps limited by memory
+    steps: int
+
+    @property
+    def limiter(self) -> str:
+        return ("memory" if self.memory_steps == self.steps else "compute" if self.memory_steps == 0
+                else f"memory {self.memory_steps}/{self.steps} steps")
+
+
+def far_config(preset: str, n_layer: int | None = None, ar_n_layer: int | None = None, k: int = 2,
+               vocab_size: int = 16384, block_size: int = 256):
+    from fqgan.generator.config import FARConfig
+
+    over = {n: v for n, v in (("n_layer", n_layer), ("ar_n_layer", ar_n_layer)) if v is not None}
+    return FARConfig.from_preset(preset, num_factors=k, vocab_size=vocab_size, block_size=block_size,
+                                 num_classes=1000, **over)
+
+
+def decode_bound(c, batch: int, *, bandwidth: float, peak: float, elem: int = 2, cfg: bool = True,
+                 name: str = "") -> DecodeBound:
+    """The bound of one :func:`fqgan.generator.generate` call (T steps) of FAR config ``c`` at ``batch``."""
+    D, k, V, T = c.dim, c.num_factors, c.vocab_size, c.block_size
+    kv = c.kv_heads * c.head_dim
+    block = D * (D + 2 * kv) + D * D + 3 * D * c.hidden_dim  # wqkv, wo, w1, w3, w2 (norms: negligible)
+    step_params = c.n_layer * block + k * c.ar_n_layer * block + k * V * D + k * D * D  # + heads, aggregate
+    R = batch * (2 if cfg else 1)
+    weight_bytes = elem * step_params
+    total_s = total_flops = total_kv = total_mem = total_comp = 0.0
+    memory_steps = 0
+    for t in range(T):
+        keys = t + 1
+        kv_bytes = elem * R * 2 * kv * (c.n_layer * (keys + 1) + k * c.ar_n_layer * (k + 1) / 2 + k * c.ar_n_layer)
+        flops = 2.0 * R * step_params + 4.0 * R * D * (c.n_layer * keys + c.ar_n_layer * k * (k + 1) / 2)
+        mem_s, comp_s = (weight_bytes + kv_bytes) / bandwidth, flops / peak
+        memory_steps += mem_s >= comp_s
+        total_s += max(mem_s, comp_s)
+        total_mem += mem_s
+        total_comp += comp_s
+        total_flops += flops
+        total_kv += kv_bytes
+    return DecodeBound(name or "FAR", c.n_layer, c.ar_n_layer, batch, R, "bf16" if elem == 2 else "fp32",
+                       weight_bytes, total_kv, total_flops, total_s, total_mem, total_comp, memory_steps, T)
+
+
+def decoder_flops(preset: str = TOKENIZER_PRESET) -> float:
+    """FLOPs of the tokenizer's ``decode_indices`` for one image (meta tensors: nothing is computed)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fqgan.tokenizer.config import get_preset
+    from fqgan.tokenizer.model import FQTokenizer
+
+    cfg = get_preset(preset)
+    with torch.device("meta"):
+        model = FQTokenizer(cfg).eval()
+    idx = torch.zeros(1, cfg.num_codebooks, cfg.grid_size, cfg.grid_size, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.decode_indices(idx)
+    return float(counter.get_total_flops())
+
+
+def h200_decode_table(batches=DECODE_BATCHES, presets=DECODE_PRESETS) -> str:
+    """The decode-step bounds of the released sizes on H200 (bf16 weights and KV cache, CFG), and the time to
+    sample 50,000 images."""
+    bw, peak = H200["hbm_bytes_per_s"], H200["bf16_tc_flops"]
+    lines = ["| model | batch (rows) | weights / step | KV read / step (mean) | GFLOP / step (mean) | bytes / HBM | "
+             "FLOPs / BF16 peak | bound / step | limited by | bound tokens/s | bound / 50k images |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for preset in presets:
+        c = far_config(preset)
+        for batch in batches:
+            b = decode_bound(c, batch, bandwidth=bw, peak=peak, name=preset)
+            runs = -(-FIFTY_K // batch)
+            lines.append(f"| {preset} | {batch} ({b.rows}) | {_size(b.weight_bytes)} | {_size(b.kv_bytes / b.steps)} | "
+                         f"{b.flops / b.steps / 1e9:.1f} | {_fmt_ms(b.memory_seconds / b.steps)} ms | "
+                         f"{_fmt_ms(b.compute_seconds / b.steps)} ms | {_fmt_ms(b.seconds / b.steps)} ms | "
+                         f"{b.limiter} | "
+                         f"{batch * c.block_size * c.num_factors / b.seconds:,.0f} | {runs * b.seconds / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def fifty_k_prediction(batch: int = 64, efficiency: float = 1.5) -> str:
+    """Predicted time to sample 50,000 images (FID's sample count) on one H200: the generation bound at
+    ``batch``, times ``efficiency`` (the issue's goal: within 1.5x of the bound), plus the tokenizer's pixel
+    decoder at the TF32 peak (float32 with TF32, as the official script) times the same factor."""
+    dec = decoder_flops()
+    dec_s = FIFTY_K * dec / H200["tf32_tc_flops"]
+    lines = [f"Time to sample {FIFTY_K:,} images on one H200 at batch {batch} (x2 rows with CFG), bf16 generator "
+             f"(CUDA graphs), the tokenizer decoding in TF32 ({dec / 1e9:.0f} GFLOP per image): bound, and "
+             f"predicted at {efficiency}x the bound.", "",
+             "| model | generation bound | decoder bound | total bound | predicted |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for preset in DECODE_PRESETS:
+        b = decode_bound(far_config(preset), batch, bandwidth=H200["hbm_bytes_per_s"], peak=H200["bf16_tc_flops"],
+                         name=preset)
+        gen_s = -(-FIFTY_K // batch) * b.seconds
+        total = gen_s + dec_s
+        lines.append(f"| {preset} | {gen_s / 60:.1f} min | {dec_s / 60:.1f} min | {total / 60:.1f} min | "
+                     f"{efficiency * total / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def measured_ceilings(device: str) -> tuple[float, float]:
+    """(copy bandwidth bytes/s read + written, bf16 matmul FLOP/s) measured on ``device``: the CPU's own
+    roof (no datasheet); best of a few repeats."""
+    import time
+
+    import torch
+
+    def best(fn, reps=5):
+        fn()
+        out = float("inf")
+        for _ in range(reps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out = min(out, time.perf_counter() - t0)
+        return out
+
+    n = 2**27 if device == "cpu" else 2**29  # 512 MiB / 2 GiB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    bw = 2 * src.nbytes / best(lambda: dst.copy_(src))
+    m = 2048 if device == "cpu" else 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    peak = 2 * m**3 / best(lambda: a @ b, reps=3)
+    return bw, peak
+
+
+def measure_decode(preset: str, n_layer: int | None, ar_n_layer: int | None, batches: list[int], device: str,
+                   modes: list[str], dtype: str = "bf16") -> str:
+    """``generate()`` of ``preset`` (random weights, CFG 2 on both factors) timed on ``device`` per batch and mode
+    (eager / compiled), against its bound: the H200 datasheet on CUDA, this machine's measured ceilings on CPU."""
+    import time
+
+    import torch
+
+    from fqgan.generator import FAR, generate
+
+    c = far_config(preset, n_layer, ar_n_layer)
+    torch.manual_seed(0)
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    with torch.device(device):
+        model = FAR(c)
+    with torch.no_grad():
+        model.head.normal_(0.0, 2.0 / c.dim**0.5)  # the official init zeroes the heads
+    model = model.to(dt).eval()
+    if device == "cuda":
+        bw, peak, roof = H200["hbm_bytes_per_s"], H200["bf16_tc_flops"], "H200 datasheet"
+    else:
+        bw, peak = measured_ceilings(device)
+        roof = f"this CPU, measured: copy {bw / 1e9:.1f} GB/s, bf16 mm {peak / 1e12:.2f} TFLOP/s"
+    layers = f"{c.n_layer} + {c.ar_n_layer} layers"
+    lines = [f"{preset} width ({c.dim}, {layers}), k = {c.num_factors}, V = {c.vocab_size}, T = {c.block_size}, "
+             f"CFG 2 (x2 rows), {dtype}, {device}, torch threads {torch.get_num_threads()}; bound from {roof}", "",
+             "| batch | mode | first call s | s / call | tokens/s | images/s | bound s / call | measured / bound |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for batch in batches:
+        b = decode_bound(c, batch, bandwidth=bw, peak=peak, elem=2 if dtype == "bf16" else 4, name=preset)
+        labels = torch.arange(batch, device=device) % c.num_classes
+        for mode in modes:
+            times = []
+            for _ in range(2):  # the first call compiles (compiled) or warms up
+                t0 = time.perf_counter()
+                generate(model, labels, cfg_scale=2.0, seed=0, compile=mode == "compiled")
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            first, s = times
+            tokens = batch * c.block_size * c.num_factors
+            lines.append(f"| {batch} | {mode} | {first:.1f} | {s:.3f} | {tokens / s:,.0f} | {batch / s:.2f} | "
+                         f"{b.seconds:.3f} | {s / b.seconds:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 # -- join with a pytest-benchmark JSON -------------------------------------------------------------
 _DTYPE_RE = re.compile(r"(float32|bfloat16|float16)")
 _DTYPE_NAME = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -377,9 +587,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", help="write the predicted table into this markdown file (its generated section)")
     p.add_argument("--check-coverage", action="store_true",
                    help="collect the `cuda` benchmarks and fail if one has no bound here (SHAPES out of date)")
+    p.add_argument("--decode", action="store_true",
+                   help="the FAR decode step on H200 (FAR-B, FAR-L at batch 1 and 64) and the time to sample 50k "
+                        "images")
+    p.add_argument("--decode-measure", action="store_true",
+                   help="time generate() here against its bound (CPU: the measured copy bandwidth and bf16 mm rate; "
+                        "CUDA: the H200 datasheet)")
+    p.add_argument("--preset", default="FAR-B", help="--decode-measure: the model's width (default: %(default)s)")
+    p.add_argument("--n-layer", type=int, default=None, help="--decode-measure: trunk layers (default: the preset's)")
+    p.add_argument("--ar-n-layer", type=int, default=None,
+                   help="--decode-measure: AR-head layers (default: the preset's)")
+    p.add_argument("--batches", default="1,64", help="--decode-measure: batch sizes (default: %(default)s)")
+    p.add_argument("--modes", default="eager,compiled", help="--decode-measure: eager, compiled or both")
+    p.add_argument("--device", default="cpu", help="--decode-measure: cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="--decode-measure: the weights' dtype")
     args = p.parse_args(argv)
     if args.check_coverage:
         return check_coverage()
+    if args.decode:
+        print(h200_decode_table())
+        print(fifty_k_prediction())
+        return 0
+    if args.decode_measure:
+        print(measure_decode(args.preset, args.n_layer, args.ar_n_layer, [int(b) for b in args.batches.split(",")],
+                             args.device, args.modes.split(","), args.dtype))
+        return 0
     if args.bench_json:
         with open(args.bench_json) as f:
             bench = json.load(f)["benchmarks"]

@@ -2,19 +2,20 @@
 
 As the official ``autoregressive/train/extract_codes_c2i_{dual,triple}_code.py``: every image is
 centre-cropped (``center_crop_arr``), encoded together with its horizontal flip, and both k index maps
-are kept; generator training picks one of the augmentations per item and epoch. (That is the official
+are kept; generator training picks one of the augmentations per item and epoch. That is the official
 script's default path. The released FAR run, ``train_far_dual.sh``, extracts with ``--ten-crop
---crop-range 1.1`` instead: a centre crop of ``int(1.1 * image_size)`` cut by torchvision
-``TenCrop(image_size)`` -- four corners and centre, then the same of the flipped image -- so A = 10;
-not implemented here.)
+--crop-range 1.1`` instead (``fqgan extract-codes --ten-crop``): a centre crop of ``int(1.1 * image_size)``
+cut by torchvision ``TenCrop(image_size)`` -- the four corners and the centre, then the same five of the
+flipped image -- so A = 10 (:class:`~fqgan.data.datasets.TenCropImages`).
 
 A code folder holds:
 
 * ``codes.npy``: ``[N, A, k, h, w]`` (uint16 when K <= 65536, else int32): image n, augmentation a
-  (0 = as is, 1 = flipped), sub-codebook i (the tokenizer's order), token grid;
+  (flip: 0 = as is, 1 = flipped; ten-crop: TenCrop's order), sub-codebook i (the tokenizer's order), token grid;
 * ``labels.npy``: ``[N]`` int64 class ids;
 * ``meta.json``: ``kind = "fqgan-codes"``, N, A, k, K, grid size, image size, class names, sub-codebook
-  names, the tokenizer checkpoint and its config (so a generator can be checked against a tokenizer).
+  names, the augmentations (``none``, ``flip``, ``ten-crop x1.1``), the tokenizer checkpoint and its config
+  (so a generator can be checked against a tokenizer).
 
 Under torchrun each rank encodes images ``rank, rank + W, ...`` into one shared memory-mapped file.
 The files are written under temporary names and renamed when complete.
@@ -57,6 +58,7 @@ class CodesMeta:
     tokenizer: str | None = None
     tokenizer_config: dict[str, Any] | None = None
     tokenizer_fingerprint: str | None = None  # FQTokenizer.fingerprint() of the tokenizer that wrote the codes
+    augmentation: str | None = None  # "none", "flip" or "ten-crop x<crop_range>" (None: written before it was kept)
 
     @property
     def num_classes(self) -> int:
@@ -67,7 +69,8 @@ class CodesMeta:
                 "num_codebooks": self.num_codebooks, "codebook_size": self.codebook_size,
                 "grid_size": self.grid_size, "image_size": self.image_size, "classes": list(self.classes),
                 "codebook_names": list(self.codebook_names), "tokenizer": self.tokenizer,
-                "tokenizer_config": self.tokenizer_config, "tokenizer_fingerprint": self.tokenizer_fingerprint}
+                "tokenizer_config": self.tokenizer_config, "tokenizer_fingerprint": self.tokenizer_fingerprint,
+                "augmentation": self.augmentation}
 
 
 def _code_dtype(codebook_size: int) -> np.dtype:
@@ -80,30 +83,37 @@ def _flip(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.PathLike, *, flip: bool = True,
-                  batch_size: int = 32, num_workers: int = 0, device: torch.device | str = "cpu",
-                  tokenizer_path: str | None = None, classes: list[str] | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> CodesMeta:
+                  ten_crop: float | None = None, batch_size: int = 32, num_workers: int = 0,
+                  device: torch.device | str = "cpu", tokenizer_path: str | None = None,
+                  classes: list[str] | None = None, on_batch: Callable[[int], None] | None = None) -> CodesMeta:
     """Encode every image of ``dataset`` (items ``(image [3, H, W], label)``, evaluation crops) with
     ``tokenizer`` (an :class:`~fqgan.tokenizer.FQTokenizer`) and write a code folder to ``out_dir``.
 
     :param flip: also encode each image's horizontal flip (official extraction): ``A = 2``
+    :param ten_crop: the crop range of a :class:`~fqgan.data.datasets.TenCropImages` data set, whose items are
+        the official ten crops ``[10, 3, H, W]``: ``A = 10`` in TenCrop's order (``flip`` must be False: the
+        crops hold the flips). None: items are single images
+    :param batch_size: images per batch (ten-crop: 10 crops each)
     :param classes: class names (default: ``dataset.classes``)
     :returns: the :class:`CodesMeta` written
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if ten_crop is not None and flip:
+        raise ValueError("ten_crop and flip exclude each other: the ten crops include the flipped image's five")
     device = torch.device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     c = tokenizer.config
     n = len(dataset)
     if n == 0:
         raise ValueError("the data set is empty: nothing to encode")
-    num_aug = 2 if flip else 1
+    num_aug = 10 if ten_crop is not None else 2 if flip else 1
+    augmentation = f"ten-crop x{ten_crop:g}" if ten_crop is not None else "flip" if flip else "none"
     grid = c.image_size // c.down_factor
     classes = list(classes if classes is not None else getattr(dataset, "classes", []))
     meta = CodesMeta(n, num_aug, c.num_codebooks, c.codebook_size, grid, c.image_size, tuple(classes),
                      tuple(c.codebook_names), tokenizer_path, c.to_dict(),
-                     tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None)
+                     tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None, augmentation)
     out = os.fspath(out_dir)
     tmp_codes = os.path.join(out, ".codes.npy.tmp")
     shape = (n, num_aug, c.num_codebooks, grid, grid)
@@ -125,10 +135,17 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
             for images, y in loader:
                 x = images.to(device, non_blocking=True)
                 b = x.shape[0]
-                if flip:
-                    x = torch.cat([x, _flip(x)])
-                idx = tokenizer.encode(x).cpu().numpy()  # [A*b, k, h, w]
-                idx = idx.reshape(num_aug, b, *idx.shape[1:]).transpose(1, 0, 2, 3, 4)  # [b, A, k, h, w]
+                if ten_crop is not None:
+                    if x.ndim != 5 or x.shape[1] != num_aug:
+                        raise ValueError(f"ten_crop: data set items must be [10, 3, H, W] crops (TenCropImages), "
+                                         f"got a batch of {tuple(x.shape)}")
+                    idx = tokenizer.encode(x.flatten(0, 1)).cpu().numpy()  # [b*A, k, h, w], image-major
+                    idx = idx.reshape(b, num_aug, *idx.shape[1:])  # [b, A, k, h, w]
+                else:
+                    if flip:
+                        x = torch.cat([x, _flip(x)])
+                    idx = tokenizer.encode(x).cpu().numpy()  # [A*b, k, h, w]
+                    idx = idx.reshape(num_aug, b, *idx.shape[1:]).transpose(1, 0, 2, 3, 4)  # [b, A, k, h, w]
                 rows = mine[pos:pos + b]
                 codes[rows] = idx.astype(codes.dtype)
                 labels[rows] = y.numpy()
@@ -198,7 +215,7 @@ def load_codes_meta(path: str | os.PathLike) -> CodesMeta:
         raise ValueError(f"{meta_path} is damaged ({what}): write the code folder again with `fqgan extract-codes`")
     return CodesMeta(m["num_images"], m["num_aug"], m["num_codebooks"], m["codebook_size"], m["grid_size"],
                      m["image_size"], tuple(m["classes"]), tuple(m["codebook_names"]), m.get("tokenizer"),
-                     m.get("tokenizer_config"), m.get("tokenizer_fingerprint"))
+                     m.get("tokenizer_config"), m.get("tokenizer_fingerprint"), m.get("augmentation"))
 
 
 def _load_array(path: str, mmap: bool) -> np.ndarray:
@@ -213,8 +230,8 @@ def _load_array(path: str, mmap: bool) -> np.ndarray:
 
 class CodeDataset(Dataset):
     """Items ``(codes [k, T] int64, label)`` of a code folder (T = grid_size ** 2, raster order), the
-    augmentation (as is / flipped) drawn per item from ``(seed, epoch, index)`` as the official
-    ``CustomDataset*Code`` draws one at random. ``set_epoch`` before each epoch.
+    augmentation (as is / flipped, or one of the ten crops) drawn per item from ``(seed, epoch, index)`` as
+    the official ``CustomDataset*Code`` draws one at random. ``set_epoch`` before each epoch.
 
     :param path: a folder written by :func:`extract_codes`
     :param augment: draw the augmentation (training); False: always augmentation 0

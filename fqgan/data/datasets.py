@@ -91,6 +91,18 @@ def random_crop_arr(img: Image.Image, image_size: int, rng: np.random.Generator,
     return Image.fromarray(arr[top: top + image_size, left: left + image_size])
 
 
+def ten_crop_arr(img: Image.Image, image_size: int, crop_range: float = 1.1) -> list[Image.Image]:
+    """The official ``--ten-crop`` views of one image (``extract_codes_c2i_*_code.py``): ``center_crop_arr`` to
+    ``int(image_size * crop_range)``, then torchvision's ``TenCrop(image_size)``: the top-left, top-right,
+    bottom-left, bottom-right and centre crops, then the same five of the horizontally flipped image."""
+    crop_size = int(image_size * crop_range)  # the official arithmetic: int(256 * 1.1) = 281
+    if crop_size < image_size:
+        raise ValueError(f"crop_range must be >= 1 (the ten crops of {image_size} px are cut from a centre crop of "
+                         f"int({image_size} * crop_range) px), got {crop_range}")
+    transforms = import_torchvision().transforms
+    return list(transforms.TenCrop(image_size)(center_crop_arr(img, crop_size)))
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> float32 ``[3, H, W]`` in ``[-1, 1]`` (ToTensor + Normalize(0.5, 0.5))."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)
@@ -425,6 +437,32 @@ def build_dataset(source: str, image_size: int, augment: bool = True, seed: int 
     if source == "sample":
         return SampleImages(image_size, length=sample_length, augment=augment, seed=seed)
     return ImageFolder(source, image_size, augment=augment, seed=seed)
+
+
+class TenCropImages(Dataset):
+    """Items ``(crops [10, 3, S, S], label)`` of an :class:`ImageFolder` or :class:`SampleImages`: the image
+    it would load, cut into the official ten crops (:func:`ten_crop_arr`) instead of its own transform, for
+    ``fqgan extract-codes --ten-crop`` (stored as 10 augmentations of one image)."""
+
+    NUM_CROPS = 10
+
+    def __init__(self, images: ImageFolder | SampleImages, crop_range: float = 1.1) -> None:
+        if not isinstance(images, _AugmentedImages):
+            raise TypeError(f"images must be an ImageFolder or SampleImages, got {type(images).__name__}")
+        if int(images.image_size * crop_range) < images.image_size:
+            raise ValueError(f"crop_range must be >= 1, got {crop_range}")
+        self.images = images
+        self.crop_range = float(crop_range)
+        self.classes = list(images.classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        crops = ten_crop_arr(self.images._load(index), self.images.image_size, self.crop_range)
+        return torch.stack([to_tensor(c) for c in crops]), self.images._label(index)
 
 
 def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,17 +10,20 @@ both halves receive the conditional half's sampled tokens.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fqgan_kernels as fk
 
-from .model import FAR
+from .model import FAR, StaticCache
 
 Param = float | int | Tensor
 
@@ -56,13 +59,98 @@ def _at(v: Param, r: int) -> float | int:
     return v[r].item() if isinstance(v, Tensor) else v
 
 
+ATTN_BUCKETS = 4  # trunk attention reads the keys of the current quarter of the sequence (one graph each)
+RECOMPILE_LIMIT = 64  # graphs of the compiled step kept per process (4 per batch size, dtype and model)
+
+
+class _Spec(NamedTuple):
+    """The sampling settings of one :func:`generate` call, as the decode step reads them."""
+
+    B: int
+    use_cfg: bool
+    guided: tuple[bool, ...]
+    scales: tuple
+    temps: tuple
+    top_ks: tuple
+    top_ps: tuple
+    backend: str | None
+
+
+def _position_step(model: FAR, cache: StaticCache, x: Tensor, pos: Tensor, uniform: Tensor, length: int,
+                   spec: _Spec) -> tuple[Tensor, Tensor]:
+    """One image position for every row: the trunk on input x [R, 1, D] at ``pos`` ([1] long), then per factor
+    i the AR-head slot, head i's logits, CFG + temperature + top-k/top-p and the draw with ``uniform[i]`` [B],
+    and that sub-token's embedding into the next slot. Returns (tokens [B, k], the next position's trunk input
+    [R, 1, D]). No host reads and no shape that depends on ``pos``: ``torch.compile(fullgraph=True)``
+    captures it whole (one graph per attention ``length``)."""
+    B, k = spec.B, model.config.num_factors
+    slot_in = model.decode_trunk_static(x, pos, cache, length)  # [R, 1, D]
+    drawn = []
+    for i in range(k):
+        h = model.decode_slot_static(slot_in, i, cache)  # [R, D]
+        if spec.use_cfg and spec.guided[i]:
+            logits = F.linear(h, model.head[i])  # [R, V]: both halves in one GEMM
+            cond, uncond = logits[:B], logits[B:]
+        else:
+            cond, uncond = F.linear(h[:B], model.head[i]), None  # the null rows' logits are not needed
+        tok = fk.sample(cond, uncond, cfg_scale=spec.scales[i], temperature=spec.temps[i], top_k=spec.top_ks[i],
+                        top_p=spec.top_ps[i], uniform=uniform[i], backend=spec.backend)  # [B]
+        tok = torch.cat([tok, tok]) if spec.use_cfg else tok  # the null rows follow the conditional draw
+        drawn.append(tok)
+        if i + 1 < k:
+            slot_in = model.slot_input(tok, i)
+    tokens = torch.stack(drawn, dim=1)  # [R, k]
+    return tokens[:B], model.token_input(tokens)
+
+
+_COMPILED: dict[str | None, Any] = {}
+
+
+def _compiled_step(device: torch.device):
+    """``torch.compile`` of :func:`_position_step`, fullgraph; CUDA graphs on CUDA (``mode="reduce-overhead"``)."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_position_step, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[mode]
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its last StaticCache (compiled runs)
+
+
+def _static_cache(model: FAR, rows: int, device: torch.device) -> StaticCache:
+    """The model's static cache for ``rows`` rows, kept between compiled calls: the compiled graphs (and CUDA
+    graphs) see the same buffers every call instead of recompiling or re-recording for new ones. Stale keys
+    and values of an earlier call are never read: position t writes its own before it attends, and the mask
+    hides the rest."""
+    dtype = model.aggregate.weight.dtype
+    cache = _CACHES.get(model)
+    if cache is None or cache.trunk_k[0].shape[0] != rows or cache.trunk_k[0].dtype != dtype or \
+            cache.trunk_k[0].device != device:
+        cache = model.new_static_cache(rows, device)
+        if device.type == "cuda":  # CUDA graphs update these buffers in place (a non-static input is copied)
+            for buf in cache.buffers():
+                torch._dynamo.mark_static_address(buf)
+        _CACHES[model] = cache
+    return cache
+
+
+def attention_length(t: int, T: int, buckets: int = ATTN_BUCKETS) -> int:
+    """Keys the trunk reads at position t of T: the end of t's bucket (T split in ``buckets`` equal parts,
+    rounded up to a multiple of 8), so a compiled step has ``buckets`` graphs and reads on average about
+    ``T / 2 + T / (2 * buckets)`` keys instead of T."""
+    size = -(-T // buckets)
+    size = min(T, -(-size // 8) * 8)
+    return min(T, (t // size + 1) * size)
+
+
 @torch.no_grad()
 def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] = 1.0,
              temperature: Param | Sequence[Param] = 1.0, top_k: Param | Sequence[Param] = 0,
              top_p: Param | Sequence[Param] = 1.0, seed: int | None = None,
-             generator: torch.Generator | None = None, backend: str | None = None) -> Tensor:
+             generator: torch.Generator | None = None, backend: str | None = None, uniform: Tensor | None = None,
+             compile: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """Sample ``[B, k, T]`` codes (row i: sub-codebook i, T = block_size positions in raster order) for
-    class ``labels`` [B], one position at a time with KV caches in the trunk and the AR head.
+    class ``labels`` [B], one position at a time with static KV caches in the trunk and the AR head.
 
     Factor i's token is drawn from ``softmax(filter((u + s_i (c - u)) / temperature_i))`` with ``c``/``u``
     the conditional/null-class logits of head i, ``filter`` the top-k then top-p filter of LlamaGen
@@ -74,17 +162,30 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
     :param model: a :class:`~fqgan.generator.FAR` (run in eval mode; its mode is restored after)
     :param labels: [B] integer class ids in [0, num_classes)
     :param cfg_scale: guidance scale s_i >= 1 per factor; 1 = no guidance for that factor (conditional
-        logits only). Any s_i > 1 doubles the batch with null-class rows (needs class_dropout_prob > 0).
+        logits only). Any s_i > 1 doubles the batch with null-class rows (needs class_dropout_prob > 0);
+        the conditional and null rows run as one batch.
         The official sampler treats s <= 1 as "off"; s < 1 is rejected here.
     :param temperature: > 0
     :param top_k: >= 0 (0 = off)
     :param top_p: in (0, 1] (1 = off)
     :param seed: seeds a fresh generator on the labels' device: same seed, model, labels and
         parameters -> the same codes
-    :param generator: a torch.Generator to draw from instead of ``seed`` (neither: the global RNG)
+    :param generator: a torch.Generator to draw from instead of ``seed`` (neither: the global RNG). The
+        uniform numbers are drawn up front, ``torch.rand(T, k, B, dtype=float64)`` (on CPU the same numbers
+        as one ``torch.rand(B)`` per draw in the order of the draws)
     :param backend: backend of :func:`fqgan_kernels.sample` (None: auto); ``"reference"`` samples with
         :func:`fqgan_kernels.reference.sample` (sorts over V), which draws the same uniform numbers as the
         fused kernels, so they agree token for token up to float rounding at a CDF boundary
+    :param uniform: [B, k, T] float numbers in [0, 1), the draws themselves (instead of seed / generator):
+        row b's codes then depend on row b's numbers only, not on the batch it is sampled in
+    :param compile: run each position as one ``torch.compile(fullgraph=True)`` graph (CUDA graphs on
+        CUDA): the same codes as eager up to float rounding at a CDF boundary. The first call compiles
+        (seconds to minutes); later calls with the same shapes reuse the graphs, and the KV caches of the
+        model's last batch size are kept between calls (freed with the model)
+    :param dtype: the weights' dtype for this call (None: the model's own). A model of another dtype is
+        copied in it for the call (:meth:`FAR.with_dtype`); cast the model once to avoid the copy. bf16
+        runs several times faster on GPUs and on CPUs with AMX or AVX512-BF16 (the official sampling
+        script's default precision)
     :returns: [B, k, T] int64 codes
     """
     if not isinstance(model, FAR):
@@ -107,9 +208,22 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
         _check_param(temps[i], "temperature", B, lambda v: (v > 0) & torch.isfinite(v), "> 0 and finite")
         _check_param(top_ks[i], "top_k", B, lambda v: v >= 0, ">= 0 (0 = off)", integer=True)
         _check_param(top_ps[i], "top_p", B, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 = off)")
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
+    if sum(x is not None for x in (seed, generator, uniform)) > 1:
+        raise ValueError("give seed or generator or uniform, not several")
     device = labels.device
+    if uniform is not None:
+        if not isinstance(uniform, Tensor) or not uniform.dtype.is_floating_point or uniform.shape != (B, k, T):
+            raise ValueError(f"uniform must be a float tensor of shape [B={B}, k={k}, T={T}], got "
+                             f"{getattr(uniform, 'dtype', type(uniform).__name__)} "
+                             f"{tuple(getattr(uniform, 'shape', ()))}")
+        if uniform.device != device:
+            raise ValueError(f"uniform is on {uniform.device} but labels are on {device}")
+        if B and not bool(((uniform >= 0) & (uniform < 1)).all()):
+            raise ValueError("uniform values must be in [0, 1)")
+    if compile and backend == "reference":
+        raise ValueError("compile=True needs a fused sampler backend (fk.reference.sample reads values on the host)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     guided = [_guided(s) for s in scales]
@@ -121,29 +235,39 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
             if isinstance(v, Tensor) and v.device != device:
                 raise ValueError(f"{name} tensor is on {v.device} but labels are on {device}")
 
-    rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels  # [R]
     out = torch.empty(B, k, T, dtype=torch.long, device=device)
+    if B == 0:
+        return out
+    if uniform is None:  # [T, k, B]: draw (t, i) of every row
+        uniform = torch.rand(T, k, B, generator=generator, device=device, dtype=torch.float64)
+    else:
+        uniform = uniform.to(torch.float64).permute(2, 1, 0).contiguous()
+    rows = torch.cat([labels, torch.full_like(labels, c.num_classes)]) if use_cfg else labels  # [R]
+    net = model if dtype is None or dtype == model.aggregate.weight.dtype else model.with_dtype(dtype)
+    spec = _Spec(B, use_cfg, tuple(guided), tuple(scales), tuple(temps), tuple(top_ks), tuple(top_ps), backend)
+    step = _compiled_step(device) if compile else _position_step
+    graphs = compile and device.type == "cuda"
+    # One graph per (attention length, rows, dtype, settings): several batch sizes or models in one process
+    # pass dynamo's default of 8 entries per function, after which it would stop compiling.
+    limit = torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)) \
+        if compile else contextlib.nullcontext()
     was_training = model.training
     model.eval()
+    net.eval()
     try:
-        cache = model.new_cache(rows.shape[0], device)
-        x = model.class_input(rows.long())  # [R, 1, D]
-        for t in range(T):
-            slot_in = model.decode_trunk(x, t, cache)  # [R, 1, D]
-            tokens = []
-            for i in range(k):
-                logits = F.linear(model.decode_slot(slot_in, i, cache), model.head[i])  # [R, V]
-                cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
-                uniform = torch.rand(B, generator=generator, device=device, dtype=torch.float64)
-                tok = fk.sample(cond, uncond if guided[i] else None, cfg_scale=scales[i], temperature=temps[i],
-                                top_k=top_ks[i], top_p=top_ps[i], uniform=uniform, backend=backend)
-                out[:, i, t] = tok
-                tok = torch.cat([tok, tok]) if use_cfg else tok  # the null rows follow the conditional draw
-                tokens.append(tok)
-                if i + 1 < k:
-                    slot_in = model.slot_input(tok, i)
-            if t + 1 < T:
-                x = model.token_input(torch.stack(tokens, dim=1))
+        with limit:
+            net.rope(device)  # the RoPE table onto the device once, outside any graph
+            cache = _static_cache(net, rows.shape[0], device) if compile else net.new_static_cache(rows.shape[0],
+                                                                                                   device)
+            positions = torch.arange(T, device=device).view(T, 1)
+            x = net.class_input(rows.long())  # [R, 1, D]
+            for t in range(T):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                tokens, x = step(net, cache, x, positions[t], uniform[t], attention_length(t, T), spec)
+                out[:, :, t] = tokens
+                if graphs:
+                    x = x.clone()  # the next replay overwrites this graph's outputs
     finally:
         model.train(was_training)
     return out
@@ -166,17 +290,52 @@ def check_generator_tokenizer(generator_config: Any, tokenizer_config: Any) -> N
 
 @torch.no_grad()
 def sample_images(generator: nn.Module, tokenizer: nn.Module, labels: Tensor, *, batch_size: int = 32,
-                  **sampling: Any) -> Tensor:
+                  uniform: Tensor | None = None, **sampling: Any) -> Tensor:
     """Images ``[B, 3, H, W]`` in [-1, 1] for class ids ``labels [B]``: FAR codes
-    (:func:`generate` with ``sampling`` = cfg_scale, temperature, top_k, top_p, seed)
-    decoded by the tokenizer, ``batch_size`` rows at a time."""
+    (:func:`generate` with ``sampling`` = cfg_scale, temperature, top_k, top_p, seed, compile, dtype)
+    decoded by the tokenizer, ``batch_size`` rows at a time. ``uniform`` [B, k, T]: every row's draws
+    (:func:`image_uniforms`), in place of ``seed``."""
     check_generator_tokenizer(generator.config, tokenizer.config)
     seed = sampling.pop("seed", None)
     g = grid = tokenizer.config.grid_size
     out = []
     for start in range(0, labels.shape[0], batch_size):
         chunk = labels[start:start + batch_size]
-        s = None if seed is None else seed + start
-        codes = generate(generator, chunk, seed=s, **sampling)  # [b, k, T]
+        if uniform is not None:
+            draws = dict(uniform=uniform[start:start + batch_size])
+        else:
+            draws = dict(seed=None if seed is None else seed + start)
+        codes = generate(generator, chunk, **draws, **sampling)  # [b, k, T]
         out.append(tokenizer.decode_indices(codes.view(codes.shape[0], codes.shape[1], g, grid)).clamp(-1, 1))
     return torch.cat(out)
+
+
+# -- sampling at scale (fqgan sample --npz): draws and classes that depend on an image's global index alone --
+_DRAWS, _CLASSES = 0x5A3B1E, 0xC1A55E5  # independent streams of one seed
+
+
+def image_uniforms(seed: int, indices: Sequence[int] | np.ndarray, k: int, T: int,
+                   device: torch.device | str = "cpu") -> Tensor:
+    """The uniform numbers of images ``indices`` of a sampling run, ``[n, k, T]`` float64 (:func:`generate`'s
+    ``uniform``): image i's from ``numpy.random.default_rng([stream, seed, i])`` alone, so an image is the same
+    whatever the batch, shard or number of processes it is sampled in."""
+    rows = [np.random.default_rng([_DRAWS, seed, int(i)]).random((k, T)) for i in indices]
+    return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, k, T))).to(device)
+
+
+def class_labels(num_images: int, classes: Sequence[int], order: str = "balanced", seed: int = 0) -> np.ndarray:
+    """The class of each image of a sampling run, ``[num_images]`` int64.
+
+    ``"balanced"``: image i has class ``classes[i % C]``, so every class has ``num_images // C`` or one more
+    (50 each for 50,000 ImageNet samples) and every prefix is as balanced as it can be. ``"random"``: the
+    official ``sample_c2i_ddp_*_code.py``'s distribution, a uniform draw per image (from ``(seed, i)``: the
+    official script's own draws depend on its number of GPUs)."""
+    classes = np.asarray(list(classes), dtype=np.int64)
+    if classes.ndim != 1 or classes.size == 0:
+        raise ValueError("classes must be a non-empty list of class ids")
+    if order == "balanced":
+        return classes[np.arange(num_images) % classes.size]
+    if order == "random":
+        picks = [np.random.default_rng([_CLASSES, seed, i]).integers(classes.size) for i in range(num_images)]
+        return classes[np.asarray(picks, dtype=np.int64)]
+    raise ValueError(f"order must be 'balanced' or 'random', got {order!r}")

@@ -7,7 +7,7 @@ Behaviour (every detail that affects outputs) follows showlab/FQGAN ``far_dual.p
 for any k; docs/generator.md lists those details and the tests that pin each one.
 
 One file for the whole model, as LlamaGen's and gpt-fast's ``model.py``: the blocks, the caches and the
-two-level decoding read together (about 400 lines); the sampler is in :mod:`.generate`.
+two-level decoding read together (about 500 lines); the sampler is in :mod:`.generate`.
 
 Sequence layout (training, T positions, k factors, indices [B, k, T])::
 
@@ -149,6 +149,23 @@ class Attention(nn.Module):
                                              dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, S, self.dim)))
 
+    def decode(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+        """One new position per row with a static cache (eval mode): x [R, 1, D], rope [1, hd/2, 2];
+        k_cache / v_cache [R, Hkv, T, hd] (:class:`StaticCache` buffers, written in place at ``index`` [1] long);
+        ``mask`` [L] bool, True for the keys ``[0, L)`` this position reads and sees (L <= T). Shapes never
+        depend on the position, so one compiled step serves every position of the same L."""
+        R = x.shape[0]
+        kv = self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
+        q = apply_rope(q.view(R, 1, self.n_head, self.head_dim), rope).transpose(1, 2)  # [R, H, 1, hd]
+        k = apply_rope(k.view(R, 1, self.n_kv_head, self.head_dim), rope).transpose(1, 2)  # [R, Hkv, 1, hd]
+        k_cache[:, :, index] = k  # index_put_ on the whole buffer: in place under torch.compile too
+        v_cache[:, :, index] = v.view(R, 1, self.n_kv_head, self.head_dim).transpose(1, 2)
+        L = mask.shape[0]
+        out = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], attn_mask=mask.view(1, 1, 1, L),
+                                             enable_gqa=self.n_kv_head != self.n_head)  # [R, H, 1, hd]
+        return self.wo(out.transpose(1, 2).reshape(R, 1, self.dim))
+
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples with probability p, scale the rest by 1 / (1 - p)."""
@@ -172,6 +189,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None = None, pos: int = 0) -> Tensor:
         h = x + drop_path(self.attention(self.attention_norm(x), rope, cache, pos), self.drop_path_p, self.training)
         return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_p, self.training)
+
+    def decode(self, x: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, index: Tensor, mask: Tensor) -> Tensor:
+        """Eval-mode step with a static cache (:meth:`Attention.decode`); no dropout."""
+        h = x + self.attention.decode(self.attention_norm(x), rope, k_cache, v_cache, index, mask)
+        w = self.feed_forward
+        y = self.ffn_norm(h)
+        return h + w.w2(F.silu(w.w1(y)) * w.w3(y))
 
 
 class LabelEmbedder(nn.Module):
@@ -199,6 +223,21 @@ class FARCache(NamedTuple):
 
     trunk: list[KVCache]
     head: list[KVCache]
+
+
+class StaticCache(NamedTuple):
+    """Preallocated generation state for a compiled decode step: the keys and values of every trunk layer
+    (``block_size`` positions) and every AR-head layer (k slots), one buffer per layer, written in place
+    (whole buffers, not views of a stacked one: a compiled step then updates them in place, where a view's
+    update would copy its whole base)."""
+
+    trunk_k: list[Tensor]  # n_layer x [R, Hkv, T, hd]
+    trunk_v: list[Tensor]
+    head_k: list[Tensor]  # ar_n_layer x [R, Hkv, k, hd]
+    head_v: list[Tensor]
+
+    def buffers(self) -> list[Tensor]:
+        return [*self.trunk_k, *self.trunk_v, *self.head_k, *self.head_v]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +288,15 @@ class FAR(nn.Module):
                 nn.init.ones_(m.weight)
         nn.init.normal_(self.tok_embed, 0.0, std)
         nn.init.zeros_(self.head)
+
+    def with_dtype(self, dtype: torch.dtype) -> FAR:
+        """A copy of this model (eval mode) with its weights in ``dtype`` and the RoPE table in float32, as
+        ``copy.deepcopy(self).to(dtype)`` without the full-precision copy in between."""
+        with torch.device("meta"):
+            twin = FAR(self.config)
+        twin.load_state_dict({n: t.detach().to(dtype) for n, t in self.state_dict().items()}, assign=True)
+        twin._rope = self._rope
+        return twin.eval()
 
     def rope(self, device: torch.device) -> Tensor:
         """The float32 RoPE table [1 + T, hd/2, 2] on ``device`` (row 0 zeros: the class token)."""
@@ -399,6 +447,38 @@ class FAR(nn.Module):
         for layer, kv in zip(self.layers, cache.trunk):
             x = layer(x, rope, kv, pos)
         return x
+
+    def new_static_cache(self, batch: int, device: torch.device | str, dtype: torch.dtype | None = None) -> StaticCache:
+        """Zeroed :class:`StaticCache` buffers for ``batch`` rows (the model's dtype unless given)."""
+        c = self.config
+        z = dict(dtype=dtype or self.aggregate.weight.dtype, device=torch.device(device))
+        trunk = (batch, c.kv_heads, c.block_size, c.head_dim)
+        head = (batch, c.kv_heads, c.num_factors, c.head_dim)
+        return StaticCache(*([torch.zeros(shape, **z) for _ in range(n)]
+                             for shape, n in ((trunk, c.n_layer), (trunk, c.n_layer), (head, c.ar_n_layer),
+                                              (head, c.ar_n_layer))))
+
+    def decode_trunk_static(self, x: Tensor, pos: Tensor, cache: StaticCache, length: int | None = None) -> Tensor:
+        """Trunk on one input per row x [R, 1, D] at position ``pos`` ([1] long tensor; 0 = class token), with
+        the static cache: keys ``[0, length)`` are read (default ``block_size``; ``length > pos``), those after
+        ``pos`` masked. Eval mode (no dropout). Same numbers as :meth:`decode_trunk` up to float rounding."""
+        length = self.config.block_size if length is None else length
+        rope = self.rope(x.device).index_select(0, pos)  # [1, hd/2, 2]
+        mask = torch.arange(length, device=x.device) <= pos  # [length]
+        for layer, k_cache, v_cache in zip(self.layers, cache.trunk_k, cache.trunk_v):
+            x = layer.decode(x, rope, k_cache, v_cache, pos, mask)
+        return x
+
+    def decode_slot_static(self, x: Tensor, slot: int, cache: StaticCache) -> Tensor:
+        """AR head on one slot input x [R, 1, D] with the static cache -> final-norm hidden [R, D] of head
+        ``slot`` (:meth:`decode_slot` with a static cache; eval mode)."""
+        k = self.config.num_factors
+        index = torch.full((1,), slot, dtype=torch.long, device=x.device)
+        rope = self.rope(x.device)[slot: slot + 1]
+        mask = torch.arange(k, device=x.device) <= slot
+        for layer, k_cache, v_cache in zip(self.ar_layers, cache.head_k, cache.head_v):
+            x = layer.decode(x, rope, k_cache, v_cache, index, mask)
+        return self.norm(x)[:, 0]
 
     def decode_slot(self, x: Tensor, slot: int, cache: FARCache) -> Tensor:
         """AR head on one slot input x [R, 1, D] (slot 0: the trunk state) -> final-norm hidden [R, D]

@@ -1,13 +1,18 @@
-"""FAR model and generation: shapes, fused vs reference loss, causality, KV cache, CFG, determinism, bad input."""
+"""FAR model and generation: shapes, fused vs reference loss, causality, KV cache, CFG, determinism, fast sampling
+(static cache, torch.compile, bf16, per-row draws), bad input."""
 
+
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_sample import MAX_NEAR_BOUNDARY, near_boundary
 from tolerances import TOLERANCES
 
 import fqgan_kernels as fk
 from fqgan.generator import FAR, PRESETS, FARConfig, generate
+from fqgan.generator.generate import attention_length
 
 RTOL, ATOL = TOLERANCES[torch.float32]
 
@@ -284,6 +289,124 @@ def test_greedy_follows_argmax():
     out = generate(model, labels, top_k=1, seed=0)
     logits = model.logits(out, labels)
     assert torch.equal(logits.argmax(-1), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# fast sampling: static caches, one compiled graph per attention length, bf16, per-row draws
+# ---------------------------------------------------------------------------------------------
+def assert_same_codes(got, want, model, labels, uniform, cfg, temp, top_k, top_p, what=""):
+    """Equal codes, except rows whose first differing draw sits within float rounding of a threshold of the
+    sampler (tests/test_sample.py's near_boundary on the logits of the common prefix); such rows must be rare.
+    ``uniform`` [B, k, T]: the draws; cfg, temp, top_k, top_p: one value per factor."""
+    if torch.equal(got, want):
+        return
+    B, k, _ = want.shape
+    bad = []
+    for b in range(B):
+        diff = (got[b] != want[b]).t().flatten()  # draw order: position, then factor
+        if not diff.any():
+            continue
+        t, i = divmod(int(diff.nonzero()[0, 0]), k)
+        prefix, lab = want[b:b + 1], labels[b:b + 1]
+        cond = model.logits(prefix, lab)[:, i, t]
+        uncond = model.logits(prefix, lab, drop_labels=torch.ones(1, dtype=torch.bool))[:, i, t] if cfg[i] > 1 \
+            else None
+        assert near_boundary(cond, uncond, cfg[i], temp[i], top_k[i], top_p[i], uniform[b:b + 1, i, t]).all(), \
+            f"{what}: row {b} differs at position {t}, factor {i}, away from any sampling threshold"
+        bad.append(b)
+    assert len(bad) <= max(1, MAX_NEAR_BOUNDARY * B), f"{what}: {len(bad)} of {B} rows at a near-tie"
+
+
+@pytest.mark.parametrize("k,n_kv_head", [(2, None), (3, 1)])
+def test_static_cache_decode_equals_the_growing_cache(k, n_kv_head):
+    model = make(num_factors=k, n_kv_head=n_kv_head)
+    idx, lab = inputs(model)
+    B, _, T = idx.shape
+    with torch.no_grad():
+        grow, static = model.new_cache(B, "cpu"), model.new_static_cache(B, "cpu")
+        x = model.class_input(lab)
+        for t in range(T):
+            pos = torch.tensor([t])
+            a, b = model.decode_trunk(x, t, grow), model.decode_trunk_static(x, pos, static, attention_length(t, T))
+            close(b, a, rtol=1e-5, atol=1e-5)
+            for j in range(k):
+                close(model.decode_slot_static(b, j, static), model.decode_slot(a, j, grow), rtol=1e-5, atol=1e-5)
+                if j + 1 < k:
+                    a = b = model.slot_input(idx[:, j, t], j)
+            x = model.token_input(idx[:, :, t])
+
+
+def test_attention_length_buckets():
+    assert [attention_length(t, 256) for t in (0, 63, 64, 127, 128, 200, 255)] == [64, 64, 128, 128, 192, 256, 256]
+    assert sorted({attention_length(t, 16) for t in range(16)}) == [8, 16]
+    assert {attention_length(t, 4) for t in range(4)} == {4}
+    assert all(attention_length(t, 9) > t for t in range(9))
+
+
+def test_compiled_step_is_one_graph_per_attention_length(monkeypatch):
+    """fullgraph (no graph break) and no recompile across positions: 64 positions, 4 lengths, 4 graphs; a second
+    call compiles nothing. Dynamo only (backend "eager"): the inductor run is the next test."""
+    from torch._dynamo.testing import CompileCounter
+
+    gen_module = sys.modules["fqgan.generator.generate"]
+    counter = CompileCounter()
+    monkeypatch.setitem(gen_module._COMPILED, None, torch.compile(gen_module._position_step, fullgraph=True,
+                                                                 dynamic=False, backend=counter))
+    model = make(num_factors=3, n_kv_head=1, vocab_size=23, block_size=64)
+    labels = torch.tensor([0, 6, 3])
+    kw = dict(cfg_scale=[3.0, 1.0, 1.5], temperature=[1.0, 0.7, 1.2], top_k=[0, 5, 0], top_p=[1.0, 0.9, 1.0], seed=4)
+    eager = generate(model, labels, **kw)
+    assert torch.equal(generate(model, labels, compile=True, **kw), eager)
+    assert counter.frame_count == 4
+    generate(model, labels, compile=True, **kw)
+    assert counter.frame_count == 4
+
+
+def test_compiled_generate_equals_eager():
+    """torch.compile (inductor, this CPU) against eager: the same codes up to float rounding at a threshold."""
+    model = make(vocab_size=29, block_size=16, n_layer=1, ar_n_layer=1)
+    labels = torch.tensor([0, 6, 3, 2])
+    cfg, temp, top_k, top_p = [3.0, 1.5], [1.0, 0.8], [0, 7], [0.9, 1.0]
+    uniform = torch.rand(4, 2, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kw = dict(cfg_scale=cfg, temperature=temp, top_k=top_k, top_p=top_p, uniform=uniform)
+    got = generate(model, labels, compile=True, **kw)
+    assert_same_codes(got, generate(model, labels, **kw), model, labels, uniform, cfg, temp, top_k, top_p, "compiled")
+
+
+def test_generate_in_bfloat16():
+    model = make(vocab_size=23, block_size=16)
+    labels = torch.tensor([1, 4, 2])
+    out = generate(model, labels, cfg_scale=2.0, seed=3, dtype=torch.bfloat16)
+    assert model.head.dtype == torch.float32  # the model itself is not cast
+    twin = model.with_dtype(torch.bfloat16)
+    assert twin.head.dtype == torch.bfloat16 and twin.rope(torch.device("cpu")).dtype == torch.float32
+    assert torch.equal(out, generate(twin, labels, cfg_scale=2.0, seed=3))
+    assert out.dtype == torch.long and out.shape == (3, 2, 16)
+    with pytest.raises(TypeError, match="dtype"):
+        generate(model, labels, dtype=torch.int32)
+
+
+def test_uniform_draws_make_rows_independent_of_their_batch():
+    model = make(vocab_size=23, block_size=9)
+    labels = torch.tensor([5, 1, 3, 3])
+    uniform = torch.rand(4, 2, 9, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    cfg, temp, top_k, top_p = [2.0, 2.0], [1.0, 1.0], [0, 0], [1.0, 1.0]
+    batch = generate(model, labels, cfg_scale=cfg, uniform=uniform)
+    alone = torch.cat([generate(model, labels[b:b + 1], cfg_scale=cfg, uniform=uniform[b:b + 1]) for b in range(4)])
+    assert_same_codes(alone, batch, model, labels, uniform, cfg, temp, top_k, top_p, "alone vs batch")
+    # the seed's draws are torch.rand(T, k, B): the same codes as those numbers given as uniform
+    g = torch.Generator().manual_seed(2)
+    drawn = torch.rand(9, 2, 4, generator=g, dtype=torch.float64).permute(2, 1, 0)
+    assert torch.equal(generate(model, labels, cfg_scale=cfg, seed=2), generate(model, labels, cfg_scale=cfg,
+                                                                                 uniform=drawn))
+    with pytest.raises(ValueError, match=r"uniform must be a float tensor of shape \[B=4, k=2, T=9\]"):
+        generate(model, labels, uniform=uniform[:, :, :3])
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        generate(model, labels, uniform=uniform + 1)
+    with pytest.raises(ValueError, match="not several"):
+        generate(model, labels, uniform=uniform, seed=1)
+    with pytest.raises(ValueError, match="fused sampler"):
+        generate(model, labels, compile=True, backend="reference")
 
 
 # ---------------------------------------------------------------------------------------------
