@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from selection import DEFAULT, FUSED, REFERENCE
-from summary_plot import speedup_chart
+
+from fqgan.eval.charts import speedup_chart
 
 COMPILE = "torch.compile"
 FILES = {"json": "summary.json", "md": "summary.md", "png": "speedup.png"}
@@ -138,7 +139,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def chart_rows(rows: list[dict]) -> list[dict]:
-    """:func:`summary_plot.speedup_chart`'s input: speed-up over the reference per provider and row."""
+    """:func:`fqgan.eval.charts.speedup_chart`'s input: speed-up over the reference per provider and row."""
     out = []
     for r in rows:
         if r["over_reference"]:

@@ -178,7 +178,7 @@ def test_summary_writes_json_markdown_and_chart(tmp_path):
 def test_speedup_chart_takes_plain_rows(tmp_path):
     """The chart's interface is plain dicts (reused by other reports): rows with missing or zero values."""
     pytest.importorskip("matplotlib")
-    from summary_plot import speedup_chart
+    from fqgan.eval.charts import speedup_chart
 
     path = speedup_chart([{"label": "a", "speedups": {"fused": 8.1, "torch.compile": 0.0}},
                           {"label": "b", "speedups": {}}], tmp_path / "deep" / "x.png", title="t")

@@ -1,9 +1,8 @@
-"""The benchmark summary's picture: speed-up over the reference per op, one bar per provider, on a
-log scale with the 1x line drawn. Standard library and matplotlib (its Agg canvas, no pyplot) only, no import from the
-benchmarks, so that any report (the benchmark suite's, ``fqgan demo``'s) can draw it from its own
-figures.
+"""The kernels' picture: speed-up over the reference per op, one bar per provider, on a log scale with
+the 1x line drawn. The benchmark suite's summary (``benchmarks/summary.py``) and ``fqgan demo``'s report
+both draw it from their own figures. Standard library and matplotlib (its Agg canvas, no pyplot) only.
 
-    from summary_plot import speedup_chart
+    from fqgan.eval.charts import speedup_chart
     speedup_chart([{"label": "nearest_code N=4096 peaked",
                     "speedups": {"fused cpu": 61.0, "torch.compile": 3.1, "faiss IndexFlatL2": 45.0}}],
                   "speedup.png", title="CPU, 2 threads")
@@ -12,6 +11,8 @@ figures.
 from __future__ import annotations
 
 from pathlib import Path
+
+__all__ = ["speedup_chart"]
 
 # one colour per provider, the same in every chart; providers not named here take the next free one
 _COLOURS = {"fused cpu": "#d62728", "cuda": "#d62728", "triton": "#ff7f0e", "fused (auto)": "#d62728",
@@ -78,14 +79,3 @@ def speedup_chart(rows: list[dict], path: str | Path, title: str | None = None) 
         ax.legend(handles, providers, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
-
-
-def _demo(path: str = "speedup_demo.png") -> Path:  # pragma: no cover - a manual check of the drawing
-    rows = [{"label": "op A flat", "speedups": {"fused cpu": 12.0, "torch.compile": 2.0}},
-            {"label": "op A peaked", "speedups": {"fused cpu": 300.0, "torch.compile": 1.1, "peer": 0.5}},
-            {"label": "op B", "speedups": {"fused cpu": 0.8}}]
-    return speedup_chart(rows, path)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print(_demo())
