@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fqgan.runtime.errors import UsageError
 from fqgan.runtime.rundir import check_out_dir
 
 _EPILOG = """examples:
@@ -102,7 +103,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def _groups(p: argparse.ArgumentParser, *titles: str) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
 
     _positive(args, "num_images", "batch_size", "grid_images")
     if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     # Cheap checks first: a missing checkpoint or weight file fails before any data is read.
     weights_path, note = (None, "rFID skipped: --no-rfid") if args.no_rfid else resolve_rfid_weights(
         args.inception_weights)
@@ -327,12 +328,12 @@ def run_extract_codes(args: argparse.Namespace):
 
     _positive(args, "num_images", "batch_size")
     if args.ten_crop and args.no_flip:
-        raise ValueError("--ten-crop and --no-flip exclude each other (the ten crops include the flipped five)")
+        raise UsageError("--ten-crop and --no-flip exclude each other (the ten crops include the flipped five)")
     if args.ten_crop and not args.crop_range >= 1:
-        raise ValueError(f"--crop-range must be >= 1 (the crops come from a larger centre crop), got {args.crop_range}")
+        raise UsageError(f"--crop-range must be >= 1 (the crops come from a larger centre crop), got {args.crop_range}")
     out = check_out_dir(args.out, "--out")
     if (out / "meta.json").exists() and not args.overwrite:
-        raise ValueError(f"--out {out} already holds a code folder: pass --overwrite to replace it, or another --out")
+        raise UsageError(f"--out {out} already holds a code folder: pass --overwrite to replace it, or another --out")
     info = init_distributed(args.device)
     try:
         tokenizer = load_tokenizer(args.tokenizer, info.device, args.weights)
@@ -496,7 +497,7 @@ def check_provenance(codes_meta: dict[str, Any], tokenizer: Any, generator_path:
     text = (f"the generator {generator_path} was trained on codes of {made_by} (fingerprint {want}), but "
             f"{tokenizer_path} has fingerprint {got}: its codes mean other things and the images would be garbage")
     if not allow:
-        raise ValueError(f"{text}. Pass the tokenizer that wrote the codes, or --allow-tokenizer-mismatch")
+        raise UsageError(f"{text}. Pass the tokenizer that wrote the codes, or --allow-tokenizer-mismatch")
     print(f"warning: {text} (--allow-tokenizer-mismatch)", file=sys.stderr)
 
 
@@ -514,16 +515,16 @@ def run_sample(args: argparse.Namespace):
     _positive(args, "n", "batch_size", "num_images", "shard_size")
     if args.npz is None:
         if not args.classes:
-            raise ValueError("give the grid's classes (--class ID, repeatable), or --npz OUT.npz for many images")
+            raise UsageError("give the grid's classes (--class ID, repeatable), or --npz OUT.npz for many images")
         for flag, given in (("--num-images", args.num_images is not None), ("--keep-shards", args.keep_shards),
                             ("--overwrite", args.overwrite)):
             if given:
-                raise ValueError(f"{flag} goes with --npz")
+                raise UsageError(f"{flag} goes with --npz")
         check_output_file(args.out, (".png",))  # before hours of generation, not after
     else:
         npz = check_output_file(args.npz, (".npz",), "--npz")
         if npz.exists() and not args.overwrite:
-            raise ValueError(f"--npz {npz} exists: pass --overwrite to replace it, or another --npz")
+            raise UsageError(f"--npz {npz} exists: pass --overwrite to replace it, or another --npz")
         return _run_sample_npz(args, npz)
     device = resolve_device(args.device)
     generator, tokenizer, meta, sampling = _load_for_sampling(args, device)
@@ -557,7 +558,7 @@ def _load_for_sampling(args: argparse.Namespace, device: Any) -> tuple[Any, Any,
     for name in ("cfg_scale", "temperature"):
         values = getattr(args, name)
         if len(values) not in (1, k):
-            raise ValueError(f"--{name.replace('_', '-')} takes one value or k={k} values, got {len(values)}")
+            raise UsageError(f"--{name.replace('_', '-')} takes one value or k={k} values, got {len(values)}")
         sampling[name] = values[0] if len(values) == 1 else values
     if resolve_precision(args.precision, device) == "bf16":
         generator = generator.to(torch.bfloat16)  # RoPE stays float32 (a plain attribute), as official
@@ -661,15 +662,15 @@ def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
 
     _positive(args, "batch_size")
     if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     samples = Path(args.samples)
     out = Path(args.out) if args.out is not None else samples.with_name(samples.name.removesuffix(".npz")
                                                                           + ".metrics.json")
     # The output is checked before any input is read or any network loaded (evaluate_samples checks the inputs).
     if out.is_dir():
-        raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out / 'metrics.json'}")
+        raise UsageError(f"--out {out} is a folder: give a file name, e.g. {out / 'metrics.json'}")
     if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
+        raise UsageError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -699,15 +700,71 @@ def run_demo_command(args: argparse.Namespace):
     from fqgan.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(**read_options(args, DemoConfig))
+    check_out_dir(cfg.out_dir, "--out-dir")
     m = run_demo(cfg)
-    ev = m["tokenizer"]["eval"]
+    ev, ev_train, cas = m["tokenizer"]["eval"], m["tokenizer"]["eval_train_region"], m["classifier"]
     usage = ", ".join(f"{n} {u:.1%}" for n, u in zip(ev["codebook_names"], ev["usage"]))
-    print(f"demo done in {m['total_wall_s']:.0f} s on {m['machine']['device']} (backend {m['backend']}): "
-          f"tokenizer PSNR {ev['psnr']:.2f} dB, codebook usage {usage}; FAR loss {m['generator']['final_loss']:.3f}")
+    print(f"demo done in {m['total_wall_s']:.0f} s on {m['machine']['device']} ({m['precision']}, backend "
+          f"{m['backend']}): tokenizer PSNR {ev['psnr']:.2f} dB held-out ({ev_train['psnr']:.2f} dB on the training "
+          f"region), codebook usage {usage}; FAR loss {m['generator']['final_loss']:.3f}")
+    print(f"samples classified as their photograph: {cas['samples_accuracy']:.1%} (real held-out crops "
+          f"{cas['real_heldout_accuracy']:.1%}, chance {cas['chance']:.1%})")
+    print(m["analysis"]["summary"])
     for r in m["speedups"]:
         print(f"  {r['op']}: {r['speedup']:.2f}x vs reference ({r['fused_ms']:.2f} ms vs {r['reference_ms']:.2f} ms)")
     print(f"report        {os.path.join(cfg.out_dir, 'report.md')}")
     return m
+
+
+# -- analyze ----------------------------------------------------------------------------------------
+def add_analyze_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fqgan analyze``."""
+    p.add_argument("--tokenizer", required=True, metavar="CKPT",
+                   help="tokenizer checkpoint: from `fqgan train-tokenizer` (or the demo), or an official "
+                        "FQGAN-Dual/Triple file")
+    p.add_argument("--data", default="sample", metavar="DIR|sample",
+                   help="'sample': training-region crops of the sample photographs for the probes, held-out-region "
+                        "crops to measure them (one class per photograph); or an image folder (labels from its "
+                        "class folders), whose every 4th image is held out (default: %(default)s)")
+    p.add_argument("--out", default="analysis", metavar="DIR",
+                   help="writes subcodebook_reconstructions.png, embedding.png, usage.png, metrics.json here "
+                        "(default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=380,
+                   help="images per part (training, held-out) of the sample set; at most this many of a folder "
+                        "(default: %(default)s)")
+    p.add_argument("--method", choices=("tsne", "pca"), default="tsne",
+                   help="2-D embedding of embedding.png (default: %(default)s)")
+    p.add_argument("--fill", choices=("mean", "zero"), default="mean",
+                   help="what replaces the other sub-codebooks' quantised maps when decoding one alone (default: "
+                        "%(default)s: their mean over the analysed images)")
+    p.add_argument("--weights", choices=("auto", "ema", "model"), default="auto",
+                   help="which weights of the checkpoint (default: %(default)s = EMA when present)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the crops, the probe and the embedding")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    return p
+
+
+def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    """``fqgan analyze``: what each sub-codebook of a tokenizer learned (:mod:`fqgan.eval.analysis`)."""
+    from fqgan.eval.analysis import analyze_tokenizer, load_analysis_data
+    from fqgan.runtime.device import resolve_device
+    from fqgan.runtime.rundir import check_out_dir
+    from fqgan.tokenizer.load import checkpoint_file, load_tokenizer
+
+    _positive(args, "num_images", "batch_size")
+    checkpoint_file(args.tokenizer)  # a missing file or folder fails before anything is loaded
+    check_out_dir(args.out, flag="--out")
+    model = load_tokenizer(args.tokenizer, resolve_device(args.device), args.weights)
+    train, heldout, classes = load_analysis_data(args.data, model.config.image_size, args.num_images, args.seed)
+    result = analyze_tokenizer(model, train, heldout, args.out, class_names=classes, method=args.method,
+                               fill=args.fill, seed=args.seed, batch_size=args.batch_size)
+    for name, p in result["probe"].items():
+        print(f"{name}: linear probe {p['accuracy']:.1%} held-out (chance {result['chance']:.1%}), mutual information "
+              f"{p['mutual_information']:.3f} bits (shuffled labels {p['mutual_information_shuffled']:.3f})")
+    print(result["summary"])
+    print(f"analysis      {args.out}")
+    return result
 
 
 # -- the parser -------------------------------------------------------------------------------------
@@ -731,6 +788,8 @@ def _commands() -> list[Command]:
         ("sample", "class-conditional samples from a generator and its tokenizer, as a PNG grid or (--npz) many "
          "class-balanced images in ADM's format for FID, resumable and sharded under torchrun",
          add_sample_arguments, run_sample),
+        ("analyze", "what each sub-codebook of a tokenizer learned: reconstructions from each alone, a t-SNE, "
+         "linear probes, mutual information, code usage", add_analyze_arguments, run_analyze),
         ("eval-generator", "FID, Inception Score, precision / recall (and sFID) of generated samples against a "
          "reference batch, as OpenAI's ADM evaluator", add_eval_generator_arguments, run_eval_generator),
     ]
@@ -751,14 +810,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The user's file system: a path that is missing, not a folder, or not writable.
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("fqgan", "fqgan_kernels"))
+# fqgan_kernels stands alone (it cannot import fqgan's error types): its input checks raise the built-in
+# ValueError / TypeError, as torch's do.
+_KERNELS = str(Path(__file__).resolve().parents[1] / "fqgan_kernels")
 
 
 def is_user_error(exc: BaseException) -> bool:
     """Whether ``exc`` reports bad input (printed as one line) rather than a fault (a traceback): the package's own
-    types (:class:`fqgan.runtime.errors.FQGANError`), a path error, or a ValueError / TypeError raised by a
-    ``raise`` statement of fqgan or fqgan_kernels (their input checks). A ValueError raised inside torch, NumPy
-    or Python itself, or any other exception, is a fault and keeps its traceback."""
+    types (:class:`fqgan.runtime.errors.FQGANError`; fqgan raises no built-in ValueError or TypeError, which
+    ``tests/fqgan/test_cli.py`` checks), a path error, or a ValueError / TypeError raised by a ``raise``
+    statement of fqgan_kernels (its input checks). Any other exception, a ValueError raised inside torch, NumPy
+    or Python itself included, is a fault and keeps its traceback."""
     from fqgan.runtime.errors import FQGANError
 
     if isinstance(exc, (FQGANError, *_PATH_ERRORS)):
@@ -770,7 +832,7 @@ def is_user_error(exc: BaseException) -> bool:
         tb = tb.tb_next
     where = str(Path(tb.tb_frame.f_code.co_filename).resolve())
     line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
-    return where.startswith(_PACKAGES) and line.startswith("raise ")
+    return where.startswith(_KERNELS) and line.startswith("raise ")
 # Modules of the package's extras (pyproject.toml), by import name: (the package to install, its extra).
 _EXTRAS = {"PIL": ("pillow", "model"), "skimage": ("scikit-image", "model"), "scipy": ("scipy", "model"),
            "tqdm": ("tqdm", "model"), "matplotlib": ("matplotlib", "model"), "transformers": ("transformers", "model"),
@@ -793,8 +855,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fqgan {args.command}: stopped by a signal at step {result.step}, checkpoint {result.checkpoint}; "
                   f"continue with the same command and --resume auto", file=sys.stderr)
             return PREEMPTED_EXIT_CODE
-    except KeyboardInterrupt:
-        print(f"fqgan {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a training loop, or the demo's stage stopped by a signal
+        print(f"fqgan {args.command}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:
         if os.environ.get("FQGAN_DEBUG") or exc.name is None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fqgan.runtime.checkpoint import CheckpointError, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from fqgan.runtime.device import resolve_precision
+from fqgan.runtime.device import cpu_has_fast_bf16, resolve_precision
 from fqgan.runtime.dist import all_reduce_mean, init_distributed
 from fqgan.runtime.ema import EMA
 from fqgan.runtime.logging import MetricsLogger, read_metrics
@@ -170,8 +170,16 @@ def test_single_process_dist_info(monkeypatch):
         init_distributed("cpu")
 
 
-def test_precision_and_device_errors():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+def test_precision_and_device_errors(monkeypatch):
+    # auto: bf16 on CPUs with AMX or AVX512-BF16 (native bf16 matrix products), fp32 on the others.
+    expected = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not cpu_has_fast_bf16() and resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", torch.device("cpu"))
     if not torch.cuda.is_available():

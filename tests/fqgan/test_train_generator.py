@@ -42,7 +42,8 @@ def write_codes(folder, n=24, k=2, K=32, grid=4, classes=5, seed=0):
 def _cfg(tmp_path, name, **changes):
     base = dict(out_dir=str(tmp_path / name), codes=str(tmp_path / "codes"), preset="FAR-tiny",
                 model_overrides=dict(SMALL_FAR), global_batch_size=4, num_workers=0, max_steps=4, log_every=1,
-                ckpt_every=0, quiet=True, device="cpu")
+                # fp32, not auto (bf16 on CPUs with AMX / AVX512-BF16): runs are compared to fp32 tolerances
+                ckpt_every=0, quiet=True, device="cpu", precision="fp32")
     base.update(changes)
     return GeneratorTrainConfig(**base)
 

@@ -33,7 +33,7 @@ def _far(tmp_path, name, **changes):
 
 def _tok(tmp_path, name, **changes):
     base = dict(out_dir=str(tmp_path / name), data="sample", sample_length=16, global_batch_size=4, num_workers=0,
-                max_steps=1, log_every=1, ckpt_every=0, quiet=True, device="cpu", **QUIET_TOKENIZER)
+                max_steps=1, log_every=1, ckpt_every=0, quiet=True, device="cpu", precision="fp32", **QUIET_TOKENIZER)
     base.update(changes)
     return TokenizerTrainConfig(**base)
 

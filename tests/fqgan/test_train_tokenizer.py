@@ -49,7 +49,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _cfg(tmp_path, name, **changes):
     base = dict(out_dir=str(tmp_path / name), model=MODEL, data="sample", sample_length=32, global_batch_size=4,
                 num_workers=0, max_steps=4, log_every=1, ckpt_every=0, quiet=True, device="cpu",
-                loss=TokenizerLossConfig(perceptual_weight=0.0, disc_start=3, semantic_weight=0.5))
+                # fp32, not auto: auto is bf16 on CPUs with AMX / AVX512-BF16, and these tests compare runs
+                # to fp32 tolerances
+                precision="fp32", loss=TokenizerLossConfig(perceptual_weight=0.0, disc_start=3, semantic_weight=0.5))
     base.update(changes)
     return TokenizerTrainConfig(**base)
 
