@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fqgan.runtime.errors import MissingFileError, UsageError
 from fqgan.runtime.sampler import worker_errors_as_one_line
 
 from .datasets import collate
@@ -98,15 +99,15 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
     :returns: the :class:`CodesMeta` written
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise UsageError(f"batch_size must be positive, got {batch_size}")
     if ten_crop is not None and flip:
-        raise ValueError("ten_crop and flip exclude each other: the ten crops include the flipped image's five")
+        raise UsageError("ten_crop and flip exclude each other: the ten crops include the flipped image's five")
     device = torch.device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     c = tokenizer.config
     n = len(dataset)
     if n == 0:
-        raise ValueError("the data set is empty: nothing to encode")
+        raise UsageError("the data set is empty: nothing to encode")
     num_aug = 10 if ten_crop is not None else 2 if flip else 1
     augmentation = f"ten-crop x{ten_crop:g}" if ten_crop is not None else "flip" if flip else "none"
     grid = c.image_size // c.down_factor
@@ -137,7 +138,7 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
                 b = x.shape[0]
                 if ten_crop is not None:
                     if x.ndim != 5 or x.shape[1] != num_aug:
-                        raise ValueError(f"ten_crop: data set items must be [10, 3, H, W] crops (TenCropImages), "
+                        raise UsageError(f"ten_crop: data set items must be [10, 3, H, W] crops (TenCropImages), "
                                          f"got a batch of {tuple(x.shape)}")
                     idx = tokenizer.encode(x.flatten(0, 1)).cpu().numpy()  # [b*A, k, h, w], image-major
                     idx = idx.reshape(b, num_aug, *idx.shape[1:])  # [b, A, k, h, w]
@@ -189,22 +190,22 @@ def load_codes_meta(path: str | os.PathLike) -> CodesMeta:
     """Read and check ``meta.json`` of a code folder; errors name the folder and what is wrong."""
     folder = os.fspath(path)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"code folder {folder!r} not found (looked at {os.path.abspath(folder)}); "
+        raise MissingFileError(f"code folder {folder!r} not found (looked at {os.path.abspath(folder)}); "
                                 f"write one with `fqgan extract-codes --tokenizer CKPT --out {folder}`")
     meta_path = os.path.join(folder, "meta.json")
     for name in ("meta.json", "codes.npy", "labels.npy"):
         if not os.path.isfile(os.path.join(folder, name)):
-            raise FileNotFoundError(f"code folder {folder!r} has no {name} (an interrupted `fqgan extract-codes`? "
+            raise MissingFileError(f"code folder {folder!r} has no {name} (an interrupted `fqgan extract-codes`? "
                                     f"run it again)")
     try:
         with open(meta_path) as f:
             m = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{meta_path} is not readable JSON ({exc}): the code folder is damaged; write it again "
+        raise UsageError(f"{meta_path} is not readable JSON ({exc}): the code folder is damaged; write it again "
                          "with `fqgan extract-codes`") from exc
     if not isinstance(m, dict) or m.get("kind") != CODES_KIND:
         kind = m.get("kind") if isinstance(m, dict) else type(m).__name__
-        raise ValueError(f"{meta_path} is not an fqgan code folder's meta.json (kind {kind!r})")
+        raise UsageError(f"{meta_path} is not an fqgan code folder's meta.json (kind {kind!r})")
     fields = {"num_images": int, "num_aug": int, "num_codebooks": int, "codebook_size": int, "grid_size": int,
               "image_size": int, "classes": list, "codebook_names": list}
     missing = [k for k in fields if k not in m]
@@ -212,7 +213,7 @@ def load_codes_meta(path: str | os.PathLike) -> CodesMeta:
     if missing or wrong:
         what = "; ".join(([f"no {', '.join(missing)}"] if missing else []) + ([f"bad {', '.join(wrong)}"] if wrong
                                                                                 else []))
-        raise ValueError(f"{meta_path} is damaged ({what}): write the code folder again with `fqgan extract-codes`")
+        raise UsageError(f"{meta_path} is damaged ({what}): write the code folder again with `fqgan extract-codes`")
     return CodesMeta(m["num_images"], m["num_aug"], m["num_codebooks"], m["codebook_size"], m["grid_size"],
                      m["image_size"], tuple(m["classes"]), tuple(m["codebook_names"]), m.get("tokenizer"),
                      m.get("tokenizer_config"), m.get("tokenizer_fingerprint"), m.get("augmentation"))
@@ -224,7 +225,7 @@ def _load_array(path: str, mmap: bool) -> np.ndarray:
         return np.load(path, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         size = os.path.getsize(path) if os.path.exists(path) else 0
-        raise ValueError(f"{path} ({size} bytes) is damaged or truncated and cannot be read as a .npy array "
+        raise UsageError(f"{path} ({size} bytes) is damaged or truncated and cannot be read as a .npy array "
                          f"({exc}): write the code folder again with `fqgan extract-codes`") from exc
 
 
@@ -245,11 +246,11 @@ class CodeDataset(Dataset):
         m = self.meta
         expect = (m.num_images, m.num_aug, m.num_codebooks, m.grid_size, m.grid_size)
         if self.codes.shape != expect or self.labels.shape != (m.num_images,):
-            raise ValueError(f"code folder {self.path!r}: codes.npy has shape {self.codes.shape} and labels.npy "
+            raise UsageError(f"code folder {self.path!r}: codes.npy has shape {self.codes.shape} and labels.npy "
                              f"{self.labels.shape}, but meta.json says {expect} and ({m.num_images},)")
         self.augment = bool(augment)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise UsageError(f"seed must be a non-negative int, got {seed!r}")
         self.seed = seed
         self.epoch = 0
         self.classes = list(m.classes)
@@ -282,8 +283,8 @@ def resolve_classes(requested: list[str], num_classes: int, names: list[str] | t
             cid = list(names).index(text)
         else:
             known = f"; names: {', '.join(names)}" if names else ""
-            raise ValueError(f"unknown class {text!r}: give an id in [0, {num_classes}){known}")
+            raise UsageError(f"unknown class {text!r}: give an id in [0, {num_classes}){known}")
         if not 0 <= cid < num_classes:
-            raise ValueError(f"unknown class id {cid}: this generator has classes 0..{num_classes - 1}")
+            raise UsageError(f"unknown class id {cid}: this generator has classes 0..{num_classes - 1}")
         out.append(cid)
     return out

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fqgan.runtime.errors import MissingFileError, UsageError, UsageTypeError
 from fqgan.runtime.vision import import_torchvision
 
 # torchvision's IMG_EXTENSIONS, as one list for every file search of the package (matched lower-cased).
@@ -97,7 +98,7 @@ def ten_crop_arr(img: Image.Image, image_size: int, crop_range: float = 1.1) -> 
     bottom-left, bottom-right and centre crops, then the same five of the horizontally flipped image."""
     crop_size = int(image_size * crop_range)  # the official arithmetic: int(256 * 1.1) = 281
     if crop_size < image_size:
-        raise ValueError(f"crop_range must be >= 1 (the ten crops of {image_size} px are cut from a centre crop of "
+        raise UsageError(f"crop_range must be >= 1 (the ten crops of {image_size} px are cut from a centre crop of "
                          f"int({image_size} * crop_range) px), got {crop_range}")
     transforms = import_torchvision().transforms
     return list(transforms.TenCrop(image_size)(center_crop_arr(img, crop_size)))
@@ -119,13 +120,13 @@ def _item_rng(stream: int, seed: int, epoch: int, index: int) -> np.random.Gener
 
 def _check_size(image_size: int) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        raise UsageError(f"image_size must be a positive int, got {image_size!r}")
     return image_size
 
 
 def _check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise UsageError(f"seed must be a non-negative int, got {seed!r}")
     return seed
 
 
@@ -134,7 +135,7 @@ def _open_rgb(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except Exception as exc:  # PIL raises several types for bad files
-        raise ValueError(f"cannot read image {path!r}: {exc}") from exc
+        raise UsageError(f"cannot read image {path!r}: {exc}") from exc
 
 
 class _AugmentedImages(Dataset):
@@ -225,7 +226,7 @@ class ImageFolder(_AugmentedImages):
         self.epoch = 0
         if not os.path.isdir(self.root):
             what = "is not a folder" if os.path.exists(self.root) else "does not exist"
-            raise FileNotFoundError(f"image folder {self.root!r} {what} (pass --data PATH to a folder of images, "
+            raise MissingFileError(f"image folder {self.root!r} {what} (pass --data PATH to a folder of images, "
                                     f"or --data sample for the built-in sample set)")
         if index is not None:
             self.samples, self.classes = [tuple(s) for s in index.samples], list(index.classes)
@@ -262,13 +263,13 @@ def scan_folder(root: str, classes: list[str] | None = None) -> tuple[list[tuple
         found = []
     classes = [name for name in found if not name.startswith(".")]
     if loose and classes:
-        raise ValueError(f"image folder {root!r} holds both loose images ({os.path.basename(loose[0])!r}, ...) "
+        raise UsageError(f"image folder {root!r} holds both loose images ({os.path.basename(loose[0])!r}, ...) "
                          f"and sub-folders ({classes[0]!r}, ...), which would be classes: put every image in a class "
                          "folder, or move the sub-folders out")
     if loose:
         return [(p, 0) for p in loose], [os.path.basename(os.path.abspath(root))]
     if not classes:
-        raise ValueError(f"image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+        raise UsageError(f"image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}, "
                          f"loose or in class folders)")
     prefix = os.path.join(root, "")
 
@@ -280,7 +281,7 @@ def scan_folder(root: str, classes: list[str] | None = None) -> tuple[list[tuple
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:
         # torchvision raises too; our message names the folders and says what to do.
-        raise ValueError(f"class folder {os.path.join(root, empty[0])!r}"
+        raise UsageError(f"class folder {os.path.join(root, empty[0])!r}"
                          + (f" (and {len(empty) - 1} more: {empty[1:4]})" if len(empty) > 1 else "")
                          + f" contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} at any depth). Every "
                          f"sub-folder of {root!r} is a class, labelled by its sorted position, so an empty one "
@@ -293,7 +294,7 @@ def _scan_fixed_classes(root: str, classes: list[str]) -> tuple[list[tuple[str, 
     on_disk = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
     unknown = sorted(set(on_disk) - set(classes))
     if unknown:
-        raise ValueError(f"image folder {root!r} has class folders the --classes file does not list: {unknown[:5]}"
+        raise UsageError(f"image folder {root!r} has class folders the --classes file does not list: {unknown[:5]}"
                          + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
     prefix = os.path.join(root, "")
 
@@ -303,7 +304,7 @@ def _scan_fixed_classes(root: str, classes: list[str]) -> tuple[list[tuple[str, 
     present = {name: i for i, name in enumerate(classes) if name in on_disk}
     samples = folder.make_dataset(root, present, is_valid_file=is_valid_file, allow_empty=True) if present else []
     if not samples:
-        raise ValueError(f"image folder {root!r} contains no images in the classes of the --classes file")
+        raise UsageError(f"image folder {root!r} contains no images in the classes of the --classes file")
     return samples, list(classes)
 
 
@@ -325,7 +326,7 @@ def load_sample_photo(name: str) -> Image.Image:
     if name not in _PHOTO_CACHE:
         path = os.path.join(sample_photo_dir(), name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"sample photograph {name!r} not found at {path!r} (scikit-image install "
+            raise MissingFileError(f"sample photograph {name!r} not found at {path!r} (scikit-image install "
                                     f"without its data files?)")
         _PHOTO_CACHE[name] = _open_rgb(path)
     return _PHOTO_CACHE[name]
@@ -367,18 +368,18 @@ class SampleImages(_AugmentedImages):
                  region: str = "all") -> None:
         self.image_size = _check_size(image_size)
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"length must be a positive int, got {length!r}")
+            raise UsageError(f"length must be a positive int, got {length!r}")
         if region not in self.REGIONS:
-            raise ValueError(f"region must be one of {self.REGIONS}, got {region!r}")
+            raise UsageError(f"region must be one of {self.REGIONS}, got {region!r}")
         limit = 1.0 if region == "all" else 0.5
         max_crop = limit if max_crop is None else float(max_crop)
         if not 0.0 < max_crop <= limit:
-            raise ValueError(f"max_crop must be in (0, {limit}] for region {region!r}, got {max_crop}"
+            raise UsageError(f"max_crop must be in (0, {limit}] for region {region!r}, got {max_crop}"
                              + (" (a crop must fit in the quadrant of the held-out split)" if limit < 1 else ""))
         if not 0.0 < min_crop <= max_crop:
-            raise ValueError(f"min_crop must be in (0, max_crop = {max_crop}], got {min_crop}")
+            raise UsageError(f"min_crop must be in (0, max_crop = {max_crop}], got {min_crop}")
         if len(photos) == 0:
-            raise ValueError("photos is empty")
+            raise UsageError("photos is empty")
         self.length = length
         self.augment = bool(augment)
         self.seed = _check_seed(seed)
@@ -448,9 +449,9 @@ class TenCropImages(Dataset):
 
     def __init__(self, images: ImageFolder | SampleImages, crop_range: float = 1.1) -> None:
         if not isinstance(images, _AugmentedImages):
-            raise TypeError(f"images must be an ImageFolder or SampleImages, got {type(images).__name__}")
+            raise UsageTypeError(f"images must be an ImageFolder or SampleImages, got {type(images).__name__}")
         if int(images.image_size * crop_range) < images.image_size:
-            raise ValueError(f"crop_range must be >= 1, got {crop_range}")
+            raise UsageError(f"crop_range must be >= 1, got {crop_range}")
         self.images = images
         self.crop_range = float(crop_range)
         self.classes = list(images.classes)

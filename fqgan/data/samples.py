@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fqgan.runtime.errors import UsageError
+
 __all__ = ["SamplesResult", "assemble_npz", "shard_dir", "to_uint8", "write_samples_npz"]
 
 PLAN_KIND = "fqgan-samples-plan"
@@ -101,7 +103,7 @@ def _check_plan(folder: Path, plan: dict[str, Any], write: bool) -> None:
             have = {}
         if have != want:
             diff = sorted(k for k in set(want) | set(have) if have.get(k) != want.get(k))
-            raise ValueError(f"{folder} holds shards of another sampling run (differs in: {', '.join(diff)}): "
+            raise UsageError(f"{folder} holds shards of another sampling run (differs in: {', '.join(diff)}): "
                              f"use the same settings to resume it, or remove the folder to start afresh")
         return
     if write:
@@ -134,9 +136,9 @@ def write_samples_npz(out: str | os.PathLike, labels: np.ndarray,
     labels = np.asarray(labels, dtype=np.int64)
     n = labels.shape[0]
     if labels.ndim != 1 or n < 1:
-        raise ValueError(f"labels must be a non-empty [N] array, got shape {labels.shape}")
+        raise UsageError(f"labels must be a non-empty [N] array, got shape {labels.shape}")
     if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+        raise UsageError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
     rank, world = _rank_world()
     out = Path(out)
     folder = shard_dir(out)
@@ -164,7 +166,7 @@ def write_samples_npz(out: str | os.PathLike, labels: np.ndarray,
             images = np.asarray(make(idx, labels[idx]))
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != idx.shape[0] or \
                     images.shape[3] != 3:
-                raise ValueError(f"make() must return uint8 [{idx.shape[0]}, H, W, 3], got {images.dtype} "
+                raise UsageError(f"make() must return uint8 [{idx.shape[0]}, H, W, 3], got {images.dtype} "
                                  f"{list(images.shape)}")
             parts.append(images)
             generated += idx.shape[0]
@@ -208,7 +210,7 @@ def assemble_npz(out: str | os.PathLike, shards: list[Path]) -> Path:
                     with np.load(p, allow_pickle=False) as data:
                         part = np.ascontiguousarray(data[key], dtype=dtype)
                     if part.shape[1:] != shape[1:]:
-                        raise ValueError(f"{p}: {key} has shape {part.shape}, the other shards {shape[1:]}")
+                        raise UsageError(f"{p}: {key} has shape {part.shape}, the other shards {shape[1:]}")
                     f.write(part.tobytes())
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fqgan_kernels as fk
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 from .model import FAR, StaticCache
 
@@ -31,7 +32,7 @@ Param = float | int | Tensor
 def _per_factor(value: Param | Sequence[Param], k: int, name: str) -> list[Param]:
     if isinstance(value, (list, tuple)):
         if len(value) != k:
-            raise ValueError(f"{name} has {len(value)} values; give one value or one per factor (k = {k})")
+            raise UsageError(f"{name} has {len(value)} values; give one value or one per factor (k = {k})")
         return list(value)
     return [value] * k
 
@@ -39,16 +40,16 @@ def _per_factor(value: Param | Sequence[Param], k: int, name: str) -> list[Param
 def _check_param(v: Param, name: str, B: int, ok, what: str, integer: bool = False) -> None:
     if isinstance(v, Tensor):
         if v.shape != (B,):
-            raise ValueError(f"{name} as a tensor must have shape [B={B}] (one value per row), got {tuple(v.shape)}")
+            raise UsageError(f"{name} as a tensor must have shape [B={B}] (one value per row), got {tuple(v.shape)}")
         if integer and v.dtype.is_floating_point:
-            raise TypeError(f"{name} must be an integer tensor, got {v.dtype}")
+            raise UsageTypeError(f"{name} must be an integer tensor, got {v.dtype}")
         if B and not bool(ok(v.double()).all()):
-            raise ValueError(f"{name} values must be {what}, got {v.tolist()}")
+            raise UsageError(f"{name} values must be {what}, got {v.tolist()}")
         return
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or (integer and not isinstance(v, numbers.Integral)):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'} or a [B] tensor, got {v!r}")
+        raise UsageTypeError(f"{name} must be {'an int' if integer else 'a number'} or a [B] tensor, got {v!r}")
     if not ok(torch.tensor(float(v), dtype=torch.float64)):
-        raise ValueError(f"{name} must be {what}, got {v!r}")
+        raise UsageError(f"{name} must be {what}, got {v!r}")
 
 
 def _guided(scale: Param) -> bool:
@@ -189,15 +190,15 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
     :returns: [B, k, T] int64 codes
     """
     if not isinstance(model, FAR):
-        raise TypeError(f"model must be a fqgan.generator.FAR, got {type(model).__name__}")
+        raise UsageTypeError(f"model must be a fqgan.generator.FAR, got {type(model).__name__}")
     c = model.config
     if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.dtype.is_floating_point or \
             labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a [B] integer tensor of class ids, got "
+        raise UsageError(f"labels must be a [B] integer tensor of class ids, got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
     B, k, T = labels.shape[0], c.num_factors, c.block_size
     if B and (int(labels.min()) < 0 or int(labels.max()) >= c.num_classes):
-        raise ValueError(f"labels must be class ids in [0, num_classes={c.num_classes}), got values in "
+        raise UsageError(f"labels must be class ids in [0, num_classes={c.num_classes}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     scales = _per_factor(cfg_scale, k, "cfg_scale")
     temps = _per_factor(temperature, k, "temperature")
@@ -209,31 +210,31 @@ def generate(model: FAR, labels: Tensor, *, cfg_scale: Param | Sequence[Param] =
         _check_param(top_ks[i], "top_k", B, lambda v: v >= 0, ">= 0 (0 = off)", integer=True)
         _check_param(top_ps[i], "top_p", B, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 = off)")
     if sum(x is not None for x in (seed, generator, uniform)) > 1:
-        raise ValueError("give seed or generator or uniform, not several")
+        raise UsageError("give seed or generator or uniform, not several")
     device = labels.device
     if uniform is not None:
         if not isinstance(uniform, Tensor) or not uniform.dtype.is_floating_point or uniform.shape != (B, k, T):
-            raise ValueError(f"uniform must be a float tensor of shape [B={B}, k={k}, T={T}], got "
+            raise UsageError(f"uniform must be a float tensor of shape [B={B}, k={k}, T={T}], got "
                              f"{getattr(uniform, 'dtype', type(uniform).__name__)} "
                              f"{tuple(getattr(uniform, 'shape', ()))}")
         if uniform.device != device:
-            raise ValueError(f"uniform is on {uniform.device} but labels are on {device}")
+            raise UsageError(f"uniform is on {uniform.device} but labels are on {device}")
         if B and not bool(((uniform >= 0) & (uniform < 1)).all()):
-            raise ValueError("uniform values must be in [0, 1)")
+            raise UsageError("uniform values must be in [0, 1)")
     if compile and backend == "reference":
-        raise ValueError("compile=True needs a fused sampler backend (fk.reference.sample reads values on the host)")
+        raise UsageError("compile=True needs a fused sampler backend (fk.reference.sample reads values on the host)")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        raise UsageTypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     guided = [_guided(s) for s in scales]
     use_cfg = any(guided)
     if use_cfg and not c.has_null_class:
-        raise ValueError("cfg_scale > 1 needs the null class, but this model has class_dropout_prob = 0")
+        raise UsageError("cfg_scale > 1 needs the null class, but this model has class_dropout_prob = 0")
     for name, p in (("cfg_scale", scales), ("temperature", temps), ("top_k", top_ks), ("top_p", top_ps)):
         for v in p:
             if isinstance(v, Tensor) and v.device != device:
-                raise ValueError(f"{name} tensor is on {v.device} but labels are on {device}")
+                raise UsageError(f"{name} tensor is on {v.device} but labels are on {device}")
 
     out = torch.empty(B, k, T, dtype=torch.long, device=device)
     if B == 0:
@@ -278,13 +279,13 @@ def check_generator_tokenizer(generator_config: Any, tokenizer_config: Any) -> N
     the same k, the generator's vocabulary = the tokenizer's codebook size, and its T = the token grid."""
     g, t = generator_config, tokenizer_config
     if g.num_factors != t.num_codebooks:
-        raise ValueError(f"the generator predicts k={g.num_factors} sub-tokens per position but the tokenizer has "
+        raise UsageError(f"the generator predicts k={g.num_factors} sub-tokens per position but the tokenizer has "
                          f"{t.num_codebooks} sub-codebooks: use the tokenizer whose codes trained the generator")
     if g.vocab_size != t.codebook_size:
-        raise ValueError(f"the generator was built for codebook size {g.vocab_size} but the tokenizer's "
+        raise UsageError(f"the generator was built for codebook size {g.vocab_size} but the tokenizer's "
                          f"sub-codebooks have {t.codebook_size} codes: use the tokenizer whose codes trained it")
     if g.block_size != t.grid_size ** 2:
-        raise ValueError(f"the generator makes {g.block_size} tokens per image but the tokenizer's grid is "
+        raise UsageError(f"the generator makes {g.block_size} tokens per image but the tokenizer's grid is "
                          f"{t.grid_size}x{t.grid_size} = {t.grid_size ** 2}: use the matching tokenizer")
 
 
@@ -332,10 +333,10 @@ def class_labels(num_images: int, classes: Sequence[int], order: str = "balanced
     official script's own draws depend on its number of GPUs)."""
     classes = np.asarray(list(classes), dtype=np.int64)
     if classes.ndim != 1 or classes.size == 0:
-        raise ValueError("classes must be a non-empty list of class ids")
+        raise UsageError("classes must be a non-empty list of class ids")
     if order == "balanced":
         return classes[np.arange(num_images) % classes.size]
     if order == "random":
         picks = [np.random.default_rng([_CLASSES, seed, i]).integers(classes.size) for i in range(num_images)]
         return classes[np.asarray(picks, dtype=np.int64)]
-    raise ValueError(f"order must be 'balanced' or 'random', got {order!r}")
+    raise UsageError(f"order must be 'balanced' or 'random', got {order!r}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fqgan_kernels as fk
+from fqgan.runtime.errors import UsageError, UsageTypeError
 
 from .config import FARConfig
 
@@ -258,7 +259,7 @@ class FAR(nn.Module):
     def __init__(self, config: FARConfig):
         super().__init__()
         if not isinstance(config, FARConfig):
-            raise TypeError(f"config must be a FARConfig, got {type(config).__name__}")
+            raise UsageTypeError(f"config must be a FARConfig, got {type(config).__name__}")
         self.config = c = config
         k, V, D = c.num_factors, c.vocab_size, c.dim
         self.class_embed = LabelEmbedder(c.num_classes, D, c.class_dropout_prob)
@@ -311,27 +312,27 @@ class FAR(nn.Module):
         [0, num_classes). One host sync for the value checks."""
         c = self.config
         if not isinstance(indices, Tensor) or not isinstance(labels, Tensor):
-            raise TypeError(f"indices and labels must be tensors, got {type(indices).__name__} and "
+            raise UsageTypeError(f"indices and labels must be tensors, got {type(indices).__name__} and "
                             f"{type(labels).__name__}")
         if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-            raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+            raise UsageTypeError(f"indices must be an integer tensor, got {indices.dtype}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+            raise UsageTypeError(f"labels must be an integer tensor, got {labels.dtype}")
         if indices.ndim != 3 or indices.shape[1] != c.num_factors:
-            raise ValueError(f"indices must have shape [B, k={c.num_factors}, T] (one row of codes per "
+            raise UsageError(f"indices must have shape [B, k={c.num_factors}, T] (one row of codes per "
                              f"sub-codebook), got {tuple(indices.shape)}")
         B, _, T = indices.shape
         if not 1 <= T <= c.block_size:
-            raise ValueError(f"indices has T = {T} positions; this model takes 1..block_size={c.block_size}")
+            raise UsageError(f"indices has T = {T} positions; this model takes 1..block_size={c.block_size}")
         if labels.shape != (B,):
-            raise ValueError(f"labels must have shape [B={B}], got {tuple(labels.shape)}")
+            raise UsageError(f"labels must have shape [B={B}], got {tuple(labels.shape)}")
         if indices.device != labels.device:
-            raise ValueError(f"indices ({indices.device}) and labels ({labels.device}) are on different devices")
+            raise UsageError(f"indices ({indices.device}) and labels ({labels.device}) are on different devices")
         if drop_labels is not None:
             if not isinstance(drop_labels, Tensor) or drop_labels.dtype != torch.bool or drop_labels.shape != (B,):
-                raise ValueError(f"drop_labels must be a bool tensor of shape [B={B}] or None")
+                raise UsageError(f"drop_labels must be a bool tensor of shape [B={B}] or None")
             if not c.has_null_class:
-                raise ValueError("drop_labels needs the null class, but this model has class_dropout_prob = 0")
+                raise UsageError("drop_labels needs the null class, but this model has class_dropout_prob = 0")
         if B == 0:
             return
         lo_hi = torch.stack([indices.min().long(), indices.max().long(), labels.min().long(), labels.max().long()])
@@ -344,10 +345,10 @@ class FAR(nn.Module):
             return
         stats = lo_hi.tolist()
         if stats[0] < 0 or stats[1] >= c.vocab_size:
-            raise ValueError(f"indices must be in [0, vocab_size={c.vocab_size}), got values in "
+            raise UsageError(f"indices must be in [0, vocab_size={c.vocab_size}), got values in "
                              f"[{stats[0]}, {stats[1]}]")
         if stats[2] < 0 or stats[3] >= c.num_classes:
-            raise ValueError(f"labels must be class ids in [0, num_classes={c.num_classes}), got values in "
+            raise UsageError(f"labels must be class ids in [0, num_classes={c.num_classes}), got values in "
                              f"[{stats[2]}, {stats[3]}]")
 
     # -- training / teacher-forced forward --------------------------------------------------

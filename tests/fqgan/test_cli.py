@@ -189,3 +189,21 @@ def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["sample", "--checkpoint", "g.pt", "--tokenizer", "t.pt", "--class", "0"])
     assert stop.value.code == 2 and "error: --n must be positive" in capsys.readouterr().err
+
+
+def test_fqgan_raises_only_its_own_types_for_bad_input():
+    """The CLI's rule: a user error is one of fqgan's own types (fqgan/runtime/errors.py). So no ``raise`` of a
+    bare built-in ValueError, TypeError or FileNotFoundError anywhere in fqgan/: one would print a traceback."""
+    import ast
+    from pathlib import Path
+
+    import fqgan
+
+    found = []
+    for path in sorted(Path(fqgan.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name) and exc.id in ("ValueError", "TypeError", "FileNotFoundError"):
+                    found.append(f"{path.name}:{node.lineno} raise {exc.id}")
+    assert not found, found
