@@ -67,7 +67,15 @@ def _chunk(n: int, v: int, elem: int) -> int:
 def _torch_impl(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, row_grad: Tensor | None,
                 lse: Tensor | None, ignore_index: int, eps: float, zl: float) -> _Result:
     """The chunked algorithm in plain PyTorch (any device); the C++ backends do the same with a
-    fused epilogue. Extra memory: one chunk of logits and its exp (2 x ~16 MiB)."""
+    fused epilogue. Extra memory: one chunk of logits and its exp (2 x ~16 MiB). It computes in the
+    accumulation dtype whatever autocast the caller runs under: a bf16 autocast would turn its matmuls
+    bf16 (and the gradient's scatter into them would fail on the dtype)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _torch_chunks(hidden, weight, targets, bias, row_grad, ignore_index, eps, zl)
+
+
+def _torch_chunks(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None, row_grad: Tensor | None,
+                  ignore_index: int, eps: float, zl: float) -> _Result:
     k, n_rows, _ = hidden.shape
     v = weight.shape[1]
     acc = _acc_dtype(hidden)

@@ -186,6 +186,24 @@ def test_list_input_equals_stacked():
     torch.testing.assert_close(a.per_head, b.per_head, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_under_bf16_autocast(backend):
+    """Inside a model's bf16 autocast region (FAR's training step) every backend computes as outside it:
+    the op takes the tensors' own dtypes, the torch backend's fp32 matmuls stay fp32 (they once went bf16
+    and its backward's scatter failed on the dtype: seen on the H200, 2026-12-04)."""
+    hidden, weight, targets, _ = make_inputs(2, 37, 50, 16)
+    plain = fk.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    plain.loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fk.linear_cross_entropy(hidden, weight, targets, backend=backend)
+    out.loss.backward()
+    assert out.loss.dtype == plain.loss.dtype
+    torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
+    torch.testing.assert_close((hidden.grad, weight.grad), grads, rtol=0, atol=0)
+
+
 def test_no_grad_forward_and_auto_backend():
     hidden, weight, targets, _ = make_inputs(2, 13, 40, 8)
     with torch.no_grad():
