@@ -157,6 +157,30 @@ def pytest_runtest_logreport(report):
         _FAILED.add(report.nodeid)
 
 
+ROWS_ENV = "FQGAN_BENCH_ROWS"
+
+
+def pytest_runtest_teardown(item):
+    """With ``FQGAN_BENCH_ROWS=PATH``: each benchmark that passed is appended to PATH as one JSON line in
+    pytest-benchmark's JSON layout (name, fullname, group, params, stats, extra_info) as soon as it ends.
+    ``--benchmark-json`` is written only when the session ends, so a run stopped by a time limit (the GPU
+    check's) would keep nothing; ``scripts/gpu_check.sh`` makes its table from these lines then."""
+    path = os.environ.get(ROWS_ENV)
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    if not path or fixture is None or item.nodeid in _FAILED:
+        return
+    stats = getattr(getattr(fixture, "stats", None), "stats", None)
+    if stats is None or not getattr(stats, "rounds", 0):
+        return
+    callspec = getattr(item, "callspec", None)
+    row = {"name": item.name, "fullname": item.nodeid, "group": fixture.group,
+           "params": dict(callspec.params) if callspec is not None else None,
+           "stats": {"min": stats.min, "median": stats.median, "mean": stats.mean, "rounds": stats.rounds},
+           "extra_info": dict(fixture.extra_info)}
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
 def cpu_model() -> str:
     """``lscpu``'s model name with its family/model numbers (a VM may show only a generic name),
     e.g. 'Intel(R) Xeon(R) Processor (family 6, model 167)'; /proc/cpuinfo's name without lscpu."""

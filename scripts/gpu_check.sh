@@ -120,11 +120,23 @@ if [[ "${GPU_CHECK_TESTS:-1}" != 0 ]]; then
     "${XDIST[@]}" tests/ "$@"
 fi
 
-# 4. GPU benchmarks (autotuned Triton), JSON kept for the table.
+# 4. GPU benchmarks (autotuned Triton), JSON kept for the table. Each finished case is also appended to
+#    bench_rows.jsonl (benchmarks/conftest.py, FQGAN_BENCH_ROWS): pytest-benchmark writes its JSON only at the
+#    session's end, so a bench step stopped by its limit (the H200's 133 cuda cases did not fit 190 s on
+#    2026-12-04) still gives the table of the cases it finished. Failures print one line each (-rfE).
 if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
-  step bench "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$PY" -m pytest benchmarks/ --benchmark-only -m cuda -q \
-    -p no:cacheprovider --benchmark-columns=min,median,mean --benchmark-sort=name \
+  rm -f "$LOGS/bench_rows.jsonl"
+  export FQGAN_BENCH_ROWS="$LOGS/bench_rows.jsonl"
+  step bench "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$PY" -m pytest \
+    benchmarks/ --benchmark-only -m cuda -q -rfE --tb=line -p no:cacheprovider \
+    --benchmark-columns=min,median,mean --benchmark-sort=name \
     ${GPU_CHECK_BENCH_K:+-k "$GPU_CHECK_BENCH_K"} --benchmark-json="$LOGS/bench.json"
+  if [[ ! -s "$LOGS/bench.json" && -s "$LOGS/bench_rows.jsonl" ]]; then
+    "$PY" -c 'import json, sys; rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]; json.dump({"benchmarks": rows}, open(sys.argv[2], "w"))' \
+      "$LOGS/bench_rows.jsonl" "$LOGS/bench.json" \
+      && echo "bench: stopped early; the table has the $(wc -l <"$LOGS/bench_rows.jsonl") cases it finished"
+  fi
+  unset FQGAN_BENCH_ROWS
 fi
 
 # 5. Training steps with each kernel backend against `reference`, bf16 autocast (issue 19).
@@ -206,7 +218,7 @@ for name, make in (("FAR-B train step" if not a.small else "FAR-tiny train step"
     step = make()
     ref_loss, module = step("reference")
     ref_grads = {n: q.grad.float().clone() for n, q in module.named_parameters() if q.grad is not None}
-    print(f"{name}: backend | median ms of 3 | loss | max |grad - ref| / |ref grad| over parameters")
+    print(f"{name}: backend | median ms of 3 | loss | max over parameters |grad - ref| / max(|ref grad|, 1% |all ref grads|)")
     for backend in BACKENDS:
         try:
             loss, module = step(backend)
@@ -223,7 +235,11 @@ for name, make in (("FAR-B train step" if not a.small else "FAR-tiny train step"
             loss, module = step(backend)
             sync()
             times.append(time.perf_counter() - t0)
-        worst = max(((q.grad.float() - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30)).item()
+        # Per parameter, relative to its reference gradient, floored at 1% of the whole gradient's norm: a
+        # parameter whose true gradient is zero (an attention key bias: softmax ignores a shift) has rounding
+        # noise on both sides, and noise over noise is ~1 (seen on the H200, 2026-12-04).
+        floor = 1e-2 * torch.stack([g.norm() for g in ref_grads.values()]).norm()
+        worst = max(((q.grad.float() - ref_grads[n]).norm() / torch.maximum(ref_grads[n].norm(), floor)).item()
                     for n, q in module.named_parameters() if n in ref_grads and q.grad is not None)
         dl = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-30)
         bad = worst > TOL or dl > TOL

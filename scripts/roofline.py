@@ -426,9 +426,11 @@ def measured_ceilings(device: str) -> tuple[float, float]:
 
 
 def measure_decode(preset: str, n_layer: int | None, ar_n_layer: int | None, batches: list[int], device: str,
-                   modes: list[str], dtype: str = "bf16") -> str:
+                   modes: list[str], dtype: str = "bf16", emit=None) -> str:
     """``generate()`` of ``preset`` (random weights, CFG 2 on both factors) timed on ``device`` per batch and mode
-    (eager / compiled), against its bound: the H200 datasheet on CUDA, this machine's measured ceilings on CPU."""
+    (eager / compiled), against its bound: the H200 datasheet on CUDA, this machine's measured ceilings on CPU.
+    ``emit``, when given, receives each line of the table as soon as it is known (a run cut short by a time
+    limit keeps its finished rows)."""
     import time
 
     import torch
@@ -453,6 +455,9 @@ def measure_decode(preset: str, n_layer: int | None, ar_n_layer: int | None, bat
              f"CFG 2 (x2 rows), {dtype}, {device}, torch threads {torch.get_num_threads()}; bound from {roof}", "",
              "| batch | mode | first call s | s / call | tokens/s | images/s | bound s / call | measured / bound |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if emit is not None:
+        for line in lines:
+            emit(line)
     for batch in batches:
         b = decode_bound(c, batch, bandwidth=bw, peak=peak, elem=2 if dtype == "bf16" else 4, name=preset)
         labels = torch.arange(batch, device=device) % c.num_classes
@@ -468,6 +473,8 @@ def measure_decode(preset: str, n_layer: int | None, ar_n_layer: int | None, bat
             tokens = batch * c.block_size * c.num_factors
             lines.append(f"| {batch} | {mode} | {first:.1f} | {s:.3f} | {tokens / s:,.0f} | {batch / s:.2f} | "
                          f"{b.seconds:.3f} | {s / b.seconds:.2f}x |")
+            if emit is not None:
+                emit(lines[-1])
     return "\n".join(lines) + "\n"
 
 
@@ -609,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         print(fifty_k_prediction())
         return 0
     if args.decode_measure:
-        print(measure_decode(args.preset, args.n_layer, args.ar_n_layer, [int(b) for b in args.batches.split(",")],
-                             args.device, args.modes.split(","), args.dtype))
+        measure_decode(args.preset, args.n_layer, args.ar_n_layer, [int(b) for b in args.batches.split(",")],
+                       args.device, args.modes.split(","), args.dtype, emit=lambda line: print(line, flush=True))
         return 0
     if args.bench_json:
         with open(args.bench_json) as f:

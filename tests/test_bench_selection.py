@@ -183,3 +183,22 @@ def test_speedup_chart_takes_plain_rows(tmp_path):
     path = speedup_chart([{"label": "a", "speedups": {"fused": 8.1, "torch.compile": 0.0}},
                           {"label": "b", "speedups": {}}], tmp_path / "deep" / "x.png", title="t")
     assert path == tmp_path / "deep" / "x.png" and path.stat().st_size > 1000
+
+
+def test_rows_are_written_as_each_benchmark_ends(tmp_path):
+    """FQGAN_BENCH_ROWS: every finished case is one JSON line in pytest-benchmark's layout, so a run stopped by
+    a time limit (scripts/gpu_check.sh) keeps its rows; the summary reads them as it reads the JSON file."""
+    rows = tmp_path / "rows.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in (selection.FULL_ENV, selection.SMOKE_ENV, "PYTEST_ADDOPTS")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_sample.py", "--benchmark-only", "-q",
+                           "-p", "no:cacheprovider", "-k", "test_fused_cpu and flat", f"--bench-out={tmp_path}"],
+                          cwd=ROOT, env={**env, "FQGAN_BENCH_ROWS": str(rows)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert len(lines) >= 1
+    for row in lines:
+        assert row["fullname"].startswith("benchmarks/bench_sample.py::test_fused_cpu[") and row["params"]["inputs"]
+        assert row["stats"]["rounds"] >= 1 and 0 < row["stats"]["min"] <= row["stats"]["median"]
+        assert row["extra_info"]["provider"] == "fused cpu"
+    assert len(summary.entries_from_json({"benchmarks": lines})) == len(lines)
