@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["option", "run_defining_diff"]
+from .errors import UsageError
+
+__all__ = ["config_from_dict", "config_to_dict", "option", "run_defining_diff"]
 
 _MISSING: Any = dataclasses.MISSING
 
@@ -43,3 +45,23 @@ def run_defining_diff(config: Any, saved: dict[str, Any]) -> list[tuple[str, Any
     now = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
     runtime = {f.name for f in dataclasses.fields(config) if f.metadata.get("runtime")}
     return [(k, saved[k], now[k]) for k in now if k in saved and k not in runtime and saved[k] != now[k]]
+
+
+C = TypeVar("C")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A flat dataclass config as plain ``{field: value}`` (tuples as lists), for a checkpoint or a JSON file."""
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+            for f in dataclasses.fields(config)}
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    """Inverse of :func:`config_to_dict` (the dataclass converts lists back in its ``__post_init__``).
+
+    :raises UsageError: a key that is not a field of ``cls`` (named)
+    """
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise UsageError(f"unknown {cls.__name__} fields: {unknown}")
+    return cls(**data)

@@ -17,7 +17,7 @@ Its training is :class:`fqgan.train.classifier.ClassifierTask` (the one loop); i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fqgan.runtime.checkpoint import CheckpointError, load_checkpoint
 from fqgan.runtime.errors import UsageError
+from fqgan.runtime.options import config_from_dict, config_to_dict
 
 __all__ = ["CHECKPOINT_KIND", "ClassifierConfig", "ClassifierTeacher", "PhotoClassifier", "load_classifier"]
 
@@ -50,15 +51,11 @@ class ClassifierConfig:
             raise UsageError(f"widths must be positive ints, got {self.widths}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"unknown ClassifierConfig fields: {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _conv(c_in: int, c_out: int) -> list[nn.Module]:

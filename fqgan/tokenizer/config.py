@@ -9,11 +9,11 @@ feature-head widths, the 256-pixel grid). ``TokenizerLossConfig`` holds the opti
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fqgan.runtime.errors import UsageError, UsageTypeError
-from fqgan.runtime.options import option
+from fqgan.runtime.options import config_from_dict, config_to_dict, option
 
 __all__ = [
     "FQGAN_DUAL_8",
@@ -178,16 +178,12 @@ class TokenizerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``{field: value}`` (tuples as lists), e.g. for a checkpoint or a JSON file."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TokenizerConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"unknown TokenizerConfig fields: {unknown}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 def _triple(**changes: Any) -> TokenizerConfig:
