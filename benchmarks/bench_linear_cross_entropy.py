@@ -14,7 +14,8 @@ N = 1024, H = 256 and the headline shapes), flat on the rest of ``FULL_SHAPES``.
 
 Subnormal floats: on Intel CPUs, PyTorch's fp32 GEMMs in the backward of a peaked cross-entropy read
 a gradient full of subnormal values and take a microcode assist per operation: one call of the
-reference at the headline shape takes minutes (DESIGN.md section 6: 128 s against 4.3 s flat). Those
+reference at the headline shape takes minutes (docs/design.md section 6; the default run of 2026-12-04:
+26.9x its flat time, benchmarks/RESULTS.md "Default benchmark run"). Those
 cases (``COLD`` providers on peaked CPU inputs) are timed on their first call on the peaked inputs,
 one round, after a warm-up on flat inputs of the same shape, and checked after the timing
 (benchmarks/conftest.py::timed); the summary's peaked/flat column shows the slowdown.
