@@ -189,7 +189,9 @@ def test_rows_are_written_as_each_benchmark_ends(tmp_path):
     """FQGAN_BENCH_ROWS: every finished case is one JSON line in pytest-benchmark's layout, so a run stopped by
     a time limit (scripts/gpu_check.sh) keeps its rows; the summary reads them as it reads the JSON file."""
     rows = tmp_path / "rows.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in (selection.FULL_ENV, selection.SMOKE_ENV, "PYTEST_ADDOPTS")}
+    # Not as an xdist worker (pytest-benchmark disables timing when PYTEST_XDIST_WORKER is set, as under -n 2).
+    env = {k: v for k, v in os.environ.items()
+           if k not in (selection.FULL_ENV, selection.SMOKE_ENV, "PYTEST_ADDOPTS") and not k.startswith("PYTEST_XDIST")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_sample.py", "--benchmark-only", "-q",
                            "-p", "no:cacheprovider", "-k", "test_fused_cpu and flat", f"--bench-out={tmp_path}"],
                           cwd=ROOT, env={**env, "FQGAN_BENCH_ROWS": str(rows)}, capture_output=True, text=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +18,10 @@ __all__ = ["ResumableSampler", "epoch_batches", "worker_errors_as_one_line"]
 @contextlib.contextmanager
 def worker_errors_as_one_line() -> Iterator[None]:
     """An error raised in a DataLoader worker reaches the user as the worker's own last line (e.g.
-    ``ValueError: cannot read image 'x.jpg': ...``), not as "Caught ValueError in DataLoader worker process 0.
-    Original Traceback ...": a ValueError or OSError stays one (a fault of the data), anything else becomes a
-    RuntimeError, with the hint to run with ``--num-workers 0`` for the worker's traceback."""
+    ``cannot read image 'x.jpg': ...``), not as "Caught ValueError in DataLoader worker process 0. Original
+    Traceback ...": a ValueError or OSError becomes a :class:`UsageError` (a fault of the data: the CLI prints
+    it as one line), anything else a RuntimeError (a fault of the code: a traceback), both with the hint to
+    run with ``--num-workers 0`` for the worker's traceback."""
     try:
         yield
     except Exception as exc:
@@ -27,9 +29,12 @@ def worker_errors_as_one_line() -> Iterator[None]:
         if "in DataLoader worker process" not in text:
             raise
         last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), type(exc).__name__)
-        message = f"{last} (raised while loading data; --num-workers 0 shows where)"
-        kind = ValueError if isinstance(exc, (ValueError, OSError)) else RuntimeError
-        raise kind(message) from None
+        if isinstance(exc, (ValueError, OSError)):
+            # "fqgan.runtime.errors.UsageError: cannot read ..." -> "cannot read ..." (the package's own
+            # message says what is wrong); a built-in's name stays ("OSError: ...").
+            last = re.sub(r"^fqgan[\w.]*\.\w+: ", "", last)
+            raise UsageError(f"{last} (raised while loading data; --num-workers 0 shows where)") from None
+        raise RuntimeError(f"{last} (raised while loading data; --num-workers 0 shows where)") from None
 
 
 class ResumableSampler(DistributedSampler):
