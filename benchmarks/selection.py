@@ -9,7 +9,8 @@ Three modes:
 - **default** (``pytest benchmarks/ --benchmark-only``): for every op, the headline shape of its
   family at full size (``DEFAULT`` below), every CPU provider, peaked and flat inputs; about 10
   minutes on 2 cores. The GPU cases (marked ``cuda``, skipped without one) run their whole matrix
-  in every timed mode: it takes seconds on a GPU, and scripts/gpu_check.sh relies on it.
+  in every timed mode (133 cases: more than the 150-190 s the first H200 run gave them, 2026-12-04;
+  scripts/gpu_check.sh narrows them to the headline shapes with a -k filter).
 - **full** (``--bench-full`` or ``FQGAN_BENCH_FULL=1``): the whole CPU matrix as well (every shape,
   dtype and sampling setting; about an hour on 2 cores).
 

@@ -21,7 +21,7 @@
 #   GPU_CHECK_DECODE=0: skip a step
 #   (with GPU_CHECK_BENCH=0 and a bench.json already in $OUT, the table is made from that file:
 #   tests/test_gpu_checks.py runs the script so on a CPU machine). GPU_CHECK_BENCH_K: a -k filter
-#   for the benchmarks.
+#   for the benchmarks (default: the headline shapes, 88 cases; "" for all 133).
 #   Extra arguments go to the test step's pytest (e.g. -k nearest_code).
 set -euo pipefail
 
@@ -125,12 +125,16 @@ fi
 #    session's end, so a bench step stopped by its limit (the H200's 133 cuda cases did not fit 190 s on
 #    2026-12-04) still gives the table of the cases it finished. Failures print one line each (-rfE).
 if [[ "${GPU_CHECK_BENCH:-1}" != 0 ]]; then
+  # The headline shapes by default (88 of the 133 cuda cases: not the second N, H or k of a family, nor plain
+  # sampling); GPU_CHECK_BENCH_K="" runs them all, or give another -k expression.
+  BENCH_K="${GPU_CHECK_BENCH_K-not N8192 and not H1280 and not k2 and not plain}"
+  BENCH_K="${BENCH_K:-not __none__}"
   rm -f "$LOGS/bench_rows.jsonl"
   export FQGAN_BENCH_ROWS="$LOGS/bench_rows.jsonl"
   step bench "${GPU_CHECK_BENCH_TIMEOUT:-150}" "$PY" -m pytest \
     benchmarks/ --benchmark-only -m cuda -q -rfE --tb=line -p no:cacheprovider \
     --benchmark-columns=min,median,mean --benchmark-sort=name \
-    ${GPU_CHECK_BENCH_K:+-k "$GPU_CHECK_BENCH_K"} --benchmark-json="$LOGS/bench.json"
+    -k "$BENCH_K" --benchmark-json="$LOGS/bench.json"
   if [[ ! -s "$LOGS/bench.json" && -s "$LOGS/bench_rows.jsonl" ]]; then
     "$PY" -c 'import json, sys; rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]; json.dump({"benchmarks": rows}, open(sys.argv[2], "w"))' \
       "$LOGS/bench_rows.jsonl" "$LOGS/bench.json" \
