@@ -71,7 +71,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("fqgan benchmarks")
     group.addoption("--bench-full", action="store_true", default=False,
                     help="run the whole CPU benchmark matrix, not only each op's headline shape "
-                         f"(also {selection.FULL_ENV}=1); about an hour on 2 cores")
+                         f"(also {selection.FULL_ENV}=1); 40 minutes on 2 cores")
     group.addoption("--bench-selection-json", default=None, metavar="PATH",
                     help="write the collected cases (node id, op, provider, inputs, device) as JSON; with "
                          "--collect-only, what a run would time (tests/test_bench_selection.py)")
