@@ -1,9 +1,12 @@
-"""``fqgan sample --npz``: ADM's format, class balance, per-image draws, and a sharded 2-process gloo run (one
-shard deleted, the run restarted) that gives the same images as one process with the same seed."""
+"""``fqgan sample --npz``: ADM's format, class balance, per-image draws, and a sharded 2-process gloo run that
+gives the same images as one process with the same seed: restarted after a deleted shard, and after SIGKILL to
+the running torchrun and its workers."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -142,6 +145,56 @@ def test_two_processes_resumed_equal_one_process(tmp_path, models):
     proc = subprocess.run([sys.executable, "-m", "fqgan", "sample", *args, "--npz", str(tmp_path / "three.npz"),
                            "--cfg-scale", "3"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "holds shards of another sampling run (differs in: cfg_scale)" in proc.stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        below = todo.pop()
+        kids = [p for p, parent in parents.items() if parent == below]
+        out += kids
+        todo += kids
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_sampler_killed_mid_run_resumes_to_the_same_images(tmp_path, models):
+    """SIGKILL to a running 2-process sampler, torchrun and its workers (a scheduler's hard kill), once its
+    first shard is written; the same command again samples only what is missing, and the images equal one
+    process's."""
+    args = [*models, "--num-images", "96", "--shard-size", "4", "--batch-size", "1", "--seed", "7", "--quiet"]
+    one, two, shards = tmp_path / "one.npz", tmp_path / "two.npz", tmp_path / "two.npz.shards"
+    _fqgan(["sample", *args, "--npz", str(one)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "fqgan", "sample", *args, "--npz", str(two)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not any(shards.glob("shard_*.npz")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun starts its workers in sessions of their own
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    done = len(list(shards.glob("shard_*.npz")))
+    assert 1 <= done < 24 and not two.exists()
+    out = _fqgan(["sample", *args, "--npz", str(two)], nproc=2)
+    assert f"{done} finished shards reused" in out
+    with np.load(one) as a, np.load(two) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
 
 
 def test_write_samples_npz_streams_shards(tmp_path):
