@@ -260,12 +260,10 @@ def plot_curves(classifier_metrics: list[dict], tokenizer_metrics: list[dict], g
                 path: str) -> str:
     """Three panels: the classifier's loss and accuracy, the tokenizer's pixel loss and PSNR-equivalent
     (and semantic loss), the generator's loss per sub-token."""
-    import matplotlib
+    from fqgan.eval.charts import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig = figure((15, 3.8))
+    axes = fig.subplots(1, 3)
     ax = axes[0]
     steps = [r["step"] for r in classifier_metrics]
     ax.plot(steps, [r["loss"] for r in classifier_metrics], label="cross-entropy (train batch)")
@@ -305,7 +303,6 @@ def plot_curves(classifier_metrics: list[dict], tokenizer_metrics: list[dict], g
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -445,17 +442,6 @@ def _report(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _enlarge(images: torch.Tensor, scale: int) -> torch.Tensor:
-    """``[B, 3, H, W]`` -> ``[B, 3, sH, sW]`` on the CPU, nearest neighbour (pixels stay visible)."""
-    x = images.detach().float().cpu()
-    return torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
-
-
-def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
-
-
 # -- the demo -----------------------------------------------------------------------------------------
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo (module docstring); returns what ``metrics.json`` holds."""
@@ -551,13 +537,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                         on_batch=bar.update) for d in (held_set, train_set))
 
     ev, ev_train = with_bar("evaluate tokenizer", 2 * cfg.eval_images, "img", evaluate)
-    held_x, held_y = _stack(held_set)
-    train_x, train_y = _stack(train_set)
+    held_x, held_y = collate([held_set[i] for i in range(len(held_set))])
+    train_x, train_y = collate([train_set[i] for i in range(len(train_set))])
     originals = held_x[: min(16, len(held_x))].to(device)
     with torch.no_grad():
         recons = tokenizer.decode_indices(tokenizer.encode(originals)).clamp(-1, 1)
-    save_comparison_grid(_enlarge(originals, cfg.grid_scale), _enlarge(recons, cfg.grid_scale),
-                         os.path.join(out, "reconstructions.png"), nrow=8)
+    save_comparison_grid(originals, recons, os.path.join(out, "reconstructions.png"), nrow=8, scale=cfg.grid_scale)
 
     # 3. codes of training-region crops
     code_set = crops("train", cfg.code_images, cfg.seed)
@@ -606,8 +591,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         real = next(code_set[i][0] for i in range(c, len(code_set), num_classes))
         shown += [real.unsqueeze(0), blank, images[c * cfg.cas_samples: c * cfg.cas_samples + cfg.samples_per_class]
                   .cpu()]
-    save_grid(_enlarge(torch.cat(shown), cfg.grid_scale), os.path.join(out, "samples.png"),
-              nrow=cfg.samples_per_class + 2, row_labels=held_set.classes[: cfg.sample_classes])
+    save_grid(torch.cat(shown), os.path.join(out, "samples.png"), nrow=cfg.samples_per_class + 2,
+              row_labels=held_set.classes[: cfg.sample_classes], scale=cfg.grid_scale)
 
     # 6. what each sub-codebook learned
     analysis = stages.run("analyse sub-codebooks", lambda: analyze_tokenizer(

@@ -182,7 +182,7 @@ def _label_column(labels: Sequence[str], rows: int, tile_h: int, padding: int) -
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
-              row_labels: Sequence[str] | None = None, pad_value: int = 255) -> GridLayout:
+              row_labels: Sequence[str] | None = None, pad_value: int = 255, scale: int = 1) -> GridLayout:
     """Save ``images`` ``[N, 3, H, W]`` in [-1, 1] as one picture: rows of ``nrow`` tiles, filled row
     by row (image ``i`` at row ``i // nrow``, column ``i % nrow``), ``padding`` pixels of
     ``pad_value`` (grey level 0..255) around and between tiles; unused cells of the last row stay
@@ -191,6 +191,8 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
 
     :param row_labels: optional text per grid row (``ceil(N / nrow)`` of them), drawn in a white
         column on the left (torchvision has no labels).
+    :param scale: each tile drawn ``scale`` times larger, every pixel a ``scale x scale`` block (nearest
+        neighbour: small images stay legible and their pixels visible).
     :returns: the :class:`GridLayout`, which locates each tile in the file.
     """
     tv = import_torchvision()
@@ -201,6 +203,8 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
         raise UsageError(f"padding must be a non-negative int, got {padding!r}")
     if not 0 <= int(pad_value) <= 255:
         raise UsageError(f"pad_value must be a grey level in 0..255, got {pad_value!r}")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise UsageError(f"scale must be a positive int, got {scale!r}")
     n, _, h, w = images.shape
     if n == 0:
         raise UsageError("images is empty: nothing to put in a grid")
@@ -210,6 +214,9 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
         raise UsageError(f"row_labels has {len(row_labels)} entries, the grid has {rows} rows "
                          f"({n} images, nrow={nrow})")
     tiles = to_uint8(images).cpu()  # [N, 3, H, W]
+    if scale > 1:
+        tiles = tiles.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        h, w = h * scale, w * scale
     if n == 1:  # make_grid returns a lone image as it is, without the padding
         grid = F.pad(tiles[0], (padding,) * 4, value=int(pad_value))
     else:
@@ -225,13 +232,15 @@ def save_grid(images: Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
 
 
 def save_comparison_grid(originals: Tensor, reconstructions: Tensor, path: str | Path, nrow: int = 8,
-                         padding: int = 2, labels: tuple[str, str] = ("original", "reconstruction")) -> GridLayout:
+                         padding: int = 2, labels: tuple[str, str] = ("original", "reconstruction"),
+                         scale: int = 1) -> GridLayout:
     """Save originals above their reconstructions: for each chunk of ``nrow`` images, one grid row of
     originals and, right below it, the row of their reconstructions (image ``i`` at grid row
     ``2 * (i // nrow)`` and ``2 * (i // nrow) + 1``, column ``i % nrow``), rows labelled.
 
     :param originals: ``[N, 3, H, W]`` in [-1, 1].
     :param reconstructions: same shape as ``originals``.
+    :param scale: as :func:`save_grid`'s.
     """
     _check_images(originals, "originals")
     _check_images(reconstructions, "reconstructions")
@@ -252,4 +261,4 @@ def save_comparison_grid(originals: Tensor, reconstructions: Tensor, path: str |
                 chunk = torch.cat([chunk, chunk.new_ones(cols - chunk.shape[0], *chunk.shape[1:])])
             chunks.append(chunk)
             row_labels.append(label)
-    return save_grid(torch.cat(chunks), path, nrow=cols, padding=padding, row_labels=row_labels)
+    return save_grid(torch.cat(chunks), path, nrow=cols, padding=padding, row_labels=row_labels, scale=scale)

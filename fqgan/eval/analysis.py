@@ -29,10 +29,11 @@ and by how much, or that the difference is within the probe's sampling error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from fqgan.data.images import save_grid, to_uint8
+from fqgan.eval.charts import figure
 from fqgan.eval.metrics import CodeUsage, psnr
 from fqgan.runtime.errors import UsageError
 
@@ -52,17 +54,6 @@ FILLS = ("mean", "zero")
 METHODS = ("tsne", "pca")
 
 
-def _need(module: str, what: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        pip = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}.get(module.split(".")[0], module)
-        raise ModuleNotFoundError(f"{what} needs {pip}: pip install {pip} (or pip install 'fqgan-kernels[model]')") \
-            from exc
-
-
 class SubcodebookCodes(NamedTuple):
     """A tokenizer's codes of a set of images (CPU tensors)."""
 
@@ -70,21 +61,36 @@ class SubcodebookCodes(NamedTuple):
     quantized: Tensor  # [N, k*D, h, w] float32 quantised (unit) code vectors; sub-codebook i: channels i*D:(i+1)*D
 
 
-@torch.no_grad()
-def encode_subcodebooks(model: nn.Module, images: Tensor, batch_size: int = 64) -> SubcodebookCodes:
-    """``model.quantize`` of ``images [N, 3, H, W]`` (in [-1, 1]), in eval mode and fp32, ``batch_size`` at a time."""
-    device = next(model.parameters()).device
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[torch.device]:
+    """``model`` in eval mode for the block (its mode restored after); yields its device."""
     was_training = model.training
     model.eval()
     try:
-        idx, quant = [], []
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def encode_subcodebooks(model: nn.Module, images: Tensor, batch_size: int = 64) -> SubcodebookCodes:
+    """``model.quantize`` of ``images [N, 3, H, W]`` (in [-1, 1]), in eval mode and fp32, ``batch_size`` at a time."""
+    idx, quant = [], []
+    with _eval_mode(model) as device:
         for i in range(0, images.shape[0], batch_size):
             q = model.quantize(images[i:i + batch_size].to(device).float())
             idx.append(q.indices.cpu())
             quant.append(q.quantized.float().cpu())
-    finally:
-        model.train(was_training)
     return SubcodebookCodes(torch.cat(idx), torch.cat(quant))
+
+
+@torch.no_grad()
+def _decode(model: nn.Module, quantized: Tensor, batch_size: int) -> Tensor:
+    """``model.decode`` of ``quantized [N, k*D, h, w]`` in eval mode, ``batch_size`` at a time: ``[N, 3, H, W]``
+    float32 on the CPU, clamped to [-1, 1]."""
+    with _eval_mode(model) as device:
+        return torch.cat([model.decode(quantized[j:j + batch_size].to(device)).float().cpu()
+                          for j in range(0, quantized.shape[0], batch_size)]).clamp(-1, 1)
 
 
 def code_histograms(indices: Tensor, codebook_size: int) -> Tensor:
@@ -112,35 +118,27 @@ def single_codebook_decodes(model: nn.Module, quantized: Tensor, fill: str = "me
     k, d = c.num_codebooks, c.codebook_dim
     base = (reference if reference is not None else quantized).mean(0, keepdim=True) if fill == "mean" \
         else quantized.new_zeros(1, *quantized.shape[1:])
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for i in range(k):
-            keep = torch.zeros(1, k * d, 1, 1, dtype=torch.bool)
-            keep[:, i * d:(i + 1) * d] = True
-            mixed = torch.where(keep, quantized, base)
-            out.append(torch.cat([model.decode(mixed[j:j + batch_size].to(device)).float().cpu()
-                                  for j in range(0, mixed.shape[0], batch_size)]))
-    finally:
-        model.train(was_training)
-    return torch.stack(out).clamp(-1, 1)
+    out = []
+    for i in range(k):
+        keep = torch.zeros(1, k * d, 1, 1, dtype=torch.bool)
+        keep[:, i * d:(i + 1) * d] = True
+        out.append(_decode(model, torch.where(keep, quantized, base), batch_size))
+    return torch.stack(out)
 
 
 def linear_probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                           seed: int = 0) -> tuple[float, float]:
     """``(held-out accuracy, training accuracy)`` of a linear probe: scikit-learn's ``StandardScaler`` +
     multinomial ``LogisticRegression(C=1)`` fitted on ``train_x [N, F]``, ``train_y [N]``."""
-    pipeline = _need("sklearn.pipeline", "the linear probe")
-    preprocessing = _need("sklearn.preprocessing", "the linear probe")
-    linear = _need("sklearn.linear_model", "the linear probe")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     if len(np.unique(train_y)) < 2:
         # One class: a constant predictor (LogisticRegression refuses a single class).
         only = train_y[0]
         return float(np.mean(test_y == only)), 1.0
-    probe = pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                   linear.LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
     probe.fit(train_x, train_y)
     return float(probe.score(test_x, test_y)), float(probe.score(train_x, train_y))
 
@@ -149,43 +147,39 @@ def code_mutual_information(indices: Tensor, labels: Tensor, seed: int = 0) -> t
     """``(I(code; class), the same with the image labels shuffled)`` in bits, over every token of
     ``indices [N, h, w]`` (one sub-codebook) with its image's label ``labels [N]`` (plug-in estimate,
     scikit-learn's ``mutual_info_score``; the shuffled value measures its bias at this sample size)."""
-    metrics = _need("sklearn.metrics", "the mutual information")
+    from sklearn.metrics import mutual_info_score
+
     per_image = indices[0].numel()
     codes = indices.reshape(-1).numpy()
     y = labels.numpy()
     shuffled = np.random.default_rng(seed).permutation(y)
     bits = 1.0 / math.log(2.0)
-    mi = metrics.mutual_info_score(np.repeat(y, per_image), codes) * bits
-    mi_shuffled = metrics.mutual_info_score(np.repeat(shuffled, per_image), codes) * bits
+    mi = mutual_info_score(np.repeat(y, per_image), codes) * bits
+    mi_shuffled = mutual_info_score(np.repeat(shuffled, per_image), codes) * bits
     return float(mi), float(mi_shuffled)
 
 
 def _embed(features: np.ndarray, method: str, seed: int) -> np.ndarray:
-    decomposition = _need("sklearn.decomposition", "the embedding plot")
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
     n, f = features.shape
     dims = max(1, min(50, n - 1, f))
-    reduced = decomposition.PCA(n_components=dims, random_state=seed).fit_transform(features)
+    reduced = PCA(n_components=dims, random_state=seed).fit_transform(features)
     if method == "pca" or n < 5:
         return reduced[:, :2] if dims >= 2 else np.concatenate([reduced, np.zeros_like(reduced)], axis=1)
-    manifold = _need("sklearn.manifold", "the t-SNE plot")
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    return manifold.TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
-
-
-def _plt():
-    matplotlib = _need("matplotlib", "the analysis plots")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(reduced)
 
 
 def _plot_embeddings(points: list[np.ndarray], labels: np.ndarray, names: Sequence[str],
                      class_names: Sequence[str], method: str, path: Path) -> None:
-    plt = _plt()
+    from matplotlib import colormaps
+
     k = len(points)
-    fig, axes = plt.subplots(1, k, figsize=(4.6 * k + 1.8, 4.4), squeeze=False)
-    cmap = plt.get_cmap("tab20")
+    fig = figure((4.6 * k + 1.8, 4.4))
+    axes = fig.subplots(1, k, squeeze=False)
+    cmap = colormaps["tab20"]
     classes = sorted(set(labels.tolist()))
     for ax, xy, name in zip(axes[0], points, names):
         for c in classes:
@@ -204,18 +198,15 @@ def _plot_embeddings(points: list[np.ndarray], labels: np.ndarray, names: Sequen
                      "colours repeat every 20, no legend)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def _plot_usage(counts: Tensor, names: Sequence[str], path: Path) -> None:
-    plt = _plt()
-    k, size = counts.shape
-    fig, axes = plt.subplots(1, k, figsize=(4.6 * k, 3.4), squeeze=False)
-    usage = CodeUsage(k, size)
-    usage.counts = counts.clone()
+def _plot_usage(usage: CodeUsage, names: Sequence[str], path: Path) -> None:
+    k, size = usage.counts.shape
+    fig = figure((4.6 * k, 3.4))
+    axes = fig.subplots(1, k, squeeze=False)
     used, perp = usage.usage().tolist(), usage.perplexity().tolist()
     for i, (ax, name) in enumerate(zip(axes[0], names)):
-        sorted_counts = torch.sort(counts[i], descending=True).values.numpy()
+        sorted_counts = torch.sort(usage.counts[i], descending=True).values.numpy()
         ax.bar(np.arange(size), sorted_counts, width=1.0, color="tab:blue")
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("codes, most used first")
@@ -223,7 +214,6 @@ def _plot_usage(counts: Tensor, names: Sequence[str], path: Path) -> None:
         ax.set_title(f"'{name}': {used[i]:.0%} of {size} codes used, perplexity {perp[i]:.0f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _grid_picks(labels: Tensor, count: int) -> list[int]:
@@ -236,10 +226,6 @@ def _grid_picks(labels: Tensor, count: int) -> list[int]:
     picks = sorted(picks, key=lambda i: int(labels[i]))[:count]
     rest = [i for i in range(len(labels)) if i not in picks]
     return picks + rest[: max(0, count - len(picks))]
-
-
-def _enlarge(images: Tensor, scale: int) -> Tensor:
-    return torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest") if scale > 1 else images
 
 
 @torch.no_grad()
@@ -268,8 +254,8 @@ def analyze_tokenizer(model: nn.Module, train: tuple[Tensor, Tensor], heldout: t
         if x.dim() != 4 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise UsageError(f"{part} must be (images [N, 3, H, W], labels [N]) with N > 0, got "
                              f"{tuple(x.shape)} and {tuple(y.shape)}")
-    _need("sklearn", "fqgan analyze")  # before any work: the probes and plots need it
-    _need("matplotlib", "fqgan analyze")
+    import matplotlib  # noqa: F401  (before any work: the plots need it, and scikit-learn the probes)
+    import sklearn  # noqa: F401
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -300,14 +286,12 @@ def analyze_tokenizer(model: nn.Module, train: tuple[Tensor, Tensor], heldout: t
 
     counts = CodeUsage(k, size)
     counts.update(all_idx)
-    _plot_usage(counts.counts, names, Path(files["usage"]))
+    _plot_usage(counts, names, Path(files["usage"]))
     usage = {name: {"usage": u, "perplexity": p}
              for name, u, p in zip(names, counts.usage().tolist(), counts.perplexity().tolist())}
 
     # Reconstructions: the full one and one per sub-codebook, PSNR over every held-out image.
-    device = next(model.parameters()).device
-    full = torch.cat([model.decode(codes_ho.quantized[j:j + batch_size].to(device)).float().cpu()
-                      for j in range(0, x_ho.shape[0], batch_size)]).clamp(-1, 1)
+    full = _decode(model, codes_ho.quantized, batch_size)
     singles = single_codebook_decodes(model, codes_ho.quantized, fill,
                                       reference=torch.cat([codes_tr.quantized, codes_ho.quantized]),
                                       batch_size=batch_size)
@@ -317,7 +301,7 @@ def analyze_tokenizer(model: nn.Module, train: tuple[Tensor, Tensor], heldout: t
     picks = _grid_picks(y_ho, grid_images)
     rows = [x_ho[picks].float().cpu(), full[picks], *(singles[i][picks] for i in range(k))]
     labels = ["input", "all codes", *(f"'{n}' only" for n in names)]
-    save_grid(_enlarge(torch.cat(rows), grid_scale), files["reconstructions"], nrow=len(picks), row_labels=labels)
+    save_grid(torch.cat(rows), files["reconstructions"], nrow=len(picks), row_labels=labels, scale=grid_scale)
 
     result: dict[str, Any] = {
         "codebook_names": names, "num_train_images": int(x_tr.shape[0]), "num_heldout_images": int(x_ho.shape[0]),
@@ -330,11 +314,6 @@ def analyze_tokenizer(model: nn.Module, train: tuple[Tensor, Tensor], heldout: t
     return result
 
 
-def _stack(dataset: Any, positions: Sequence[int]) -> tuple[Tensor, Tensor]:
-    items = [dataset[i] for i in positions]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
-
-
 def load_analysis_data(source: str, image_size: int, num_images: int = 380, seed: int = 0
                        ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], list[str]]:
     """``(train, heldout, class_names)`` for :func:`analyze_tokenizer`, each part ``(images, labels)``.
@@ -343,14 +322,15 @@ def load_analysis_data(source: str, image_size: int, num_images: int = 380, seed
     ``num_images`` of their held-out region (:class:`~fqgan.data.SampleImages`, one class per photograph).
     Otherwise an image folder (centre crops, labels from its class folders): up to ``num_images`` images
     evenly spread over it (so over its classes), of which every 4th is held out."""
-    from fqgan.data.datasets import ImageFolder, SampleImages
+    from fqgan.data.datasets import ImageFolder, SampleImages, collate
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise UsageError(f"num_images must be a positive int, got {num_images!r}")
     if source == "sample":
         parts = [SampleImages(image_size, length=num_images, augment=False, seed=seed + i, region=region)
                  for i, region in enumerate(("train", "heldout"))]
-        return _stack(parts[0], range(num_images)), _stack(parts[1], range(num_images)), list(parts[0].classes)
+        train, heldout = (collate([part[i] for i in range(num_images)]) for part in parts)
+        return train, heldout, list(parts[0].classes)
     folder = ImageFolder(source, image_size, augment=False, seed=seed)
     n = len(folder)
     positions = sorted({round(i * (n - 1) / max(num_images - 1, 1)) for i in range(min(num_images, n))})
@@ -359,7 +339,7 @@ def load_analysis_data(source: str, image_size: int, num_images: int = 380, seed
                          "probes on, one to measure them)")
     train = [p for j, p in enumerate(positions) if j % 4 != 3]
     heldout = [p for j, p in enumerate(positions) if j % 4 == 3] or positions[-1:]
-    return _stack(folder, train), _stack(folder, heldout), list(folder.classes)
+    return collate([folder[i] for i in train]), collate([folder[i] for i in heldout]), list(folder.classes)
 
 
 def class_information_sentence(probe: dict[str, dict[str, float]], chance: float, num_heldout: int) -> str:

@@ -1,6 +1,8 @@
-"""The kernels' picture: speed-up over the reference per op, one bar per provider, on a log scale with
-the 1x line drawn. The benchmark suite's summary (``benchmarks/summary.py``) and ``fqgan demo``'s report
-both draw it from their own figures. Standard library and matplotlib (its Agg canvas, no pyplot) only.
+"""The package's figures are drawn here: :func:`figure` (a matplotlib figure on its own Agg canvas: no
+pyplot state, no change of the caller's backend; every plot of fqgan uses it) and the kernels' picture,
+:func:`speedup_chart`: speed-up over the reference per op, one bar per provider, on a log scale with the 1x
+line drawn. The benchmark suite's summary (``benchmarks/summary.py``) and ``fqgan demo``'s report both draw
+it from their own figures.
 
     from fqgan.eval.charts import speedup_chart
     speedup_chart([{"label": "nearest_code N=4096 peaked",
@@ -12,12 +14,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["speedup_chart"]
+__all__ = ["figure", "speedup_chart"]
 
 # one colour per provider, the same in every chart; providers not named here take the next free one
 _COLOURS = {"fused cpu": "#d62728", "cuda": "#d62728", "triton": "#ff7f0e", "fused (auto)": "#d62728",
             "fused": "#d62728", "torch.compile": "#1f77b4"}
 _OTHERS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def figure(figsize: tuple[float, float]):
+    """A :class:`matplotlib.figure.Figure` with an Agg canvas (``fig.savefig`` writes PNGs). The object API:
+    unlike ``pyplot``, it keeps no global state to close and leaves the caller's backend (a notebook's) as
+    it is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def speedup_chart(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
@@ -30,9 +44,6 @@ def speedup_chart(rows: list[dict], path: str | Path, title: str | None = None) 
     :param title: the chart's title (e.g. the machine); a default one otherwise.
     :returns: ``path`` as a :class:`~pathlib.Path`.
     """
-    # the object API with the Agg canvas: no pyplot state, no change of the caller's backend
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import FuncFormatter
 
@@ -57,8 +68,7 @@ def speedup_chart(rows: list[dict], path: str | Path, title: str | None = None) 
             bars.append((i + (j - (len(present) - 1) / 2) * height, float(value), name))
     values = [v for _, v, _ in bars]
     low, high = min([*values, 1.0]) / 2, max([*values, 1.0]) * 4
-    fig = Figure(figsize=(10, 1.6 + 0.22 * n_bars * max(1, n_rows)))
-    FigureCanvasAgg(fig)
+    fig = figure((10, 1.6 + 0.22 * n_bars * max(1, n_rows)))
     ax = fig.subplots()
     for y, value, name in bars:  # from the left edge: a log axis has no 0
         ax.barh(y, value - low, left=low, height=height * 0.9, color=colours[name])

@@ -27,6 +27,8 @@ from fqgan.runtime.checkpoint import CheckpointError, load_checkpoint
 from fqgan.runtime.errors import UsageError
 from fqgan.runtime.options import config_from_dict, config_to_dict
 
+from .teachers import FrozenTeacher
+
 __all__ = ["CHECKPOINT_KIND", "ClassifierConfig", "ClassifierTeacher", "PhotoClassifier", "load_classifier"]
 
 CHECKPOINT_KIND = "fqgan-classifier"
@@ -104,7 +106,7 @@ class PhotoClassifier(nn.Module):
             self.train(was_training)
 
 
-class ClassifierTeacher(nn.Module):
+class ClassifierTeacher(FrozenTeacher):
     """A frozen :class:`PhotoClassifier` as a feature teacher: ``images [B, 3, H, W]`` in [-1, 1] ->
     its penultimate feature ``[B, hidden_size]`` (what :class:`~fqgan.tokenizer.teachers.FeatureTeacher`'s
     CLS feature is for CLIP and DINOv2). Always in eval mode (BatchNorm uses its running statistics)."""
@@ -115,14 +117,9 @@ class ClassifierTeacher(nn.Module):
         self.classifier.requires_grad_(False)
         self.classifier.eval()
 
-    def train(self, mode: bool = True) -> ClassifierTeacher:
-        """Stays in eval mode (a frozen teacher), whatever ``mode``."""
-        super().train(False)
-        return self
-
     @property
     def hidden_size(self) -> int:
-        """Width of the feature (the tokenizer's feature predictor must predict this many dimensions)."""
+        """Width of the feature (the classifier's ``feature_dim``)."""
         return self.classifier.config.feature_dim
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ from fqgan.runtime.vision import import_torchvision
 if TYPE_CHECKING:
     from fqgan.tokenizer.config import TokenizerConfig
 
-__all__ = ["TEACHERS_ENV", "FeatureTeacher", "find_teacher", "load_teacher", "load_teachers",
+__all__ = ["TEACHERS_ENV", "FeatureTeacher", "FrozenTeacher", "find_teacher", "load_teacher", "load_teachers",
            "official_dinov2_positions"]
 
 TEACHERS_ENV = "FQGAN_TEACHERS_DIR"
@@ -75,7 +75,23 @@ def official_dinov2_positions(table: Tensor, patch_size: int, input_size: int) -
     return torch.cat([table[:, :1], grid], dim=1)
 
 
-class FeatureTeacher(nn.Module):
+class FrozenTeacher(nn.Module):
+    """What the tokenizer's semantic loss needs of a teacher: ``forward(images [B, 3, H, W] in [-1, 1]) ->
+    features [B, hidden_size]``, and ``hidden_size``. It never trains: no gradients, and eval mode whatever
+    ``train()`` is asked (a training loop's ``model.train()`` must not switch its dropout or BatchNorm on)."""
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Stays in eval mode (a frozen teacher), whatever ``mode``."""
+        super().train(False)
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the feature (the tokenizer's feature predictor must predict this many dimensions)."""
+        raise NotImplementedError
+
+
+class FeatureTeacher(FrozenTeacher):
     """A frozen vision tower that maps images ``[B, 3, H, W]`` in [-1, 1] to its CLS feature ``[B, hidden]``.
 
     :param model: a ``transformers`` ``CLIPVisionModel`` or ``Dinov2Model``
@@ -104,11 +120,6 @@ class FeatureTeacher(nn.Module):
             embeddings.position_embeddings = nn.Parameter(table, requires_grad=False)
         self.model.requires_grad_(False)
         self.model.eval()
-
-    def train(self, mode: bool = True) -> FeatureTeacher:
-        """Stays in eval mode (a frozen teacher), whatever ``mode``."""
-        super().train(False)
-        return self
 
     @property
     def hidden_size(self) -> int:

@@ -169,6 +169,24 @@ def test_save_grid_is_torchvision_make_grid_of_the_uint8_tiles(tmp_path):
     assert (canvas[:3] == 7).all() and (canvas[:, -3:] == 7).all()
 
 
+def test_save_grid_scale_draws_each_pixel_as_a_block(tmp_path):
+    """scale=s: every tile s times larger, each pixel an s x s block of its byte (nearest neighbour, the same as
+    torch's nearest interpolation before the grid); the layout knows the larger tiles."""
+    images = _random_images(3)
+    layout = save_grid(images, tmp_path / "big.png", nrow=2, padding=2, scale=3, row_labels=["a", "b"])
+    canvas = _read(layout.path)
+    assert (layout.tile_height, layout.tile_width) == (3 * 9, 3 * 13)
+    enlarged = torch.nn.functional.interpolate(images, scale_factor=3, mode="nearest")
+    tiles = to_uint8(enlarged).permute(0, 2, 3, 1).numpy()
+    for i in range(3):
+        top, left, bottom, right = layout.tile_box(i // 2, i % 2)
+        np.testing.assert_array_equal(canvas[top:bottom, left:right], tiles[i])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="scale must be a positive int"):
+            save_grid(images, tmp_path / "x.png", scale=bad)
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_save_grid_bad_input(tmp_path):
     with pytest.raises(ValueError, match="row_labels has 1 entries, the grid has 2 rows"):
         save_grid(_random_images(3), tmp_path / "g.png", nrow=2, row_labels=["x"])
