@@ -106,6 +106,28 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def _add_workers_argument(p: Any, what: str) -> None:
+    p.add_argument("--num-workers", type=int, default=None,
+                   help=f"{what} (default: 4, or the CPU cores this process may use when fewer)")
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """``--num-workers``, checked; its default resolved (:func:`~fqgan.runtime.device.default_loader_workers`)."""
+    from fqgan.runtime.device import default_loader_workers
+
+    if args.num_workers is None:
+        return default_loader_workers()
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    return args.num_workers
+
+
+def _add_bad_images_argument(p: Any, skipped: str) -> None:
+    p.add_argument("--bad-images", choices=("error", "skip"), default="error",  # fqgan.data.scan's (needs PIL)
+                   help="an image folder's files are checked before any is used: 'error' stops and lists the "
+                        f"unreadable ones, 'skip' {skipped} (default: %(default)s)")
+
+
 def _groups(p: argparse.ArgumentParser, *titles: str) -> dict[str, Any]:
     """Help sections in this order (add_options fills them by title)."""
     return {title: p.add_argument_group(title) for title in titles}
@@ -174,7 +196,7 @@ def add_eval_tokenizer_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     parser.add_argument("--num-images", type=int, default=None,
                         help="evaluate this many images (default: the whole folder; 512 crops of the sample set)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    _add_workers_argument(parser, "DataLoader workers per process")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops")
     parser.add_argument("--out", default="eval-tokenizer", metavar="DIR",
                         help="writes metrics.json and grid.png (originals above reconstructions) here")
@@ -205,8 +227,7 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
     from fqgan.tokenizer.load import checkpoint_file, load_tokenizer
 
     _positive(args, "num_images", "batch_size", "grid_images")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    num_workers = _workers(args)
     # Cheap checks first: a missing checkpoint or weight file fails before any data is read.
     weights_path, note = (None, "rFID skipped: --no-rfid") if args.no_rfid else resolve_rfid_weights(
         args.inception_weights)
@@ -222,7 +243,7 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
                                 sample_length=args.num_images or 512)
         n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
         shard = Subset(dataset, range(info.rank, n, info.world_size))
-        loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+        loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=collate, pin_memory=info.device.type == "cuda")
         out = Path(args.out)
         progress = Progress(len(loader), desc="eval-tokenizer", enabled=info.is_main and not args.quiet)
@@ -309,11 +330,29 @@ def add_extract_codes_arguments(p: argparse.ArgumentParser) -> argparse.Argument
     p.add_argument("--crop-range", type=float, default=1.1,
                    help="with --ten-crop: the centre crop's size over the image size (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4, help="data-loading processes (default: %(default)s)")
+    _add_workers_argument(p, "data-loading processes")
+    _add_bad_images_argument(p, "encodes the others (the codes' meta.json lists the left-out files)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _checked_folder(args: argparse.Namespace, image_size: int, is_main: bool) -> tuple[Any, list[tuple[str, str]]]:
+    """``--data``'s ImageFolder (centre crops) after the check of every file (``--bad-images``; rank 0 scans,
+    every rank gets its index). Returns the data set and the ``(path, reason)`` of the files left out."""
+    from fqgan.data import ImageFolder
+    from fqgan.data.scan import read_classes_file, scan_image_folder
+    from fqgan.runtime.dist import on_main_then_shared
+
+    root = os.path.abspath(os.path.expanduser(args.data))
+    classes = read_classes_file(args.classes) if args.classes is not None else None
+    index = on_main_then_shared(lambda: scan_image_folder(root, classes=classes, bad_images=args.bad_images,
+                                                          progress=not args.quiet, skip_hint="to encode the others"))
+    if index.bad and is_main:
+        print(f"extract-codes: {len(index.bad)} unreadable images left out (--bad-images skip), listed in "
+              f"{os.path.join(args.out, 'meta.json')}", file=sys.stderr)
+    return ImageFolder(root, image_size, augment=False, seed=args.seed, index=index), index.bad
 
 
 def run_extract_codes(args: argparse.Namespace):
@@ -327,6 +366,7 @@ def run_extract_codes(args: argparse.Namespace):
     from fqgan.tokenizer.load import load_tokenizer
 
     _positive(args, "num_images", "batch_size")
+    num_workers = _workers(args)
     if args.ten_crop and args.no_flip:
         raise UsageError("--ten-crop and --no-flip exclude each other (the ten crops include the flipped five)")
     if args.ten_crop and not args.crop_range >= 1:
@@ -337,12 +377,9 @@ def run_extract_codes(args: argparse.Namespace):
     info = init_distributed(args.device)
     try:
         tokenizer = load_tokenizer(args.tokenizer, info.device, args.weights)
-        if args.classes is not None and args.data != "sample":
-            from fqgan.data import ImageFolder
-            from fqgan.data.scan import read_classes_file
-
-            dataset = ImageFolder(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
-                                  classes=read_classes_file(args.classes))
+        left_out: list[tuple[str, str]] = []
+        if args.data != "sample":
+            dataset, left_out = _checked_folder(args, tokenizer.config.image_size, info.is_main)
         else:
             dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
                                     sample_length=args.num_images or 512)
@@ -358,8 +395,8 @@ def run_extract_codes(args: argparse.Namespace):
         try:
             meta = extract_codes(tokenizer, dataset, args.out, flip=not (args.no_flip or args.ten_crop),
                                  ten_crop=args.crop_range if args.ten_crop else None, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, device=info.device, tokenizer_path=str(args.tokenizer),
-                                 classes=classes, on_batch=lambda b: progress.update(b))
+                                 num_workers=num_workers, device=info.device, tokenizer_path=str(args.tokenizer),
+                                 classes=classes, left_out=left_out, on_batch=lambda b: progress.update(b))
         finally:
             progress.close()
         if info.is_main:
@@ -649,8 +686,8 @@ def add_eval_generator_arguments(p: argparse.ArgumentParser) -> argparse.Argumen
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="where a folder reference's statistics are cached (default: beside the folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=4,
-                   help="DataLoader workers reading a reference folder (default: %(default)s)")
+    _add_workers_argument(p, "DataLoader workers reading a reference folder")
+    _add_bad_images_argument(p, "leaves them out of the reference statistics (the metrics' notes count them)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -661,8 +698,7 @@ def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
     from fqgan.eval.generator import evaluate_samples, format_generator_table
 
     _positive(args, "batch_size")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    num_workers = _workers(args)
     samples = Path(args.samples)
     out = Path(args.out) if args.out is not None else samples.with_name(samples.name.removesuffix(".npz")
                                                                           + ".metrics.json")
@@ -678,7 +714,7 @@ def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
         raise PermissionError(f"--out {out}: {parent} is not writable")
     result = evaluate_samples(samples, args.ref, weights=args.inception_weights, device=args.device,
                               batch_size=args.batch_size, sfid=args.sfid, cache_dir=args.cache,
-                              num_workers=args.num_workers, progress=not args.quiet)
+                              num_workers=num_workers, bad_images=args.bad_images, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_generator_table(result))
@@ -869,8 +905,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("FQGAN_DEBUG") or not is_user_error(exc):
             raise
-        # A user error: say what to fix, without a traceback.
-        args._parser.exit(2, f"fqgan {args.command}: error: {exc}\n")
+        # A user error: say what to fix, without a traceback (once: rank 0 says an error every rank shares).
+        args._parser.exit(2, None if getattr(exc, "printed_by_rank_0", False) else
+                          f"fqgan {args.command}: error: {exc}\n")
     return 0
 
 

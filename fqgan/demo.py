@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 import fqgan_kernels as fk
+from fqgan.runtime.device import usable_cpus
 from fqgan.runtime.errors import UsageError
 from fqgan.runtime.options import option
 
@@ -141,10 +142,7 @@ def resolve_threads(threads: str) -> int:
     """``"auto"``: the CPU cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count``),
     whatever their current load; else the int given."""
     if threads == "auto":
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):  # not on Linux
-            return max(1, os.cpu_count() or 1)
+        return usable_cpus()
     try:
         n = int(threads)
     except ValueError:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ class CodesMeta:
     tokenizer_config: dict[str, Any] | None = None
     tokenizer_fingerprint: str | None = None  # FQTokenizer.fingerprint() of the tokenizer that wrote the codes
     augmentation: str | None = None  # "none", "flip" or "ten-crop x<crop_range>" (None: written before it was kept)
+    left_out: tuple[tuple[str, str], ...] = ()  # (path, reason) of the folder's unreadable files (--bad-images skip)
 
     @property
     def num_classes(self) -> int:
@@ -71,7 +72,7 @@ class CodesMeta:
                 "grid_size": self.grid_size, "image_size": self.image_size, "classes": list(self.classes),
                 "codebook_names": list(self.codebook_names), "tokenizer": self.tokenizer,
                 "tokenizer_config": self.tokenizer_config, "tokenizer_fingerprint": self.tokenizer_fingerprint,
-                "augmentation": self.augmentation}
+                "augmentation": self.augmentation, "left_out": [list(item) for item in self.left_out]}
 
 
 def _code_dtype(codebook_size: int) -> np.dtype:
@@ -86,7 +87,8 @@ def _flip(x: Tensor) -> Tensor:
 def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.PathLike, *, flip: bool = True,
                   ten_crop: float | None = None, batch_size: int = 32, num_workers: int = 0,
                   device: torch.device | str = "cpu", tokenizer_path: str | None = None,
-                  classes: list[str] | None = None, on_batch: Callable[[int], None] | None = None) -> CodesMeta:
+                  classes: list[str] | None = None, left_out: Sequence[tuple[str, str]] = (),
+                  on_batch: Callable[[int], None] | None = None) -> CodesMeta:
     """Encode every image of ``dataset`` (items ``(image [3, H, W], label)``, evaluation crops) with
     ``tokenizer`` (an :class:`~fqgan.tokenizer.FQTokenizer`) and write a code folder to ``out_dir``.
 
@@ -96,6 +98,8 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
         crops hold the flips). None: items are single images
     :param batch_size: images per batch (ten-crop: 10 crops each)
     :param classes: class names (default: ``dataset.classes``)
+    :param left_out: ``(path, reason)`` of the folder's files the data set leaves out as unreadable (recorded
+        in ``meta.json``)
     :returns: the :class:`CodesMeta` written
     """
     if batch_size < 1:
@@ -114,7 +118,8 @@ def extract_codes(tokenizer: nn.Module, dataset: Dataset, out_dir: str | os.Path
     classes = list(classes if classes is not None else getattr(dataset, "classes", []))
     meta = CodesMeta(n, num_aug, c.num_codebooks, c.codebook_size, grid, c.image_size, tuple(classes),
                      tuple(c.codebook_names), tokenizer_path, c.to_dict(),
-                     tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None, augmentation)
+                     tokenizer.fingerprint() if hasattr(tokenizer, "fingerprint") else None, augmentation,
+                     tuple((str(p), str(r)) for p, r in left_out))
     out = os.fspath(out_dir)
     tmp_codes = os.path.join(out, ".codes.npy.tmp")
     shape = (n, num_aug, c.num_codebooks, grid, grid)
@@ -216,7 +221,8 @@ def load_codes_meta(path: str | os.PathLike) -> CodesMeta:
         raise UsageError(f"{meta_path} is damaged ({what}): write the code folder again with `fqgan extract-codes`")
     return CodesMeta(m["num_images"], m["num_aug"], m["num_codebooks"], m["codebook_size"], m["grid_size"],
                      m["image_size"], tuple(m["classes"]), tuple(m["codebook_names"]), m.get("tokenizer"),
-                     m.get("tokenizer_config"), m.get("tokenizer_fingerprint"), m.get("augmentation"))
+                     m.get("tokenizer_config"), m.get("tokenizer_fingerprint"), m.get("augmentation"),
+                     tuple((str(p), str(r)) for p, r in m.get("left_out", ())))
 
 
 def _load_array(path: str, mmap: bool) -> np.ndarray:

@@ -14,7 +14,9 @@ Reference (``ref``):
   samples' size with ADM's ``center_crop_arr``; the statistics of all images plus the pool3 activations
   (float16, 4 KiB per image) of at most 10 000 of them (:func:`prc_subset`, the size of ADM's reference
   batch) are cached in ``<cache dir>/<folder name>-ref<size>.npz``. The cache is keyed by the folder listing
-  (paths, sizes, mtimes), the size, the subset and the weights' fingerprint, and reused when all match.
+  (paths, sizes, mtimes), the size, the subset, ``bad_images`` and the weights' fingerprint, and reused when
+  all match. Before the statistics are computed every file is checked (:func:`fqgan.data.scan.scan_image_folder`):
+  unreadable ones stop the run with their list (``bad_images="error"``) or are left out (``"skip"``, noted).
 
 Metrics (features from :class:`fqgan.eval.inception.FIDInception`, torch-fidelity's network):
 
@@ -69,7 +71,7 @@ __all__ = ["NpzImages", "Reference", "evaluate_samples", "format_generator_table
 
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(activations, split_size=5000)
 PRC_NEIGHBOURHOOD = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key holds bad_images; the cache lists the files left out
 PUBLISHED_SAMPLES = 50_000
 PRC_REFERENCE_IMAGES = 10_000  # folder references: images kept for precision / recall (ADM's reference batch size)
 
@@ -295,7 +297,10 @@ class _Plan:
     keys: list[str] = field(default_factory=list)
     stats: dict[str, np.ndarray] = field(default_factory=dict)  # precomputed mu, sigma, mu_s, sigma_s (float64)
     images: NpzImages | None = None
-    dataset: Any = None
+    files: list[str] = field(default_factory=list)  # a folder's image files, as listed (before the check)
+    digest: str = ""  # of that listing: relative paths, sizes, modification times
+    bad_images: str = "error"
+    index: Any = None  # the folder's checked FolderIndex; None until scanned (a matching cache needs no scan)
     cache: Path | None = None
 
 
@@ -305,19 +310,55 @@ def _check_stats(mu: np.ndarray, sigma: np.ndarray, dim: int, where: str) -> Non
                          f"{list(mu.shape)} and {list(sigma.shape)}")
 
 
-def _plan_reference(ref: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None) -> _Plan:
+def _cache_key(plan: _Plan, image_size: int, fingerprint: str, prc_images: int) -> str:
+    return json.dumps({"format": CACHE_FORMAT, "folder": str(plan.path.resolve()), "files": plan.digest,
+                       "num_files": len(plan.files), "image_size": image_size, "bad_images": plan.bad_images,
+                       "network": fingerprint, "prc_images": prc_images}, sort_keys=True)
+
+
+def _cached_key(cache: Path) -> dict[str, Any] | None:
+    """The key a cache file was written under (None: no readable cache)."""
+    try:
+        with np.load(cache, allow_pickle=False) as data:
+            return json.loads(str(data["key"]))
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return None
+
+
+def _scan(plan: _Plan, progress: bool) -> None:
+    """Check every image of a folder reference (``bad_images``: stop listing the unreadable ones, or leave
+    them out), once."""
+    from fqgan.data.scan import scan_image_folder
+
+    if plan.index is None:
+        plan.index = scan_image_folder(plan.path.resolve(), bad_images=plan.bad_images, progress=progress,
+                                       skip_hint="to leave them out of the reference statistics")
+
+
+def _plan_reference(ref: str | os.PathLike, image_size: int, cache_dir: str | os.PathLike | None,
+                    bad_images: str = "error", progress: bool = False) -> _Plan:
     path = Path(ref).expanduser()
     if path.is_dir():
-        from fqgan.data.datasets import ImageFolder
+        from fqgan.data.datasets import scan_folder
+        from fqgan.data.scan import BAD_IMAGE_CHOICES
 
-        dataset = ImageFolder(path, image_size, augment=False)  # scans now: an empty folder fails here
+        if bad_images not in BAD_IMAGE_CHOICES:
+            raise UsageError(f"bad_images must be one of {BAD_IMAGE_CHOICES}, got {bad_images!r}")
+        samples, _ = scan_folder(str(path.resolve()))  # lists now: an empty folder fails here
+        files = [p for p, _ in samples]
         cache = reference_cache_path(path, image_size, cache_dir)
         parent = cache.parent
         while not parent.exists():
             parent = parent.parent
         if not os.access(parent, os.W_OK):
             raise PermissionError(f"reference cache: cannot write {cache} ({parent} is not writable); pass --cache DIR")
-        return _Plan("folder", path, dataset=dataset, cache=cache)
+        plan = _Plan("folder", path, files=files, digest=_listing_digest(path.resolve(), files), bad_images=bad_images,
+                     cache=cache)
+        key = _cached_key(cache) if cache.is_file() else None
+        if not (key and key.get("files") == plan.digest and key.get("image_size") == image_size
+                and key.get("bad_images") == bad_images):
+            _scan(plan, progress)  # the statistics will be computed: every file is checked first
+        return plan
     if not path.exists():
         raise MissingFileError(f"reference: no such file or folder {path}")
     keys = _npz_keys(path, "reference")
@@ -385,10 +426,12 @@ def _folder_batches(dataset: Any, batch_size: int, num_workers: int) -> Iterator
     from torch.utils.data import DataLoader
 
     from fqgan.data.datasets import collate
+    from fqgan.runtime.sampler import worker_errors_as_one_line
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
-    for images, _ in loader:
-        yield to_uint8(images)  # the exact inverse of the dataset's u / 127.5 - 1: the centre crop's bytes
+    with worker_errors_as_one_line():  # a file changed since the check and now unreadable: one line naming it
+        for images, _ in loader:
+            yield to_uint8(images)  # the exact inverse of the dataset's u / 127.5 - 1: the centre crop's bytes
 
 
 def prc_subset(num_images: int, size: int = PRC_REFERENCE_IMAGES) -> np.ndarray:
@@ -401,14 +444,9 @@ def prc_subset(num_images: int, size: int = PRC_REFERENCE_IMAGES) -> np.ndarray:
 
 
 def _load_reference_folder(plan: _Plan, image_size: int, inception: FIDInception, device: torch.device,
-                           batch_size: int, num_workers: int, sfid: bool, prc_images: int,
+                           batch_size: int, num_workers: int, sfid: bool, prc_images: int, progress: bool,
                            on_batch: Callable[[int], None] | None) -> Reference:
-    root = plan.path.resolve()
-    files = [p for p, _ in plan.dataset.samples]
-    keep = prc_subset(len(files), prc_images)
-    key = json.dumps({"format": CACHE_FORMAT, "folder": str(root), "files": _listing_digest(root, files),
-                      "num_images": len(files), "image_size": image_size, "network": inception.fingerprint,
-                      "prc_images": len(keep)}, sort_keys=True)
+    key = _cache_key(plan, image_size, inception.fingerprint, prc_images)
     cache = plan.cache
     notes = []
     if cache.is_file():
@@ -417,21 +455,32 @@ def _load_reference_folder(plan: _Plan, image_size: int, inception: FIDInception
                 same = str(data["key"]) == key
                 if same and (not sfid or "mu_s" in data):
                     activations = torch.from_numpy(data["activations"].astype(np.float32))
+                    n = int(data["num_images"])
+                    left_out = [str(p) for p in data["left_out"]] if "left_out" in data else []
                     return Reference(data["mu"], data["sigma"], activations,
                                      data["mu_s"] if "mu_s" in data else None,
-                                     data["sigma_s"] if "sigma_s" in data else None, len(files), image_size,
-                                     f"{plan.path} ({len(files)} images{_subset_text(keep, files)}, cached "
-                                     f"statistics {cache})")
+                                     data["sigma_s"] if "sigma_s" in data else None, n, image_size,
+                                     f"{plan.path} ({n} images{_subset_text(len(activations), n)}, cached "
+                                     f"statistics {cache})", _left_out_notes(plan.path, left_out))
         except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
             notes.append(f"reference cache {cache} unreadable ({e}): recomputed")
         else:
             notes.append(f"reference cache {cache} was for other files, size, weights or without sFID: recomputed")
-    acts = _activations(_folder_batches(plan.dataset, batch_size, num_workers), inception, device, logits=False,
+    _scan(plan, progress)
+    from fqgan.data.datasets import ImageFolder
+
+    dataset = ImageFolder(plan.path.resolve(), image_size, augment=False, index=plan.index)
+    n = len(dataset)
+    if n == 0:
+        raise UsageError(f"reference: none of the {len(plan.files)} images in {plan.path} can be read")
+    keep = prc_subset(n, prc_images)
+    acts = _activations(_folder_batches(dataset, batch_size, num_workers), inception, device, logits=False,
                         spatial=sfid, on_batch=on_batch, keep=keep)
     mu, sigma = acts.stats.mean_cov()
     activations = acts.pool.half()  # stored as float16; used rounded in this run too, so a cached run is identical
+    left_out = [p for p, _ in plan.index.bad]
     arrays = {"mu": mu, "sigma": sigma, "activations": activations.numpy(), "key": np.array(key),
-              "image_size": np.array(image_size), "num_images": np.array(len(files))}
+              "image_size": np.array(image_size), "num_images": np.array(n), "left_out": np.array(left_out, dtype=str)}
     if sfid:
         arrays["mu_s"], arrays["sigma_s"] = acts.spatial.mean_cov()
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -439,13 +488,21 @@ def _load_reference_folder(plan: _Plan, image_size: int, inception: FIDInception
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, cache)
-    return Reference(mu, sigma, activations.float(), arrays.get("mu_s"), arrays.get("sigma_s"), len(files), image_size,
-                     f"{plan.path} ({len(files)} images{_subset_text(keep, files)}, statistics written to {cache})",
-                     notes)
+    return Reference(mu, sigma, activations.float(), arrays.get("mu_s"), arrays.get("sigma_s"), n, image_size,
+                     f"{plan.path} ({n} images{_subset_text(len(activations), n)}, statistics written to {cache})",
+                     notes + _left_out_notes(plan.path, left_out))
 
 
-def _subset_text(keep: np.ndarray, files: list[str]) -> str:
-    return "" if len(keep) == len(files) else f"; {len(keep)} of them for precision / recall"
+def _left_out_notes(folder: Path, left_out: list[str]) -> list[str]:
+    if not left_out:
+        return []
+    shown = ", ".join(os.path.basename(p) for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+    what = f"{len(left_out)} unreadable image{'s' if len(left_out) > 1 else ''} of {folder}"
+    return [f"{what} left out of the reference (--bad-images skip): {shown}"]
+
+
+def _subset_text(kept: int, total: int) -> str:
+    return "" if kept == total else f"; {kept} of them for precision / recall"
 
 
 # -- the evaluation ---------------------------------------------------------------------------------
@@ -454,7 +511,7 @@ def evaluate_samples(samples: str | os.PathLike | np.ndarray, ref: str | os.Path
                      batch_size: int = 64, sfid: bool = False, cache_dir: str | os.PathLike | None = None,
                      num_workers: int = 4, is_split_size: int = IS_SPLIT_SIZE, prc_k: int = PRC_NEIGHBOURHOOD,
                      prc_batch_size: int = 1024, prc_reference_images: int = PRC_REFERENCE_IMAGES,
-                     progress: bool = False) -> dict[str, Any]:
+                     bad_images: str = "error", progress: bool = False) -> dict[str, Any]:
     """FID, Inception Score, precision / recall (and sFID) of ``samples`` against ``ref`` (module docstring).
 
     Every input is checked before the network is loaded: the samples' header, the reference's keys and
@@ -469,6 +526,8 @@ def evaluate_samples(samples: str | os.PathLike | np.ndarray, ref: str | os.Path
     :param prc_batch_size: rows per distance block of precision / recall.
     :param prc_reference_images: a folder reference keeps (and caches) the activations of at most this many of its
         images for precision / recall (:func:`prc_subset`); FID uses all.
+    :param bad_images: a folder reference's files are checked (PIL ``verify``) before its statistics are
+        computed: ``"error"`` stops listing the unreadable ones, ``"skip"`` leaves them out (``notes`` says so).
     :returns: ``fid``, ``sfid``, ``inception_score``, ``inception_score_std``, ``precision``, ``recall`` (``None``
         when the reference has no images), ``num_samples``, ``num_reference``, ``image_size``, ``reference``
         (where the statistics came from), ``notes``, ``settings``.
@@ -492,18 +551,19 @@ def evaluate_samples(samples: str | os.PathLike | np.ndarray, ref: str | os.Path
     n, h, w = shape[0], shape[1], shape[2]
     if h != w:
         raise UsageError(f"samples must be square, got {h}x{w}")
-    plan = _plan_reference(ref, h, cache_dir)
+    plan = _plan_reference(ref, h, cache_dir, bad_images, progress)
     weights_path = find_inception_weights(weights)
     dev = resolve_device(device)
     inception = load_fid_inception(weights_path, dev, spatial=sfid)
 
-    ref_count = len(plan.images) if plan.images is not None else len(plan.dataset) if plan.dataset is not None else 0
+    ref_count = len(plan.images) if plan.images is not None else len(plan.index.samples) if plan.index is not None \
+        else 0  # a folder whose cache will serve is not read
     bar = Progress(math.ceil(n / batch_size) + math.ceil(ref_count / batch_size), desc="eval-generator",
                    enabled=progress, unit="batch")
     try:
         if plan.kind == "folder":
             reference = _load_reference_folder(plan, h, inception, dev, batch_size, num_workers, sfid,
-                                               prc_reference_images, lambda _: bar.update(1))
+                                               prc_reference_images, progress, lambda _: bar.update(1))
         else:
             reference = _load_reference_npz(plan, inception, dev, batch_size, sfid, lambda _: bar.update(1))
         acts = _activations(_nhwc_batches(source, batch_size), inception, dev, logits=True, spatial=sfid,

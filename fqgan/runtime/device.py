@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["autocast", "cpu_has_fast_bf16", "enable_tf32", "resolve_device", "resolve_precision"]
+__all__ = ["autocast", "cpu_has_fast_bf16", "default_loader_workers", "enable_tf32", "resolve_device",
+           "resolve_precision", "usable_cpus"]
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -30,6 +32,21 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     return dev
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (``os.sched_getaffinity``, else ``os.cpu_count``), whatever their
+    current load."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_loader_workers(cap: int = 4) -> int:
+    """DataLoader workers for a command's ``--num-workers`` default: ``cap``, or fewer on a machine with fewer
+    usable cores (more workers than cores only slows loading, and torch warns about it)."""
+    return min(cap, usable_cpus())
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,8 +16,10 @@ import torch.distributed as dist
 from .device import resolve_device
 from .errors import UsageError
 
+T = TypeVar("T")
+
 __all__ = ["DistInfo", "all_ranks_reach_here", "all_reduce_mean", "all_reduce_sum", "barrier", "distributed",
-           "init_distributed", "rank_world", "teardown_distributed"]
+           "init_distributed", "on_main_then_shared", "rank_world", "teardown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,26 @@ def all_ranks_reach_here() -> None:
     """A barrier over the current group (no-op without one)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def on_main_then_shared(fn: Callable[[], T]) -> T:
+    """``fn()`` run by rank 0 only, its result handed to every rank (``broadcast_object_list``); a
+    :class:`UsageError` it raises is raised on every rank, so all stop with the same one line. Without a
+    process group, just ``fn()``."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except UsageError as exc:
+            box[0] = exc
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UsageError):
+        if dist.get_rank() != 0:
+            box[0].printed_by_rank_0 = True  # the CLI prints one copy, rank 0's
+        raise box[0]
+    return box[0]  # type: ignore[return-value]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -401,6 +401,48 @@ def test_eval_generator_against_an_image_folder_and_its_cache(env, weights, batc
     assert gen.reference_cache_path("data", 32, "cache_dir") == Path("cache_dir") / "data-ref32.npz"
 
 
+def test_eval_generator_checks_a_reference_folder_s_images(env, weights, batches, recorder, capsys, monkeypatch):
+    """A corrupt file and a truncated JPEG (which PIL's ``verify`` alone lets through) in the reference folder:
+    found before the network is loaded and listed; ``--bad-images skip`` leaves them out (with DataLoader workers,
+    as a user runs it), says so in the notes, and a cached run says it again."""
+    import io
+
+    tmp = env
+    np.savez(tmp / "samples.npz", arr_0=batches["samples"])
+    _write_folder(tmp / "data", N, seed=12)
+    (tmp / "data" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    buf = io.BytesIO()
+    Image.fromarray(_images(1, 3, size=40)[0]).save(buf, "JPEG")
+    (tmp / "data" / "cut.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    argv = ["eval-generator", "samples.npz", "--ref", "data", "--inception-weights", str(weights), "--device", "cpu",
+            "--quiet", "--num-workers", "2"]
+    loaded = []
+    original = gen.load_fid_inception
+    monkeypatch.setattr(gen, "load_fid_inception", lambda *a, **k: loaded.append(1) or original(*a, **k))
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", "bad.json"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and not loaded
+    assert f"2 of {N + 2} images" in err and "broken.jpg" in err and "cut.jpg: OSError: image file is truncated" in err
+    assert "--bad-images skip to leave them out of the reference statistics" in err
+    assert not (tmp / "data-ref32.npz").exists() and not (tmp / "bad.json").exists()
+
+    assert main([*argv, "--out", "skip.json", "--bad-images", "skip"]) == 0
+    skip = json.loads((tmp / "skip.json").read_text())
+    assert skip["num_reference"] == N and skip["precision"] is not None
+    assert any("2 unreadable images of data left out" in note for note in skip["notes"]), skip["notes"]
+    with np.load(tmp / "data-ref32.npz") as data:
+        assert sorted(Path(p).name for p in data["left_out"]) == ["broken.jpg", "cut.jpg"]
+    assert main([*argv, "--out", "again.json", "--bad-images", "skip"]) == 0
+    again = json.loads((tmp / "again.json").read_text())
+    assert "cached statistics" in again["reference"] and again["notes"] == skip["notes"]
+    assert (again["precision"], again["recall"]) == (skip["precision"], skip["recall"])
+    # The skipping run's cache does not serve a run that asks for every image: it checks, and stops.
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", "strict.json"])
+    assert f"2 of {N + 2} images" in capsys.readouterr().err
+
+
 def test_eval_generator_bad_inputs_fail_before_loading_the_network(env, weights, monkeypatch, capsys):
     tmp = env
 

@@ -281,7 +281,38 @@ def test_an_empty_class_folder_is_an_error_unless_classes_are_listed(tmp_path):
     assert index["classes"] == ["ant", "arm", "bee"] and {label for _, label in index["samples"]} == {0, 2}
 
 
-def test_extract_codes_worker_error_is_one_line(tmp_path):
+def truncated_jpeg(path, seed=1):
+    """A real JPEG cut to two thirds, as an interrupted copy leaves it: PIL's ``verify`` passes it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[:len(buf.getvalue()) * 2 // 3])
+    return path
+
+
+def test_the_check_finds_a_truncated_jpeg(tmp_path):
+    from PIL import Image
+
+    from fqgan.data.scan import verify_image
+
+    image_folder(tmp_path / "imgs", per_class=1)
+    Image.open(tmp_path / "imgs" / "cat" / "0.png").save(tmp_path / "whole.jpg")
+    cut = truncated_jpeg(tmp_path / "cut.jpg")
+    with Image.open(cut) as img:
+        img.verify()  # the header check alone lets it through
+    assert verify_image(str(tmp_path / "whole.jpg")) is None and verify_image(str(tmp_path / "imgs/cat/0.png")) is None
+    assert "truncated" in verify_image(str(cut))
+    png = (tmp_path / "imgs" / "cat" / "0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[:len(png) // 2])
+    assert verify_image(str(tmp_path / "cut.png")) is not None
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path):
     from fqgan.runtime.checkpoint import save_checkpoint
     from fqgan.tokenizer import FQTokenizer
     from fqgan.tokenizer.config import TINY
@@ -289,12 +320,37 @@ def test_extract_codes_worker_error_is_one_line(tmp_path):
     config = TINY.replace(codebook_size=32, feat_pred_dims=(0, 0), teachers=(None, None))
     save_checkpoint(tmp_path / "tok.pt", {"model_config": config.to_dict(), "model": FQTokenizer(config).state_dict()},
                     "fqgan-tokenizer")
+    return "tok.pt"
+
+
+def test_extract_codes_checks_the_folder_first(tmp_path, tokenizer_file):
+    import json
+
     image_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "cat" / "1.png").write_bytes(b"not a png")
-    got = fqgan(tmp_path, "extract-codes", "--tokenizer", "tok.pt", "--data", "imgs", "--out", "codes",
-                "--num-workers", "2", "--device", "cpu", "--quiet")
-    assert got.returncode == 2
-    assert "cat/1.png" in got.stderr and "Traceback" not in got.stderr and "DataLoader worker" not in got.stderr
+    truncated_jpeg(tmp_path / "imgs" / "dog" / "cut.jpg")
+    args = ["extract-codes", "--tokenizer", tokenizer_file, "--data", "imgs", "--num-workers", "2", "--device", "cpu",
+            "--quiet"]
+    got = fqgan(tmp_path, *args, "--out", "codes")
+    assert got.returncode == 2 and "Traceback" not in got.stderr and "DataLoader worker" not in got.stderr
+    assert "2 of 7 images" in got.stderr and "cat/1.png" in got.stderr and "dog/cut.jpg" in got.stderr
+    assert "--bad-images skip to encode the others" in got.stderr and not (tmp_path / "codes").exists()
+
+    # Under torchrun rank 0 checks and every rank stops: the message is printed once.
+    two = fqgan(tmp_path, *args, "--out", "codes", torchrun=2)
+    assert two.returncode != 0 and two.stderr.count("fqgan extract-codes: error: 2 of 7 images") == 1, two.stderr
+
+    # --bad-images skip: the others are encoded, with either launcher alike; meta.json lists the files left out.
+    one = fqgan(tmp_path, *args, "--out", "codes1", "--bad-images", "skip")
+    assert one.returncode == 0, one.stderr
+    assert one.stderr.count("2 unreadable images left out") == 1
+    two = fqgan(tmp_path, *args, "--out", "codes2", "--bad-images", "skip", torchrun=2)
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("2 unreadable images left out") == 1
+    meta = json.loads((tmp_path / "codes1" / "meta.json").read_text())
+    assert meta["num_images"] == 5 and sorted(Path(p).name for p, _ in meta["left_out"]) == ["1.png", "cut.jpg"]
+    for name in ("codes.npy", "labels.npy"):
+        assert (tmp_path / "codes1" / name).read_bytes() == (tmp_path / "codes2" / name).read_bytes()
 
 
 def test_outputs_are_checked_before_the_work(tmp_path):
