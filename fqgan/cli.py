@@ -892,6 +892,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"continue with the same command and --resume auto", file=sys.stderr)
             return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt as exc:  # Ctrl-C outside a training loop, or the demo's stage stopped by a signal
+        from fqgan.runtime.signals import Stopped
+
+        if isinstance(exc, Stopped):  # work that a signal ended, saying what it kept (rank 0 says it for all)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"fqgan {args.command}: {exc}", file=sys.stderr)
+            return exc.exit_code
         print(f"fqgan {args.command}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:

@@ -10,9 +10,11 @@ A second SIGINT (Ctrl-C twice) stops at once, without the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,8 @@ import torch.distributed as dist
 from .dist import DistInfo
 from .errors import UsageError
 
-__all__ = ["DEFAULT_STOP_SIGNALS", "PREEMPTED_EXIT_CODE", "StopRequest", "parse_signals"]
+__all__ = ["DEFAULT_STOP_SIGNALS", "PREEMPTED_EXIT_CODE", "StopRequest", "Stopped", "parse_signals",
+           "stop_on_signals"]
 
 DEFAULT_STOP_SIGNALS = "TERM,INT,USR1"
 # EX_TEMPFAIL of sysexits.h: "try again later". A requeue script tests for it (a single process exits with
@@ -93,3 +96,41 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class Stopped(KeyboardInterrupt):
+    """A command's work ended by a signal, the message saying what was kept and how to go on; the CLI prints it
+    as one line and exits with :attr:`exit_code` (:data:`PREEMPTED_EXIT_CODE` for a scheduler's signal, 130 for
+    Ctrl-C)."""
+
+    def __init__(self, message: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signal = sig
+        self.exit_code = 130 if sig == signal.SIGINT else PREEMPTED_EXIT_CODE
+
+
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, sig: signal.Signals) -> None:
+        super().__init__(sig.name)
+        self.signal = sig
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)) -> Iterator[None]:
+    """For work with no step to finish (sampling shards): in the block, ``signals`` interrupt at once as Ctrl-C
+    does. The caller catches ``KeyboardInterrupt`` (``getattr(exc, "signal", SIGINT)`` says which) and raises
+    :class:`Stopped` saying what it kept. Outside the main thread (no handlers there) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame) -> None:
+        raise _Signalled(signal.Signals(signum))
+
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+

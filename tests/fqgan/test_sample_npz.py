@@ -197,6 +197,34 @@ def test_a_sampler_killed_mid_run_resumes_to_the_same_images(tmp_path, models):
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
 
 
+def test_sigterm_to_the_sampler_keeps_its_shards_and_says_how_to_go_on(tmp_path, models):
+    """SIGTERM (a scheduler's polite stop) to a running one-process sampler once a shard is written: one line
+    saying what was kept, exit 75 (as a preempted training run), no traceback; the same command finishes the rest
+    and gives the uninterrupted run's images."""
+    from fqgan.runtime.signals import PREEMPTED_EXIT_CODE
+
+    args = [*models, "--num-images", "48", "--shard-size", "4", "--batch-size", "1", "--seed", "3", "--quiet"]
+    whole, cut, shards = tmp_path / "whole.npz", tmp_path / "cut.npz", tmp_path / "cut.npz.shards"
+    _fqgan(["sample", *args, "--npz", str(whole)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "fqgan", "sample", *args, "--npz", str(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not any(shards.glob("shard_*.npz")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    done = len(list(shards.glob("shard_*.npz")))
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err
+    assert "Traceback" not in err and f"stopped by SIGTERM: {done} of 12 shards are finished and kept in" in err
+    assert 1 <= done < 12 and not cut.exists()
+    out = _fqgan(["sample", *args, "--npz", str(cut)])
+    assert f"{done} finished shards reused" in out
+    with np.load(whole) as a, np.load(cut) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+
+
 def test_write_samples_npz_streams_shards(tmp_path):
     """The library function on its own: any make(), ragged last shard and batch, labels kept, atomic final file."""
     labels = np.arange(7) % 3
