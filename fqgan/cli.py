@@ -197,6 +197,7 @@ def add_eval_tokenizer_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
                         help="evaluate this many images (default: the whole folder; 512 crops of the sample set)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     _add_workers_argument(parser, "DataLoader workers per process")
+    _add_bad_images_argument(parser, "evaluates the others (metrics.json lists the left-out files)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sample set's fixed crops")
     parser.add_argument("--out", default="eval-tokenizer", metavar="DIR",
                         help="writes metrics.json and grid.png (originals above reconstructions) here")
@@ -239,8 +240,14 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
     try:
         model = load_tokenizer(args.checkpoint, info.device, args.weights, args.official_preset)
         inception = load_fid_inception(weights_path, info.device) if weights_path is not None else None
-        dataset = build_dataset(args.data, model.config.image_size, augment=False, seed=args.seed,
-                                sample_length=args.num_images or 512)
+        left_out: list[tuple[str, str]] = []
+        if args.data != "sample":
+            dataset, left_out = _checked_folder(args, model.config.image_size, info.is_main, command="eval-tokenizer",
+                                                skip_hint="to evaluate the others",
+                                                listed_in=str(Path(args.out) / "metrics.json"))
+        else:
+            dataset = build_dataset(args.data, model.config.image_size, augment=False, seed=args.seed,
+                                    sample_length=args.num_images or 512)
         n = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
         shard = Subset(dataset, range(info.rank, n, info.world_size))
         loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=num_workers,
@@ -255,7 +262,8 @@ def run_eval_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
                 on_batch=lambda _: progress.update(1))  # one step per batch
         finally:
             progress.close()
-        result.update(checkpoint=str(args.checkpoint), data=str(args.data), world_size=info.world_size)
+        result.update(checkpoint=str(args.checkpoint), data=str(args.data), world_size=info.world_size,
+                      left_out=[list(item) for item in left_out])
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -338,7 +346,8 @@ def add_extract_codes_arguments(p: argparse.ArgumentParser) -> argparse.Argument
     return p
 
 
-def _checked_folder(args: argparse.Namespace, image_size: int, is_main: bool) -> tuple[Any, list[tuple[str, str]]]:
+def _checked_folder(args: argparse.Namespace, image_size: int, is_main: bool, *, command: str, skip_hint: str,
+                    listed_in: str) -> tuple[Any, list[tuple[str, str]]]:
     """``--data``'s ImageFolder (centre crops) after the check of every file (``--bad-images``; rank 0 scans,
     every rank gets its index). Returns the data set and the ``(path, reason)`` of the files left out."""
     from fqgan.data import ImageFolder
@@ -346,12 +355,12 @@ def _checked_folder(args: argparse.Namespace, image_size: int, is_main: bool) ->
     from fqgan.runtime.dist import on_main_then_shared
 
     root = os.path.abspath(os.path.expanduser(args.data))
-    classes = read_classes_file(args.classes) if args.classes is not None else None
+    classes = read_classes_file(args.classes) if getattr(args, "classes", None) is not None else None
     index = on_main_then_shared(lambda: scan_image_folder(root, classes=classes, bad_images=args.bad_images,
-                                                          progress=not args.quiet, skip_hint="to encode the others"))
+                                                          progress=not args.quiet, skip_hint=skip_hint))
     if index.bad and is_main:
-        print(f"extract-codes: {len(index.bad)} unreadable images left out (--bad-images skip), listed in "
-              f"{os.path.join(args.out, 'meta.json')}", file=sys.stderr)
+        print(f"{command}: {len(index.bad)} unreadable images left out (--bad-images skip), listed in {listed_in}",
+              file=sys.stderr)
     return ImageFolder(root, image_size, augment=False, seed=args.seed, index=index), index.bad
 
 
@@ -379,7 +388,9 @@ def run_extract_codes(args: argparse.Namespace):
         tokenizer = load_tokenizer(args.tokenizer, info.device, args.weights)
         left_out: list[tuple[str, str]] = []
         if args.data != "sample":
-            dataset, left_out = _checked_folder(args, tokenizer.config.image_size, info.is_main)
+            dataset, left_out = _checked_folder(args, tokenizer.config.image_size, info.is_main,
+                                                command="extract-codes", skip_hint="to encode the others",
+                                                listed_in=os.path.join(args.out, "meta.json"))
         else:
             dataset = build_dataset(args.data, tokenizer.config.image_size, augment=False, seed=args.seed,
                                     sample_length=args.num_images or 512)

@@ -353,6 +353,24 @@ def test_extract_codes_checks_the_folder_first(tmp_path, tokenizer_file):
         assert (tmp_path / "codes1" / name).read_bytes() == (tmp_path / "codes2" / name).read_bytes()
 
 
+def test_eval_tokenizer_checks_the_folder_first(tmp_path, tokenizer_file):
+    import json
+
+    image_folder(tmp_path / "imgs")
+    truncated_jpeg(tmp_path / "imgs" / "cat" / "cut.jpg")
+    args = ["eval-tokenizer", "--checkpoint", tokenizer_file, "--data", "imgs", "--no-rfid", "--num-workers", "2",
+            "--device", "cpu", "--quiet", "--out", "eval"]
+    got = fqgan(tmp_path, *args)
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert "1 of 7 images" in got.stderr and "cat/cut.jpg" in got.stderr and "to evaluate the others" in got.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    skip = fqgan(tmp_path, *args, "--bad-images", "skip")
+    assert skip.returncode == 0, skip.stderr
+    assert "1 unreadable images left out" in skip.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [Path(p).name for p, _ in metrics["left_out"]] == ["cut.jpg"] and metrics["num_images"] == 6
+
+
 def test_outputs_are_checked_before_the_work(tmp_path):
     from fqgan.runtime.checkpoint import save_checkpoint
     from fqgan.tokenizer import FQTokenizer
