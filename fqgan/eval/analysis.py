@@ -321,7 +321,8 @@ def load_analysis_data(source: str, image_size: int, num_images: int = 380, seed
     ``source == "sample"``: ``num_images`` fixed crops of the training region of the sample photographs and
     ``num_images`` of their held-out region (:class:`~fqgan.data.SampleImages`, one class per photograph).
     Otherwise an image folder (centre crops, labels from its class folders): up to ``num_images`` images
-    evenly spread over it (so over its classes), of which every 4th is held out."""
+    evenly spread over it (so over its classes), of which every 4th is held out (the last one
+    when there are fewer than 4)."""
     from fqgan.data.datasets import ImageFolder, SampleImages, collate
 
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
@@ -333,12 +334,16 @@ def load_analysis_data(source: str, image_size: int, num_images: int = 380, seed
         return train, heldout, list(parts[0].classes)
     folder = ImageFolder(source, image_size, augment=False, seed=seed)
     n = len(folder)
-    positions = sorted({round(i * (n - 1) / max(num_images - 1, 1)) for i in range(min(num_images, n))})
+    m = min(num_images, n)
+    positions = sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})  # m positions spread over all n
     if len(positions) < 2:
         raise UsageError(f"image folder {source!r} has {n} image(s): the analysis needs at least 2 (one to fit the "
                          "probes on, one to measure them)")
-    train = [p for j, p in enumerate(positions) if j % 4 != 3]
-    heldout = [p for j, p in enumerate(positions) if j % 4 == 3] or positions[-1:]
+    if len(positions) < 4:  # too few for every 4th: the last one is held out (never also trained on)
+        train, heldout = positions[:-1], positions[-1:]
+    else:
+        train = [p for j, p in enumerate(positions) if j % 4 != 3]
+        heldout = [p for j, p in enumerate(positions) if j % 4 == 3]
     return collate([folder[i] for i in train]), collate([folder[i] for i in heldout]), list(folder.classes)
 
 

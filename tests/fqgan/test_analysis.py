@@ -131,6 +131,13 @@ def test_analysis_data_of_an_image_folder_holds_out_every_fourth_image(tmp_path)
     (x_tr, _), (x_ho, y_ho), classes = load_analysis_data(str(tmp_path / "imgs"), 32, num_images=8)
     assert classes == ["a", "b"] and x_tr.shape == (6, 3, 32, 32) and x_ho.shape == (2, 3, 32, 32)
     assert y_ho.tolist() == [0, 1]
+    # A folder smaller than --num-images (default 380): every image is used, not the first one only.
+    (x_tr, _), (x_ho, _), _ = load_analysis_data(str(tmp_path / "imgs"), 32)
+    assert x_tr.shape[0] + x_ho.shape[0] == 8
+    # Fewer than the folder holds: spread over it (first, middle, last: both classes); with under 4 the last is
+    # held out and not trained on.
+    (_, y_tr), (_, y_ho), _ = load_analysis_data(str(tmp_path / "imgs"), 32, num_images=3)
+    assert y_tr.tolist() == [0, 1] and y_ho.tolist() == [1]
 
 
 def test_analyze_command(tmp_path, tokenizer, capsys):
