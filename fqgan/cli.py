@@ -706,7 +706,10 @@ def add_eval_generator_arguments(p: argparse.ArgumentParser) -> argparse.Argumen
 
 def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
     """``fqgan eval-generator``: FID, IS, precision / recall (sFID) of samples; prints a table, writes ``--out``."""
+    import signal
+
     from fqgan.eval.generator import evaluate_samples, format_generator_table
+    from fqgan.runtime.signals import Stopped, stop_on_signals
 
     _positive(args, "batch_size")
     num_workers = _workers(args)
@@ -723,9 +726,15 @@ def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"--out {out}: {parent} is not writable")
-    result = evaluate_samples(samples, args.ref, weights=args.inception_weights, device=args.device,
-                              batch_size=args.batch_size, sfid=args.sfid, cache_dir=args.cache,
-                              num_workers=num_workers, bad_images=args.bad_images, progress=not args.quiet)
+    try:
+        with stop_on_signals():  # a scheduler's SIGTERM says what happened, as Ctrl-C does
+            result = evaluate_samples(samples, args.ref, weights=args.inception_weights, device=args.device,
+                                      batch_size=args.batch_size, sfid=args.sfid, cache_dir=args.cache,
+                                      num_workers=num_workers, bad_images=args.bad_images, progress=not args.quiet)
+    except KeyboardInterrupt as exc:
+        sig = getattr(exc, "signal", signal.SIGINT)
+        raise Stopped(f"stopped by {sig.name} before the metrics were written; run the same command again (a "
+                      "reference folder's statistics are cached once complete, and reused)", sig) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_generator_table(result))

@@ -443,6 +443,29 @@ def test_eval_generator_checks_a_reference_folder_s_images(env, weights, batches
     assert f"2 of {N + 2} images" in capsys.readouterr().err
 
 
+def test_eval_generator_stopped_by_sigterm_says_so(env, monkeypatch, capsys):
+    """A scheduler's SIGTERM during the evaluation: one line, exit 75, no metrics file (a real signal to this
+    process, raised while the evaluation runs)."""
+    import os
+    import signal
+    import time
+
+    from fqgan.runtime.signals import PREEMPTED_EXIT_CODE
+
+    def evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(gen, "evaluate_samples", evaluation)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["eval-generator", "samples.npz", "--ref", "ref.npz", "--quiet"]) == PREEMPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "fqgan eval-generator: stopped by SIGTERM before the metrics were written" in err
+    assert not (env / "samples.metrics.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone again
+
+
 def test_eval_generator_bad_inputs_fail_before_loading_the_network(env, weights, monkeypatch, capsys):
     tmp = env
 
