@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fqgan.runtime.errors import UsageError
-from fqgan.runtime.rundir import check_out_dir
+from fqgan.runtime.rundir import check_out_dir, check_output_file
 
 _EPILOG = """examples:
   fqgan demo                      # a few minutes on a CPU; writes demo_out/report.md
@@ -558,7 +558,6 @@ def run_sample(args: argparse.Namespace):
     from fqgan.data.images import save_grid
     from fqgan.generator import sample_images
     from fqgan.runtime.device import resolve_device
-    from fqgan.runtime.rundir import check_output_file
 
     _positive(args, "n", "batch_size", "num_images", "shard_size")
     if args.npz is None:
@@ -706,10 +705,8 @@ def add_eval_generator_arguments(p: argparse.ArgumentParser) -> argparse.Argumen
 
 def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
     """``fqgan eval-generator``: FID, IS, precision / recall (sFID) of samples; prints a table, writes ``--out``."""
-    import signal
-
     from fqgan.eval.generator import evaluate_samples, format_generator_table
-    from fqgan.runtime.signals import Stopped, stop_on_signals
+    from fqgan.runtime.signals import stop_on_signals
 
     _positive(args, "batch_size")
     num_workers = _workers(args)
@@ -717,24 +714,14 @@ def run_eval_generator(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) if args.out is not None else samples.with_name(samples.name.removesuffix(".npz")
                                                                           + ".metrics.json")
     # The output is checked before any input is read or any network loaded (evaluate_samples checks the inputs).
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder: give a file name, e.g. {out / 'metrics.json'}")
+    check_output_file(out, (".json",))
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"--out {out}: {parent} is not writable")
-    try:
-        with stop_on_signals():  # a scheduler's SIGTERM says what happened, as Ctrl-C does
-            result = evaluate_samples(samples, args.ref, weights=args.inception_weights, device=args.device,
-                                      batch_size=args.batch_size, sfid=args.sfid, cache_dir=args.cache,
-                                      num_workers=num_workers, bad_images=args.bad_images, progress=not args.quiet)
-    except KeyboardInterrupt as exc:
-        sig = getattr(exc, "signal", signal.SIGINT)
-        raise Stopped(f"stopped by {sig.name} before the metrics were written; run the same command again (a "
-                      "reference folder's statistics are cached once complete, and reused)", sig) from None
+    with stop_on_signals(lambda: "the metrics were not written; run the same command again (a reference folder's "
+                         "statistics are cached once complete, and reused)"):  # a scheduler's SIGTERM, as Ctrl-C
+        result = evaluate_samples(samples, args.ref, weights=args.inception_weights, device=args.device,
+                                  batch_size=args.batch_size, sfid=args.sfid, cache_dir=args.cache,
+                                  num_workers=num_workers, bad_images=args.bad_images, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_generator_table(result))
@@ -805,7 +792,6 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     """``fqgan analyze``: what each sub-codebook of a tokenizer learned (:mod:`fqgan.eval.analysis`)."""
     from fqgan.eval.analysis import analyze_tokenizer, load_analysis_data
     from fqgan.runtime.device import resolve_device
-    from fqgan.runtime.rundir import check_out_dir
     from fqgan.tokenizer.load import checkpoint_file, load_tokenizer
 
     _positive(args, "num_images", "batch_size")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import zipfile
@@ -36,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fqgan.runtime.errors import UsageError
-from fqgan.runtime.signals import Stopped, stop_on_signals
+from fqgan.runtime.signals import stop_on_signals
 
 __all__ = ["SamplesResult", "assemble_npz", "shard_dir", "to_uint8", "write_samples_npz"]
 
@@ -160,37 +159,37 @@ def write_samples_npz(out: str | os.PathLike, labels: np.ndarray,
     if on_start is not None:
         on_start(sum(sizes[s] for s in done), sum(sizes[s] for s in mine))
     generated, t0 = 0, time.perf_counter()
-    try:
-        with stop_on_signals():  # SIGTERM / SIGUSR1 (a scheduler's) stop as Ctrl-C does: the shards written stay
-            for s in mine:
-                start, end = starts[s], min(starts[s] + shard_size, n)
-                parts = []
-                for b in range(start, end, batch_size):
-                    idx = np.arange(b, min(b + batch_size, end), dtype=np.int64)
-                    images = np.asarray(make(idx, labels[idx]))
-                    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != idx.shape[0] or \
-                            images.shape[3] != 3:
-                        raise UsageError(f"make() must return uint8 [{idx.shape[0]}, H, W, 3], got {images.dtype} "
-                                         f"{list(images.shape)}")
-                    parts.append(images)
-                    generated += idx.shape[0]
-                    if on_batch is not None:
-                        on_batch(idx.shape[0])
-                _save_shard(_shard_path(folder, s), np.concatenate(parts), labels[start:end], start)
-            seconds = time.perf_counter() - t0
-            if rank == 0:
-                paths = [_shard_path(folder, s) for s in range(len(starts))]
-                waited = False
-                while not all(_shard_done(p, m) for p, m in zip(paths, sizes)):
-                    if not waited:
-                        print(f"waiting for the other ranks' shards in {folder}", file=sys.stderr, flush=True)
-                        waited = True
-                    time.sleep(poll_s)
-    except KeyboardInterrupt as exc:
-        kept = sum(_shard_done(_shard_path(folder, s), sizes[s]) for s in range(len(starts)))
-        raise Stopped(f"stopped by {getattr(exc, 'signal', signal.SIGINT).name}: {kept} of {len(starts)} shards "
-                      f"are finished and kept in {folder}; the same command continues from them",
-                      getattr(exc, "signal", signal.SIGINT)) from None
+
+    def kept() -> str:
+        done_now = sum(_shard_done(_shard_path(folder, s), sizes[s]) for s in range(len(starts)))
+        return (f"{done_now} of {len(starts)} shards are finished and kept in {folder}; the same command continues "
+                "from them")
+
+    with stop_on_signals(kept):  # SIGTERM / SIGUSR1 (a scheduler's) stop as Ctrl-C does: the shards written stay
+        for s in mine:
+            start, end = starts[s], min(starts[s] + shard_size, n)
+            parts = []
+            for b in range(start, end, batch_size):
+                idx = np.arange(b, min(b + batch_size, end), dtype=np.int64)
+                images = np.asarray(make(idx, labels[idx]))
+                if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != idx.shape[0] or \
+                        images.shape[3] != 3:
+                    raise UsageError(f"make() must return uint8 [{idx.shape[0]}, H, W, 3], got {images.dtype} "
+                                     f"{list(images.shape)}")
+                parts.append(images)
+                generated += idx.shape[0]
+                if on_batch is not None:
+                    on_batch(idx.shape[0])
+            _save_shard(_shard_path(folder, s), np.concatenate(parts), labels[start:end], start)
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            paths = [_shard_path(folder, s) for s in range(len(starts))]
+            waited = False
+            while not all(_shard_done(p, m) for p, m in zip(paths, sizes)):
+                if not waited:
+                    print(f"waiting for the other ranks' shards in {folder}", file=sys.stderr, flush=True)
+                    waited = True
+                time.sleep(poll_s)
     if rank == 0:
         assemble_npz(out, paths)
         if not keep_shards:

@@ -65,6 +65,7 @@ from fqgan.runtime.checkpoint import MissingFileError
 from fqgan.runtime.device import resolve_device
 from fqgan.runtime.errors import UsageError
 from fqgan.runtime.logging import Progress
+from fqgan.runtime.rundir import check_out_dir
 
 __all__ = ["NpzImages", "Reference", "evaluate_samples", "format_generator_table", "inception_score",
            "prc_subset", "precision_recall", "reference_cache_path"]
@@ -347,11 +348,7 @@ def _plan_reference(ref: str | os.PathLike, image_size: int, cache_dir: str | os
         samples, _ = scan_folder(str(path.resolve()))  # lists now: an empty folder fails here
         files = [p for p, _ in samples]
         cache = reference_cache_path(path, image_size, cache_dir)
-        parent = cache.parent
-        while not parent.exists():
-            parent = parent.parent
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"reference cache: cannot write {cache} ({parent} is not writable); pass --cache DIR")
+        check_out_dir(cache.parent, flag=f"reference cache {cache.name} (elsewhere with --cache DIR): folder")
         plan = _Plan("folder", path, files=files, digest=_listing_digest(path.resolve(), files), bad_images=bad_images,
                      cache=cache)
         key = _cached_key(cache) if cache.is_file() else None

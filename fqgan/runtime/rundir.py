@@ -79,11 +79,11 @@ def check_output_file(path: str | os.PathLike, suffixes: tuple[str, ...], flag: 
     """``path`` as a Path, after checking, before any work, that a file can be written there: its extension is
     one of ``suffixes``, it is not a folder, and its folder exists or can be made and is writable."""
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {p} is a folder; name a file inside it (e.g. {p / ('out' + suffixes[0])})")
     if p.suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {p}: unknown file type {p.suffix or '(no extension)'!r}; use one of "
                          f"{', '.join(suffixes)} (e.g. {p.with_suffix(suffixes[0]).name})")
-    if p.is_dir():
-        raise UsageError(f"{flag} {p} is a folder; name a file inside it (e.g. {p / ('out' + suffixes[0])})")
     check_out_dir(p.parent if str(p.parent) else ".", flag=f"{flag} {p}: folder")
     return p
 

@@ -14,7 +14,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,21 +116,24 @@ class _Signalled(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)) -> Iterator[None]:
-    """For work with no step to finish (sampling shards): in the block, ``signals`` interrupt at once as Ctrl-C
-    does. The caller catches ``KeyboardInterrupt`` (``getattr(exc, "signal", SIGINT)`` says which) and raises
-    :class:`Stopped` saying what it kept. Outside the main thread (no handlers there) the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
+def stop_on_signals(what: Callable[[], str],
+                    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1)) -> Iterator[None]:
+    """For work with no step to finish (sampling shards, an evaluation): in the block, ``signals`` interrupt at
+    once as Ctrl-C does, and either ends the block with :class:`Stopped` ``"stopped by SIGTERM: " + what()``
+    (``what`` is called then: it says what was kept and how to go on). Outside the main thread (no handlers
+    there) only Ctrl-C is turned into :class:`Stopped`."""
     def handle(signum: int, frame) -> None:
         raise _Signalled(signal.Signals(signum))
 
-    previous = {sig: signal.signal(sig, handle) for sig in signals}
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handle) for sig in signals} if main else {}
     try:
         yield
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Stopped):
+            raise
+        sig = exc.signal if isinstance(exc, _Signalled) else signal.SIGINT
+        raise Stopped(f"stopped by {sig.name}: {what()}", sig) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-

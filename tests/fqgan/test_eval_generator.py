@@ -461,7 +461,7 @@ def test_eval_generator_stopped_by_sigterm_says_so(env, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGTERM)
     assert main(["eval-generator", "samples.npz", "--ref", "ref.npz", "--quiet"]) == PREEMPTED_EXIT_CODE
     err = capsys.readouterr().err
-    assert "fqgan eval-generator: stopped by SIGTERM before the metrics were written" in err
+    assert "fqgan eval-generator: stopped by SIGTERM: the metrics were not written" in err
     assert not (env / "samples.metrics.json").exists()
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone again
 
